@@ -1,0 +1,10 @@
+"""Masked-language-model pretraining (stage 1). Run `accelerate launch scripts/pretrain_mlm.py --help`."""
+
+import sys
+
+from tlnlp.cli import run
+from tlnlp.config import PretrainConfig
+from tlnlp.pretrain import main
+
+if __name__ == "__main__":
+    sys.exit(run(main, PretrainConfig))

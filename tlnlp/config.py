@@ -1,0 +1,322 @@
+"""All configuration, in one place.
+
+Each stage has one dataclass. The command line and YAML files fill the same dataclasses
+(`parse_config`); `__post_init__` validates every field before any work starts. Flag names
+follow Hugging Face's `run_mlm_no_trainer.py` / `run_glue_no_trainer.py` where they overlap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from transformers import HfArgumentParser
+
+from tlnlp.errors import UserInputError
+
+
+def _help(text: str, default: Any = None, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": text}, **kwargs)
+
+
+SchedulerName = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+]
+
+
+@dataclass
+class TrainingConfig:
+    """Options shared by both stages: data files, the training loop, checkpoints, output."""
+
+    config: str | None = _help("A YAML file with any of these options; the command line overrides it.")
+    output_dir: str | None = _help("Where the model, tokenizer, results and checkpoints are written (required).")
+    overwrite_output_dir: bool = _help("Allow writing into an output_dir that holds an earlier run.", False)
+    seed: int = _help("Random seed for initialisation, data order, masking and sampling.", 42)
+
+    # Inputs
+    train_file: str | None = _help("Training data: .txt (one document per line), .csv, .json or .jsonl.")
+    validation_file: str | None = _help("Validation data, same formats as --train_file.")
+    dataset_name: str | None = _help(
+        "A built-in data set (see `python -m tlnlp.builtin list`) or a Hugging Face Hub dataset id."
+    )
+    dataset_config_name: str | None = _help("The Hub dataset's configuration name.")
+    text_column: str | None = _help("Column holding the text (default: 'text', or the first string column).")
+    validation_split_percentage: float = _help(
+        "Percent of the training data held out for validation when no validation data is given.", 5.0
+    )
+    max_seq_length: int | None = _help(
+        "Tokens per sequence (default: min(512, the model's position embeddings)); longer texts are truncated or packed."
+    )
+    preprocessing_num_workers: int | None = _help("Processes used for tokenization.")
+    cache_dir: str | None = _help("Where tokenized data sets are cached (default: ~/.cache/tlnlp).")
+
+    # Model and tokenizer
+    model_name_or_path: str | None = _help("A local model folder, a built-in model name, or a Hub model id.")
+    tokenizer_name: str | None = _help("A tokenizer folder or Hub id, if not the model's own.")
+    trust_remote_code: bool = _help("Allow code shipped with a Hub model or dataset to run. Off by default.", False)
+
+    # The training loop
+    per_device_train_batch_size: int = _help("Batch size per process for training.", 8)
+    per_device_eval_batch_size: int = _help("Batch size per process for evaluation.", 16)
+    learning_rate: float = _help("Peak learning rate (after warm-up).", 5e-5)
+    weight_decay: float = _help("AdamW weight decay (never applied to biases and LayerNorm weights).", 0.0)
+    num_train_epochs: float = _help("Epochs to train (ignored when --max_train_steps is set).", 3.0)
+    max_train_steps: int | None = _help("Total optimizer steps; overrides --num_train_epochs.")
+    gradient_accumulation_steps: int = _help("Micro-batches summed before each optimizer step.", 1)
+    lr_scheduler_type: SchedulerName = _help("Learning-rate schedule after warm-up.", "linear")
+    num_warmup_steps: int = _help("Optimizer steps of linear warm-up.", 0)
+    max_grad_norm: float = _help("Clip the global gradient norm to this (0 turns clipping off).", 1.0)
+    logging_steps: int = _help("Log loss, learning rate and throughput every N optimizer steps.", 10)
+    eval_steps: int | None = _help("Evaluate every N optimizer steps (default: at the end of every epoch).")
+    checkpointing_steps: str | None = _help(
+        "Save a resumable checkpoint every N optimizer steps, or 'epoch' at each epoch's end."
+    )
+    save_total_limit: int | None = _help("Keep at most this many checkpoints (oldest removed first).")
+    resume_from_checkpoint: str | None = _help("A checkpoint folder, or 'latest' to continue the newest one.")
+    on_nonfinite_loss: Literal["stop", "skip"] = _help(
+        "What a NaN/inf loss does: stop the run (default) or skip that batch.", "stop"
+    )
+    with_tracking: bool = _help("Write metrics to an experiment tracker.", False)
+    report_to: str = _help("Tracker for --with_tracking: tensorboard, wandb, ... or 'all'.", "tensorboard")
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise UserInputError("--output_dir is required: the folder where the trained model and results go.")
+        positive = {
+            "per_device_train_batch_size": self.per_device_train_batch_size,
+            "per_device_eval_batch_size": self.per_device_eval_batch_size,
+            "learning_rate": self.learning_rate,
+            "num_train_epochs": self.num_train_epochs,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "logging_steps": self.logging_steps,
+        }
+        optional_positive = {
+            "max_train_steps": self.max_train_steps,
+            "eval_steps": self.eval_steps,
+            "save_total_limit": self.save_total_limit,
+            "max_seq_length": self.max_seq_length,
+            "preprocessing_num_workers": self.preprocessing_num_workers,
+        }
+        positive.update({k: v for k, v in optional_positive.items() if v is not None})
+        for name, value in positive.items():
+            if not value > 0:
+                raise UserInputError(f"--{name} must be greater than 0, got {value}.")
+        for name in ("weight_decay", "num_warmup_steps", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise UserInputError(f"--{name} must be 0 or more, got {getattr(self, name)}.")
+        if not 0 < self.validation_split_percentage < 100:
+            raise UserInputError(
+                f"--validation_split_percentage must be between 0 and 100, got {self.validation_split_percentage}."
+            )
+        if self.checkpointing_steps is not None and self.checkpointing_steps != "epoch":
+            if not self.checkpointing_steps.isdigit() or int(self.checkpointing_steps) <= 0:
+                raise UserInputError(
+                    f"--checkpointing_steps must be a positive integer or 'epoch', got {self.checkpointing_steps!r}."
+                )
+        if self.train_file and self.dataset_name:
+            raise UserInputError("Give either --train_file or --dataset_name, not both.")
+
+    @property
+    def checkpoint_every(self) -> int | None:
+        """Optimizer steps between checkpoints, or None (no step checkpoints)."""
+        if self.checkpointing_steps and self.checkpointing_steps != "epoch":
+            return int(self.checkpointing_steps)
+        return None
+
+
+ModelSize = Literal["tiny", "mini", "small", "medium", "base"]
+
+
+@dataclass
+class PretrainConfig(TrainingConfig):
+    """Stage 1: masked-language-model pretraining, from scratch or continued from a checkpoint."""
+
+    streaming: bool = _help(
+        "Stream the corpus instead of preparing it up front (for corpora larger than memory); needs --max_train_steps.",
+        False,
+    )
+    line_by_line: bool = _help(
+        "One sequence per line/document, padded per batch, instead of packing texts into full blocks.", False
+    )
+    mlm_probability: float = _help("Fraction of tokens masked for the MLM loss.", 0.15)
+    whole_word_mask: bool = _help("Mask every sub-word of a chosen word together.", False)
+
+    # From scratch
+    model_size: ModelSize | None = _help(
+        "Architecture preset for training from scratch: tiny (2x128), mini (4x256), small (4x512), medium (8x512), base (12x768)."
+    )
+    config_name: str | None = _help("A config.json folder or Hub id giving the architecture to train from scratch.")
+    num_hidden_layers: int | None = _help("From scratch: encoder layers (overrides the preset).")
+    hidden_size: int | None = _help("From scratch: hidden size (overrides the preset).")
+    num_attention_heads: int | None = _help("From scratch: attention heads (overrides the preset).")
+    intermediate_size: int | None = _help("From scratch: feed-forward size (overrides the preset).")
+    vocab_size: int = _help("From scratch without --tokenizer_name: WordPiece vocabulary size to train.", 8000)
+    lowercase: bool = _help("From scratch: lower-case text when training the tokenizer.", True)
+    sparse_mlm_head: bool = _help(
+        "Compute the MLM head only at masked positions (same loss, far less work). Turn off to compare.", True
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.mlm_probability < 1:
+            raise UserInputError(f"--mlm_probability must be between 0 and 1, got {self.mlm_probability}.")
+        if self.streaming and self.max_train_steps is None:
+            raise UserInputError(
+                "--streaming needs --max_train_steps: a streamed corpus has no known length to count epochs by."
+            )
+        if self.model_name_or_path and (self.model_size or self.config_name):
+            raise UserInputError(
+                "--model_name_or_path continues from a checkpoint; --model_size/--config_name start from scratch. "
+                "Give one or the other."
+            )
+        for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserInputError(f"--{name} must be greater than 0, got {value}.")
+        if self.vocab_size < 100:
+            raise UserInputError(f"--vocab_size must be at least 100, got {self.vocab_size}.")
+
+
+TaskType = Literal["auto", "single_label", "multi_label", "regression"]
+
+
+@dataclass
+class FinetuneConfig(TrainingConfig):
+    """Stage 2: attach a task head to a pretrained encoder and fine-tune it on labeled data."""
+
+    test_file: str | None = _help("Test data, evaluated once at the end with the best model.")
+    text_pair_column: str | None = _help("Second text column, for sentence-pair tasks.")
+    label_column: str = _help("Column holding the labels.", "label")
+    task_type: TaskType = _help(
+        "single_label, multi_label (list-valued labels) or regression (float labels); auto infers it.", "auto"
+    )
+    max_train_samples: int | None = _help("Use at most N training examples (see --stratify).")
+    stratify: bool = _help("With --max_train_samples: keep the class proportions (seeded).", True)
+
+    from_scratch: bool = _help(
+        "Same architecture and tokenizer as --model_name_or_path, but random weights: the no-transfer baseline.", False
+    )
+    head_hidden_sizes: str = _help("Hidden layers of the task head, e.g. '512,256' (empty: a single linear layer).", "")
+    head_dropout: float | None = _help("Dropout in the task head (default: the encoder's hidden dropout).")
+    head_activation: Literal["gelu", "relu", "tanh"] = _help("Activation between the head's hidden layers.", "gelu")
+    pooling: Literal["cls", "mean"] = _help(
+        "How the encoder's outputs become one vector: the [CLS] token through BERT's pooler, or the masked mean.",
+        "cls",
+    )
+
+    freeze_embeddings: bool = _help("Keep the embedding layer fixed.", False)
+    freeze_layers: int = _help("Keep the bottom K encoder layers fixed.", 0)
+    unfreeze_schedule: str | None = _help(
+        "Gradual unfreezing (ULMFiT): start with the whole encoder frozen and unfreeze one more layer from the top "
+        "at each 'epoch', or every N optimizer steps ('N'). Layers held by --freeze_layers stay frozen."
+    )
+    layerwise_lr_decay: float = _help(
+        "Multiply the learning rate by this factor for each layer further below the head (1.0: no decay).", 1.0
+    )
+    head_learning_rate: float | None = _help("Learning rate of the task head (default: --learning_rate).")
+
+    metric_for_best_model: str | None = _help(
+        "Validation metric that picks the best checkpoint (default: accuracy, micro_f1 or neg_mse by task)."
+    )
+    early_stopping_patience: int | None = _help("Stop after N evaluations without improvement of the best metric.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.freeze_layers < 0:
+            raise UserInputError(f"--freeze_layers must be 0 or more, got {self.freeze_layers}.")
+        if not 0 < self.layerwise_lr_decay <= 1:
+            raise UserInputError(f"--layerwise_lr_decay must be in (0, 1], got {self.layerwise_lr_decay}.")
+        if self.head_dropout is not None and not 0 <= self.head_dropout < 1:
+            raise UserInputError(f"--head_dropout must be in [0, 1), got {self.head_dropout}.")
+        if self.head_learning_rate is not None and self.head_learning_rate <= 0:
+            raise UserInputError(f"--head_learning_rate must be greater than 0, got {self.head_learning_rate}.")
+        if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
+            raise UserInputError(
+                f"--early_stopping_patience must be greater than 0, got {self.early_stopping_patience}."
+            )
+        if self.max_train_samples is not None and self.max_train_samples <= 0:
+            raise UserInputError(f"--max_train_samples must be greater than 0, got {self.max_train_samples}.")
+        if self.unfreeze_schedule is not None and self.unfreeze_schedule != "epoch":
+            if not self.unfreeze_schedule.isdigit() or int(self.unfreeze_schedule) <= 0:
+                raise UserInputError(
+                    f"--unfreeze_schedule must be 'epoch' or a positive number of steps, got {self.unfreeze_schedule!r}."
+                )
+        _ = self.head_hidden_sizes_list  # validates the format before any work starts
+
+    @property
+    def head_hidden_sizes_list(self) -> list[int]:
+        text = self.head_hidden_sizes.strip()
+        if not text:
+            return []
+        try:
+            sizes = [int(part) for part in text.split(",")]
+        except ValueError:
+            sizes = []
+        if not sizes or any(size <= 0 for size in sizes):
+            raise UserInputError(
+                f"--head_hidden_sizes must be comma-separated positive integers such as '512,256', got {text!r}."
+            )
+        return sizes
+
+
+def _yaml_to_argv(path: str, config_class: type) -> list[str]:
+    """Turn a YAML file into command-line arguments, so both go through the same parser and types."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserInputError(f"--config {path}: no such file. Give the path of a YAML file of options.")
+    try:
+        values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UserInputError(f"--config {path} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise UserInputError(f"--config {path} must hold a mapping of option: value, found {type(values).__name__}.")
+    known = {f.name for f in dataclasses.fields(config_class)} - {"config"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserInputError(
+            f"--config {path}: unknown option(s) {', '.join(unknown)}. Valid options: {', '.join(sorted(known))}."
+        )
+    argv: list[str] = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        if isinstance(value, (dict, tuple, set)):
+            raise UserInputError(f"--config {path}: option {key} must be a single value, got {value!r}.")
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def parse_config(config_class: type, argv: list[str] | None = None):
+    """Fill `config_class` from an optional `--config file.yaml` and the command line (which wins)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(config_class)
+    yaml_path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            yaml_path = argv[i + 1]
+        elif arg.startswith("--config="):
+            yaml_path = arg.split("=", 1)[1]
+    full_argv = (_yaml_to_argv(yaml_path, config_class) if yaml_path else []) + argv
+    try:
+        namespace, unknown = parser.parse_known_args(full_argv)
+    except SystemExit as exit_:
+        if exit_.code == 0:  # --help
+            raise
+        raise UserInputError("Invalid command-line options (see the message above and --help).") from None
+    if unknown:
+        raise UserInputError(f"Unknown option(s): {' '.join(unknown)}. Run with --help to see the valid ones.")
+    return config_class(**vars(namespace))
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The resolved configuration, as written next to the model (secrets removed)."""
+    values = dataclasses.asdict(config)
+    for secret in ("hub_token",):
+        values.pop(secret, None)
+    return values

@@ -1,0 +1,254 @@
+"""Reading text data (local files, built-in sets, Hub datasets) and turning it into model inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
+from transformers import PreTrainedTokenizerBase
+
+from tlnlp import builtin
+from tlnlp.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+BUILDERS = {".txt": "text", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+STREAMING_VALIDATION_DOCS = 500  # a streamed corpus has no length, so hold out a fixed number of documents
+
+
+def _check_file(option: str, path: str) -> str:
+    file = Path(path)
+    if not file.is_file():
+        raise UserInputError(f"{option} {path}: no such file. Check the path.")
+    if file.stat().st_size == 0:
+        raise UserInputError(f"{option} {path} is empty. Give a file with at least one example.")
+    if file.suffix.lower() not in BUILDERS:
+        raise UserInputError(
+            f"{option} {path}: unsupported extension {file.suffix!r}. Use one of {', '.join(BUILDERS)}."
+        )
+    with file.open("rb") as f:
+        head = f.read(1 << 16)
+    if b"\x00" in head:
+        raise UserInputError(f"{option} {path} looks binary (it holds NUL bytes). Give a UTF-8 text file.")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 4:  # not just a multi-byte character cut at the read boundary
+            raise UserInputError(
+                f"{option} {path} is not UTF-8 (byte {error.start}). Convert it, e.g. `iconv -t utf-8`."
+            ) from None
+    return str(file)
+
+
+def load_raw_datasets(
+    *,
+    train_file: str | None,
+    validation_file: str | None,
+    test_file: str | None = None,
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    validation_split_percentage: float,
+    seed: int,
+    streaming: bool = False,
+    csv_delimiter: str | None = None,
+) -> DatasetDict | dict[str, IterableDataset]:
+    """Load train/validation(/test) splits from files, a built-in set or the Hub.
+
+    A validation split is carved out of train (seeded) when none is given.
+    """
+    if dataset_name is None and train_file is None:
+        raise UserInputError(
+            "No training data: give --train_file, or --dataset_name with a built-in set "
+            f"({', '.join(builtin.DATASETS)}) or a Hub dataset id."
+        )
+    try:
+        if builtin.is_builtin_dataset(dataset_name):
+            raw = load_dataset("json", data_files=builtin.dataset_files(dataset_name), streaming=streaming)
+        elif dataset_name is not None:
+            raw = load_dataset(dataset_name, dataset_config_name, streaming=streaming)
+        else:
+            files = {"train": _check_file("--train_file", train_file)}
+            if validation_file:
+                files["validation"] = _check_file("--validation_file", validation_file)
+            if test_file:
+                files["test"] = _check_file("--test_file", test_file)
+            suffixes = {Path(f).suffix.lower().replace(".jsonl", ".json") for f in files.values()}
+            if len(suffixes) > 1:
+                raise UserInputError(
+                    f"The data files have different formats ({', '.join(sorted(suffixes))}); use one format for all."
+                )
+            kwargs = {"sep": csv_delimiter} if csv_delimiter else {}
+            raw = load_dataset(BUILDERS[suffixes.pop()], data_files=files, streaming=streaming, **kwargs)
+    except UserInputError:
+        raise
+    except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError, ValueError) as error:
+        cause = error.__cause__ or error
+        raise UserInputError(f"Could not read the data: {type(cause).__name__}: {cause}") from None
+    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise UserInputError(
+            f"Could not load dataset {dataset_name!r}: {error}. Built-in sets are: {', '.join(builtin.DATASETS)}; "
+            "anything else must be a Hub dataset id reachable from this machine."
+        ) from None
+
+    if "train" not in raw:
+        raise UserInputError(f"The data has no 'train' split; found: {', '.join(raw)}.")
+    if "validation" not in raw:
+        if streaming:
+            raw = {"train": raw["train"].skip(STREAMING_VALIDATION_DOCS), "validation": raw["train"].take(STREAMING_VALIDATION_DOCS), **{k: v for k, v in raw.items() if k not in ("train",)}}
+        else:
+            split = raw["train"].train_test_split(test_size=validation_split_percentage / 100, seed=seed)
+            raw = DatasetDict({**raw, "train": split["train"], "validation": split["test"]})
+    if not streaming:
+        for name, split in raw.items():
+            if len(split) == 0:
+                raise UserInputError(f"The {name} split is empty. Give data with at least one example.")
+    return raw
+
+
+def resolve_text_column(dataset: Dataset | IterableDataset, text_column: str | None, option: str = "--text_column") -> str:
+    """The text column to use; an error lists the columns that exist."""
+    columns = list(dataset.column_names or [])
+    if text_column is not None:
+        if text_column not in columns:
+            raise UserInputError(
+                f"{option} {text_column!r} is not in the data. Columns found: {', '.join(columns)}. "
+                f"Pass {option} with one of them."
+            )
+        return text_column
+    if "text" in columns:
+        return "text"
+    features = dataset.features or {}
+    strings = [c for c in columns if getattr(features.get(c), "dtype", None) in ("string", "large_string")]
+    if not strings:
+        raise UserInputError(
+            f"No text column found (columns: {', '.join(columns)}). Pass {option} with the one holding text."
+        )
+    return strings[0]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    content = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(content.encode()).hexdigest()[:16]
+
+
+def cached_map(raw: DatasetDict, build, key_parts: dict[str, Any], cache_dir: Path) -> DatasetDict:
+    """Run `build(raw)` once and keep its result on disk, keyed by the inputs and the settings.
+
+    A second run with the same data, tokenizer and settings loads the result instead of tokenizing again.
+    """
+    key_parts = {**key_parts, "fingerprints": {k: v._fingerprint for k, v in raw.items()}, "version": 1}
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    folder = cache_dir / "tokenized" / key
+    if (folder / "dataset_dict.json").exists():
+        logger.info("Loading tokenized data from the cache: %s", folder)
+        return load_from_disk(str(folder))
+    result = build(raw)
+    tmp = folder.with_name(folder.name + ".tmp")
+    result.save_to_disk(str(tmp))
+    tmp.rename(folder)  # atomic: a half-written cache is never loaded
+    logger.info("Tokenized data cached at %s", folder)
+    return load_from_disk(str(folder))
+
+
+def pack_texts(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, block_size: int, with_offsets: bool = False
+) -> dict[str, list]:
+    """Tokenize `texts`, join them with [SEP], and cut the stream into blocks of `block_size` tokens.
+
+    Every block is `[CLS] ... [SEP]`. The last, shorter block is kept (Hugging Face's example drops the
+    tail of every map batch, which loses up to block_size-1 tokens per 1,000 documents).
+    """
+    encoded = tokenizer(
+        texts, add_special_tokens=False, return_attention_mask=False, return_offsets_mapping=with_offsets
+    )
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    stream: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    for i, ids in enumerate(encoded["input_ids"]):
+        if not ids:
+            continue
+        stream += ids + [sep_id]
+        if with_offsets:
+            offsets += list(map(tuple, encoded["offset_mapping"][i])) + [(0, 0)]
+    if stream and stream[-1] == sep_id:  # the block's own [SEP] closes the last document
+        stream.pop()
+        offsets = offsets[:-1] if with_offsets else offsets
+    body = block_size - 2
+    out: dict[str, list] = {"input_ids": [], "special_tokens_mask": []}
+    if with_offsets:
+        out["offset_mapping"] = []
+    for start in range(0, len(stream), body):
+        chunk = stream[start : start + body]
+        while chunk and chunk[0] == sep_id:  # a block never starts with a document separator
+            chunk = chunk[1:]
+            start += 1
+        if not chunk:
+            continue
+        ids = [cls_id] + chunk + [sep_id]
+        out["input_ids"].append(ids)
+        out["special_tokens_mask"].append([1] + [int(t == sep_id) for t in chunk] + [1])
+        if with_offsets:
+            out["offset_mapping"].append([(0, 0)] + offsets[start : start + len(chunk)] + [(0, 0)])
+    return out
+
+
+def tokenize_lines(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int, with_offsets: bool = False
+) -> dict[str, list]:
+    """One sequence per non-empty document, truncated to `max_length` (padding happens per batch)."""
+    texts = [t for t in texts if t and t.strip()]
+    return dict(
+        tokenizer(
+            texts,
+            truncation=True,
+            max_length=max_length,
+            return_special_tokens_mask=True,
+            return_attention_mask=False,
+            return_offsets_mapping=with_offsets,
+        )
+    )
+
+
+def prepare_mlm_dataset(
+    split: Dataset | IterableDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    text_column: str,
+    max_seq_length: int,
+    line_by_line: bool,
+    whole_word_mask: bool,
+    num_proc: int | None = None,
+) -> Dataset | IterableDataset:
+    def tokenize(batch):
+        texts = [t if isinstance(t, str) else "" for t in batch[text_column]]
+        if line_by_line:
+            return tokenize_lines(texts, tokenizer, max_seq_length, whole_word_mask)
+        return pack_texts(texts, tokenizer, max_seq_length, whole_word_mask)
+
+    kwargs: dict[str, Any] = {"batched": True, "remove_columns": list(split.column_names or [])}
+    if isinstance(split, Dataset):
+        kwargs.update(num_proc=num_proc, desc="Tokenizing")
+    return split.map(tokenize, **kwargs)
+
+
+def mask_once(dataset: Dataset, collator, batch_size: int = 256) -> Dataset:
+    """Apply MLM masking once, with the collator's seeded generator, so evaluation is the same every run."""
+
+    def mask(batch):
+        features = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        masked = collator(features)
+        lengths = [len(ids) for ids in batch["input_ids"]]
+        return {
+            "input_ids": [row[:n].tolist() for row, n in zip(masked["input_ids"], lengths)],
+            "labels": [row[:n].tolist() for row, n in zip(masked["labels"], lengths)],
+        }
+
+    return dataset.map(
+        mask, batched=True, batch_size=batch_size, remove_columns=dataset.column_names, desc="Masking validation"
+    )

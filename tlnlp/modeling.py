@@ -1,0 +1,236 @@
+"""Models: tokenizer training, MLM models from scratch or a checkpoint, and the sparse MLM loss."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    BertConfig,
+    BertTokenizerFast,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import ModelOutput
+
+from tlnlp.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+# (layers, hidden, heads, feed-forward): the BERT miniatures of Turc et al. 2019, plus BERT-base.
+MODEL_SIZES = {
+    "tiny": (2, 128, 2, 512),
+    "mini": (4, 256, 4, 1024),
+    "small": (4, 512, 8, 2048),
+    "medium": (8, 512, 8, 2048),
+    "base": (12, 768, 12, 3072),
+}
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# RoBERTa-style position ids start after the padding index, so two positions are never usable.
+POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' colourful load report: tlnlp checks what was loaded and says it plainly."""
+    previous = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(previous)
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool = True) -> BertTokenizerFast:
+    """Train a BERT WordPiece tokenizer on `texts` (seconds for megabytes of text)."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return BertTokenizerFast(
+        tokenizer_object=tokenizer,
+        do_lower_case=lowercase,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+    )
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UserInputError(
+            f"Could not load a tokenizer from {name_or_path!r}: {error}. Give a folder with tokenizer files "
+            "(tokenizer.json or vocab.txt) or a Hub model id."
+        ) from None
+
+
+def scratch_config(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    model_size: str | None,
+    config_name: str | None,
+    overrides: dict[str, int | None],
+    max_seq_length: int,
+    trust_remote_code: bool = False,
+) -> transformers.PretrainedConfig:
+    """The architecture to train from scratch: a config file, or a size preset with explicit overrides."""
+    if config_name:
+        try:
+            config = AutoConfig.from_pretrained(config_name, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as error:
+            raise UserInputError(f"Could not load a model config from {config_name!r}: {error}") from None
+        config.vocab_size = len(tokenizer)
+    else:
+        layers, hidden, heads, ffn = MODEL_SIZES[model_size or "tiny"]
+        config = BertConfig(
+            vocab_size=len(tokenizer),
+            num_hidden_layers=layers,
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            intermediate_size=ffn,
+            max_position_embeddings=max(512, max_seq_length),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(config, name, value)
+    if config.hidden_size % config.num_attention_heads:
+        raise UserInputError(
+            f"--hidden_size {config.hidden_size} must be a multiple of --num_attention_heads {config.num_attention_heads}."
+        )
+    return config
+
+
+@dataclass
+class LoadReport:
+    """What `from_pretrained` took from the checkpoint and what it had to initialise."""
+
+    source: str
+    new: list[str]
+    dropped: list[str]
+
+
+def load_mlm_model(name_or_path: str, trust_remote_code: bool = False) -> tuple[PreTrainedModel, LoadReport]:
+    """An MLM model from a checkpoint. Missing head weights are initialised; missing encoder weights are an error."""
+    try:
+        with quiet_transformers():
+            model, info = AutoModelForMaskedLM.from_pretrained(
+                name_or_path, output_loading_info=True, trust_remote_code=trust_remote_code
+            )
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise UserInputError(
+            f"Could not load a model from {name_or_path!r}: {error}. Give a folder with config.json and "
+            "model.safetensors, a built-in model name, or a Hub model id."
+        ) from None
+    head_prefixes = _mlm_head_prefixes(model)
+    missing = sorted(info["missing_keys"])
+    missing_encoder = [k for k in missing if not k.startswith(head_prefixes)]
+    if missing_encoder or info["mismatched_keys"]:
+        raise UserInputError(
+            f"{name_or_path} lacks encoder weights the model needs: missing {_preview(missing_encoder)}"
+            f"{'; wrong shape ' + _preview(sorted(map(str, info['mismatched_keys']))) if info['mismatched_keys'] else ''}. "
+            "Is it the right checkpoint and architecture?"
+        )
+    return model, LoadReport(name_or_path, missing, sorted(info["unexpected_keys"]))
+
+
+def _mlm_head_prefixes(model: PreTrainedModel) -> tuple[str, ...]:
+    prefix = model.base_model_prefix + "."
+    names = {name.split(".")[0] + "." for name, _ in model.named_parameters() if not name.startswith(prefix)}
+    return tuple(sorted(names)) or ("cls.",)
+
+
+def _preview(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_tokenizer_and_length(
+    config: transformers.PretrainedConfig, tokenizer: PreTrainedTokenizerBase, max_seq_length: int
+) -> None:
+    """Refuse a tokenizer whose ids do not fit the embeddings, and sequences longer than the positions."""
+    if len(tokenizer) > config.vocab_size:
+        raise UserInputError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model's embeddings hold {config.vocab_size}. "
+            "The tokenizer belongs to another model: use the model's own tokenizer (omit --tokenizer_name)."
+        )
+    if tokenizer.mask_token is None:
+        raise UserInputError("The tokenizer has no mask token, so it cannot be used for masked-language modelling.")
+    limit = config.max_position_embeddings - POSITION_OFFSET.get(config.model_type, 0)
+    if max_seq_length > limit:
+        raise UserInputError(
+            f"--max_seq_length {max_seq_length} is longer than the model's {limit} position embeddings. "
+            f"Use --max_seq_length {limit} or less."
+        )
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+class MaskedLMLoss(nn.Module):
+    """Wraps a stock `*ForMaskedLM` model; its forward returns the MLM loss.
+
+    With `sparse=True` the prediction head (transform + vocabulary projection) runs only at the
+    masked positions: with 15% masking that is ~1/7 of the head's work, and the head's vocabulary
+    projection dominates a small model's cost. The loss equals the full computation's (the loss
+    ignores unmasked positions anyway). The wrapped model is saved as is, so stock transformers loads it.
+
+    Also returns the loss summed per example and the number of masked tokens per example, so
+    evaluation can weight by tokens and gather exactly across processes.
+    """
+
+    def __init__(self, mlm: PreTrainedModel, sparse: bool = True):
+        super().__init__()
+        self.mlm = mlm
+        # The head is looked up by name, not stored: a second reference would duplicate it in the state dict.
+        self.head_name = next((name for name in ("cls", "lm_head") if hasattr(mlm, name)), None)
+        self.sparse = sparse and self.head_name is not None
+
+    def forward(self, input_ids, labels, attention_mask=None, token_type_ids=None, **_unused) -> ModelOutput:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        selected = labels.view(-1) != -100
+        if self.sparse:
+            hidden = self.mlm.base_model(**inputs).last_hidden_state
+            head = getattr(self.mlm, self.head_name)
+            logits = head(hidden.reshape(-1, hidden.size(-1))[selected])
+        else:
+            logits = self.mlm(**inputs).logits.view(-1, self.mlm.config.vocab_size)[selected]
+        token_loss = F.cross_entropy(logits.float(), labels.view(-1)[selected], reduction="none")
+        example_of_token = torch.arange(labels.size(0), device=labels.device).repeat_interleave(labels.size(1))
+        example_of_token = example_of_token[selected]
+        loss_sum = torch.zeros(labels.size(0), device=labels.device).index_add_(0, example_of_token, token_loss)
+        masked = torch.bincount(example_of_token, minlength=labels.size(0))
+        # A batch with no masked token still touches every parameter, so data-parallel gradient sync agrees.
+        loss = token_loss.mean() if token_loss.numel() else logits.sum() * 0.0
+        return ModelOutput(loss=loss, example_loss_sum=loss_sum, example_masked=masked)
+
+
+def save_dir_has_model(path: Path) -> bool:
+    return any((path / name).exists() for name in ("config.json", "model.safetensors", "all_results.json"))

@@ -1,0 +1,49 @@
+"""Logging set-up and the files every run leaves in its output folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+import transformers
+import yaml
+from accelerate import Accelerator
+
+from tlnlp.config import config_to_dict
+
+RESULTS_FILE = "all_results.json"
+CONFIG_FILE = "training_config.yaml"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TLNLP_HOME", Path.home() / ".cache" / "tlnlp"))
+
+
+def setup_logging(accelerator: Accelerator) -> None:
+    """Log lines and progress bars from the main process only; other ranks report errors alone."""
+    main = accelerator.is_local_main_process
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        level=logging.INFO if main else logging.ERROR, force=True,
+    )
+    transformers.logging.set_verbosity_warning() if main else transformers.logging.set_verbosity_error()
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown the log
+    if not main:
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+
+
+def write_run_files(accelerator: Accelerator, cfg: Any, results: dict[str, Any], stage: str) -> None:
+    """all_results.json and the resolved configuration, next to the model (main process only)."""
+    if not accelerator.is_main_process:
+        return
+    output_dir = Path(cfg.output_dir)
+    results = {"stage": stage, **results}
+    (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float))
+    (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    logging.getLogger("tlnlp").info("Results: %s", json.dumps(results, default=float))
+    logging.getLogger("tlnlp").info("Model, tokenizer and results saved in %s", output_dir)

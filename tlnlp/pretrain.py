@@ -1,0 +1,159 @@
+"""Stage 1: masked-language-model pretraining, from scratch or continued from a checkpoint."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from datasets import DatasetDict
+from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, DataCollatorForTokenClassification
+
+from tlnlp import builtin
+from tlnlp.config import PretrainConfig
+from tlnlp.data import (
+    cached_map,
+    load_raw_datasets,
+    mask_once,
+    prepare_mlm_dataset,
+    resolve_text_column,
+    tokenizer_fingerprint,
+)
+from tlnlp.modeling import (
+    MaskedLMLoss,
+    check_tokenizer_and_length,
+    load_mlm_model,
+    load_tokenizer,
+    scratch_config,
+    train_wordpiece,
+)
+from tlnlp.outputs import default_cache_dir, setup_logging, write_run_files
+from tlnlp.trainer import Task, check_output_dir, finish, make_accelerator, train
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_TRAINING_DOCS = 200_000  # enough text for a WordPiece vocabulary; a streamed corpus may be endless
+DEFAULT_SCRATCH_SEQ_LEN = 128
+
+
+def evaluate_mlm(accelerator, model, dataloader) -> dict[str, float]:
+    """Token-weighted MLM loss and perplexity; per-example sums are gathered, so no tail example counts twice."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    masked = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    with torch.no_grad():
+        for batch in dataloader:
+            out = model(**batch)
+            sums, counts = accelerator.gather_for_metrics((out.example_loss_sum, out.example_masked))
+            loss_sum += sums.double().sum()
+            masked += counts.double().sum()
+    loss = (loss_sum / masked.clamp(min=1)).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "masked_tokens": masked.item()}
+
+
+def main(cfg: PretrainConfig) -> dict[str, Any]:
+    check_output_dir(cfg)
+    accelerator = make_accelerator(cfg)
+    setup_logging(accelerator)
+    set_seed(cfg.seed)
+    model_source = builtin.resolve_model(cfg.model_name_or_path)
+
+    with accelerator.main_process_first():
+        raw = load_raw_datasets(
+            train_file=cfg.train_file, validation_file=cfg.validation_file, dataset_name=cfg.dataset_name,
+            dataset_config_name=cfg.dataset_config_name, validation_split_percentage=cfg.validation_split_percentage,
+            seed=cfg.seed, streaming=cfg.streaming,
+        )
+    text_column = resolve_text_column(raw["train"], cfg.text_column)
+
+    trained_tokenizer = False
+    if cfg.tokenizer_name or model_source:
+        tokenizer = load_tokenizer(builtin.resolve_model(cfg.tokenizer_name) or model_source, cfg.trust_remote_code)
+    elif cfg.config_name:
+        tokenizer = load_tokenizer(cfg.config_name, cfg.trust_remote_code)
+    else:
+        texts = (row[text_column] for row in itertools.islice(iter(raw["train"]), TOKENIZER_TRAINING_DOCS))
+        tokenizer = train_wordpiece((t for t in texts if isinstance(t, str)), cfg.vocab_size, cfg.lowercase)
+        trained_tokenizer = True
+        logger.info("Trained a WordPiece tokenizer on the training corpus: %d tokens.", len(tokenizer))
+
+    if model_source:
+        model, report = load_mlm_model(model_source, cfg.trust_remote_code)
+        if report.new:
+            logger.warning(
+                "%s has no MLM head weights (%s): the head is initialised randomly and learned in this run; "
+                "the encoder weights all come from the checkpoint.", cfg.model_name_or_path, ", ".join(report.new)
+            )
+        max_seq_length = cfg.max_seq_length or min(512, model.config.max_position_embeddings)
+    else:
+        max_seq_length = cfg.max_seq_length or DEFAULT_SCRATCH_SEQ_LEN
+        config = scratch_config(
+            tokenizer, model_size=cfg.model_size, config_name=cfg.config_name, max_seq_length=max_seq_length,
+            trust_remote_code=cfg.trust_remote_code,
+            overrides={name: getattr(cfg, name) for name in
+                       ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")},
+        )
+        model = AutoModelForMaskedLM.from_config(config)
+    check_tokenizer_and_length(model.config, tokenizer, max_seq_length)
+
+    train_collator = DataCollatorForLanguageModeling(
+        tokenizer, mlm_probability=cfg.mlm_probability, whole_word_mask=cfg.whole_word_mask
+    )
+    # Validation masks are drawn once with a fixed seed, so perplexity is comparable run to run.
+    eval_masker = DataCollatorForLanguageModeling(
+        tokenizer, mlm_probability=cfg.mlm_probability, whole_word_mask=cfg.whole_word_mask, seed=cfg.seed
+    )
+    prepare = dict(text_column=text_column, max_seq_length=max_seq_length, line_by_line=cfg.line_by_line,
+                   whole_word_mask=cfg.whole_word_mask)
+
+    def build(splits: DatasetDict) -> DatasetDict:
+        tokenized = {k: prepare_mlm_dataset(v, tokenizer, num_proc=cfg.preprocessing_num_workers, **prepare)
+                     for k, v in splits.items() if k in ("train", "validation")}
+        tokenized["validation"] = mask_once(tokenized["validation"], eval_masker)
+        return DatasetDict(tokenized)
+
+    if cfg.streaming:
+        train_data = prepare_mlm_dataset(raw["train"], tokenizer, **prepare)
+        eval_data = build(DatasetDict({"validation": _materialize(raw["validation"])}))["validation"]
+    else:
+        with accelerator.main_process_first():
+            key = {"tokenizer": tokenizer_fingerprint(tokenizer), **prepare, "mlm_probability": cfg.mlm_probability,
+                   "seed": cfg.seed, "stage": "mlm"}
+            tokenized = cached_map(raw, build, key, Path(cfg.cache_dir or default_cache_dir()))
+        train_data, eval_data = tokenized["train"], tokenized["validation"]
+
+    def save(unwrapped: MaskedLMLoss, folder: Path, _state_dict: dict) -> None:
+        unwrapped.mlm.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    task = Task(
+        model=MaskedLMLoss(model, sparse=cfg.sparse_mlm_head),
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        train_collator=train_collator,
+        eval_collator=DataCollatorForTokenClassification(tokenizer),  # pads labels with -100
+        evaluate=evaluate_mlm,
+        save=save,
+        summary={
+            "start": cfg.model_name_or_path or f"from scratch ({cfg.model_size or 'custom'} size)",
+            "tokenizer": f"{len(tokenizer)} tokens" + (" (trained on this corpus)" if trained_tokenizer else ""),
+            "sequence length": f"{max_seq_length} ({'line by line' if cfg.line_by_line else 'packed'})",
+            "masking": f"{cfg.mlm_probability:.0%}" + (" whole words" if cfg.whole_word_mask else ""),
+        },
+    )
+    results = train(cfg, task, accelerator)
+    results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50.0))
+    write_run_files(accelerator, cfg, results, stage="pretrain")
+    finish(accelerator)
+    return results
+
+
+def _materialize(split) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_list(list(split))
+

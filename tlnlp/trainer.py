@@ -1,0 +1,394 @@
+"""The one training loop, shared by pretraining and fine-tuning.
+
+A stage describes itself as a `Task` (model, data, evaluation, how to save); `train` does the rest:
+Accelerate set-up, optimizer and schedule, gradient accumulation and clipping, logging, evaluation,
+best-model tracking with early stopping, resumable checkpoints, and the final save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from tlnlp.config import TrainingConfig, config_to_dict
+from tlnlp.errors import TrainingError, UserInputError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class Task:
+    """What a stage hands to the training loop."""
+
+    model: nn.Module  # forward(**batch) returns an output with `.loss`
+    train_dataset: Any
+    eval_dataset: Any
+    train_collator: Callable
+    eval_collator: Callable
+    evaluate: Callable[[Accelerator, nn.Module, DataLoader], dict[str, float]]
+    save: Callable[[nn.Module, Path, dict], None]  # (unwrapped model, folder, state_dict)
+    count_unit: str = "tokens"  # what `count` measures, for throughput logs
+    count: Callable[[dict], int] = lambda batch: int(batch["attention_mask"].sum())
+    param_groups: Callable[[nn.Module], list[dict]] | None = None
+    metric_for_best_model: str | None = None  # a key of `evaluate`'s result; None: no best-model tracking
+    greater_is_better: bool = True
+    before_optimizer_step: Callable[[int, int], None] | None = None  # (completed_steps, epoch)
+    summary: dict[str, Any] = field(default_factory=dict)  # extra lines for the start-of-run summary
+
+
+def make_accelerator(cfg: TrainingConfig) -> Accelerator:
+    """Mixed precision and devices come from `accelerate config`/`accelerate launch`; nothing is needed for CPU."""
+    return Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=cfg.report_to if cfg.with_tracking else None,
+        project_dir=cfg.output_dir,
+        # Seeded shuffling: the same seed gives the same data order, also after a resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def default_param_groups(model: nn.Module, learning_rate: float, weight_decay: float,
+                         lr_scale: Callable[[str], float] | None = None) -> list[dict]:
+    """AdamW groups by (learning rate, decay). Biases and LayerNorm weights (1-D tensors) get no weight decay;
+    frozen parameters are left out, so they carry no optimizer state."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = 0.0 if param.ndim < 2 else weight_decay
+        lr = learning_rate * (lr_scale(name) if lr_scale else 1.0)
+        groups.setdefault((lr, decay), []).append(param)
+    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint; folders without a state file (a save that was killed) are ignored."""
+    folder = output_dir / CHECKPOINTS
+    complete = [p for p in folder.glob("step_*") if (p / STATE_FILE).exists() and not p.name.endswith(".tmp")]
+    return max(complete, key=lambda p: int(p.name.split("_")[1]), default=None)
+
+
+def check_output_dir(cfg: TrainingConfig) -> None:
+    """Refuse to write over an earlier run unless asked to, before anything is loaded or written."""
+    output_dir = Path(cfg.output_dir)
+    if cfg.resume_from_checkpoint:
+        if cfg.resume_from_checkpoint == "latest":
+            if latest_checkpoint(output_dir) is None:
+                raise UserInputError(
+                    f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir / CHECKPOINTS}. "
+                    "Start without --resume_from_checkpoint, or point it at a checkpoint folder."
+                )
+        elif not (Path(cfg.resume_from_checkpoint) / STATE_FILE).exists():
+            raise UserInputError(
+                f"--resume_from_checkpoint {cfg.resume_from_checkpoint} is not a complete tlnlp checkpoint "
+                f"(no {STATE_FILE}). Use 'latest' or a folder under {output_dir / CHECKPOINTS}."
+            )
+        return
+    if output_dir.exists() and any(output_dir.iterdir()) and not cfg.overwrite_output_dir:
+        raise UserInputError(
+            f"--output_dir {output_dir} already holds files from an earlier run. Use another folder, "
+            "--overwrite_output_dir to replace it, or --resume_from_checkpoint latest to continue it."
+        )
+
+
+class _Checkpoints:
+    """Atomic, rotated checkpoints: a killed save never leaves a folder that `latest` would pick."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: Path, limit: int | None):
+        self.accelerator, self.folder, self.limit = accelerator, output_dir / CHECKPOINTS, limit
+
+    def save(self, step: int, state: dict) -> None:
+        final = self.folder / f"step_{step:08d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp), safe_serialization=True)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks the save complete
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            self._rotate()
+            logger.info("Saved checkpoint %s", final)
+        self.accelerator.wait_for_everyone()
+
+    def _rotate(self) -> None:
+        if not self.limit:
+            return
+        done = sorted((p for p in self.folder.glob("step_*") if not p.name.endswith(".tmp")), key=lambda p: p.name)
+        for old in done[: -self.limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_better(value: float, best: float | None, greater: bool) -> bool:
+    return best is None or (value > best if greater else value < best)
+
+
+def train(cfg: TrainingConfig, task: Task, accelerator: Accelerator) -> dict[str, Any]:
+    """Train `task.model` as configured; return the results also written to all_results.json."""
+    output_dir = Path(cfg.output_dir)
+    start_time = time.time()
+
+    train_dl = DataLoader(
+        task.train_dataset,
+        batch_size=cfg.per_device_train_batch_size,
+        shuffle=not isinstance(task.train_dataset, IterableDataset),
+        collate_fn=task.train_collator,
+    )
+    eval_dl = DataLoader(task.eval_dataset, batch_size=cfg.per_device_eval_batch_size, collate_fn=task.eval_collator)
+
+    groups = task.param_groups(task.model) if task.param_groups else default_param_groups(
+        task.model, cfg.learning_rate, cfg.weight_decay
+    )
+    fused = accelerator.device.type == "cuda"  # one kernel for all parameters: faster on GPUs, absent on CPU
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused)
+    model, optimizer, train_dl, eval_dl = accelerator.prepare(task.model, optimizer, train_dl, eval_dl)
+
+    # Counted after `prepare`, which splits the batches between processes: one optimizer step consumes
+    # `gradient_accumulation_steps` batches on every process. The scheduler is stepped by hand once per
+    # optimizer step, so its length is in optimizer steps whatever the number of processes.
+    try:
+        steps_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)
+    except TypeError:  # streaming: no length
+        steps_per_epoch = None
+    if cfg.max_train_steps:
+        max_steps = cfg.max_train_steps
+        num_epochs = math.ceil(max_steps / steps_per_epoch) if steps_per_epoch else 1 << 30
+    else:
+        max_steps = math.ceil(cfg.num_train_epochs * steps_per_epoch)
+        num_epochs = math.ceil(cfg.num_train_epochs)
+    if max_steps < 1:
+        raise UserInputError("The run would take 0 optimizer steps: give more training data or --max_train_steps.")
+    scheduler = get_scheduler(
+        cfg.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=cfg.num_warmup_steps,
+        num_training_steps=max_steps,
+    )
+    accelerator.register_for_checkpointing(scheduler)
+
+    global_batch = cfg.per_device_train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    summary = {
+        "processes": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "per-device batch": cfg.per_device_train_batch_size,
+        "gradient accumulation": cfg.gradient_accumulation_steps,
+        "global batch": global_batch,
+        "optimizer steps": max_steps,
+        "epochs": num_epochs if steps_per_epoch else "streaming",
+        "training examples": len(task.train_dataset) if hasattr(task.train_dataset, "__len__") else "streaming",
+        "parameters": f"{trainable:,} trainable of {total:,}",
+        **task.summary,
+    }
+    logger.info("***** Running training *****\n%s", "\n".join(f"  {k:>22}: {v}" for k, v in summary.items()))
+
+    if cfg.with_tracking:
+        flat = {k: v for k, v in config_to_dict(cfg).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("tlnlp", config=flat)
+
+    state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "best_metric": None, "best_step": None,
+             "evals_without_improvement": 0, "history": [], "units_seen": 0, "train_loss_sum": 0.0,
+             "train_loss_count": 0}
+    if cfg.resume_from_checkpoint:
+        path = latest_checkpoint(output_dir) if cfg.resume_from_checkpoint == "latest" else Path(
+            cfg.resume_from_checkpoint)
+        accelerator.load_state(str(path))
+        state.update(json.loads((path / STATE_FILE).read_text()))
+        logger.info("Resumed from %s at optimizer step %d (epoch %d, batch %d)", path, state["completed_steps"],
+                    state["epoch"], state["batches_in_epoch"])
+
+    checkpoints = _Checkpoints(accelerator, output_dir, cfg.save_total_limit)
+    best_dir = output_dir / CHECKPOINTS / BEST
+    progress = tqdm(total=max_steps, initial=state["completed_steps"], disable=not accelerator.is_local_main_process,
+                    desc="Training", unit="step", dynamic_ncols=True)
+
+    def run_evaluation() -> bool:
+        """Evaluate, track the best model; True when early stopping says stop."""
+        metrics = task.evaluate(accelerator, model, eval_dl)
+        model.train()
+        step = state["completed_steps"]
+        state["history"].append({"step": step, "epoch": state["epoch"], **metrics})
+        logger.info("eval at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if cfg.with_tracking:
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        name = task.metric_for_best_model
+        if name is None:
+            return False
+        if name not in metrics:
+            raise UserInputError(f"--metric_for_best_model {name!r} is not computed; choose one of {', '.join(metrics)}.")
+        if _is_better(metrics[name], state["best_metric"], task.greater_is_better):
+            state.update(best_metric=metrics[name], best_step=step, evals_without_improvement=0)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                best_dir.mkdir(parents=True, exist_ok=True)
+                safetensors.torch.save_model(accelerator.unwrap_model(model), str(best_dir / "model.safetensors"))
+            accelerator.wait_for_everyone()
+            return False
+        state["evals_without_improvement"] += 1
+        patience = getattr(cfg, "early_stopping_patience", None)
+        if patience and state["evals_without_improvement"] >= patience:
+            logger.info("Early stopping: %s did not improve for %d evaluations (best %.4f at step %d).", name,
+                        patience, state["best_metric"], state["best_step"])
+            return True
+        return False
+
+    model.train()
+    window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "units": 0, "time": time.time()}
+    data_wait = 0.0
+    stop = False
+    while state["epoch"] < num_epochs and not stop:
+        epoch = state["epoch"]
+        if hasattr(train_dl, "set_epoch"):
+            train_dl.set_epoch(epoch)
+        batches = train_dl
+        if state["batches_in_epoch"]:
+            batches = accelerator.skip_first_batches(train_dl, state["batches_in_epoch"])
+        wait_start = time.time()
+        for batch in batches:
+            data_wait += time.time() - wait_start
+            state["batches_in_epoch"] += 1
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                finite = torch.isfinite(loss.detach())
+                if accelerator.num_processes > 1:  # every rank must take the same branch
+                    finite = accelerator.reduce(finite.float(), "sum") == accelerator.num_processes
+                if not bool(finite):
+                    step = state["completed_steps"] + 1
+                    if cfg.on_nonfinite_loss == "stop":
+                        raise TrainingError(
+                            f"The loss became {loss.item()} at optimizer step {step} (epoch {epoch}). "
+                            "The last saved checkpoint is intact. Lower --learning_rate, check the data, or pass "
+                            "--on_nonfinite_loss skip to skip such batches."
+                        )
+                    logger.warning("Skipping a batch with a non-finite loss at step %d.", step)
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    accelerator.backward(loss)
+                    window["loss"] += loss.detach()
+                    window["micro"] += 1
+                if accelerator.sync_gradients:
+                    if task.before_optimizer_step:
+                        task.before_optimizer_step(state["completed_steps"], epoch)
+                    if cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window["units"] += task.count(batch)
+
+            if accelerator.sync_gradients:
+                if not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+                state["completed_steps"] += 1
+                progress.update(1)
+                step = state["completed_steps"]
+                if step % cfg.logging_steps == 0 or step == max_steps:
+                    _log_window(accelerator, cfg, task, state, window, scheduler, progress, data_wait)
+                    data_wait = 0.0
+                if cfg.eval_steps and step % cfg.eval_steps == 0:
+                    stop = run_evaluation()
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    checkpoints.save(step, state)
+                if stop or step >= max_steps:
+                    stop = True
+                    break
+            wait_start = time.time()
+        else:  # the epoch ran to its end
+            state.update(epoch=epoch + 1, batches_in_epoch=0)
+            if not cfg.eval_steps:
+                stop = run_evaluation() or stop
+            if cfg.checkpointing_steps == "epoch":
+                checkpoints.save(state["completed_steps"], state)
+    progress.close()
+    if window["micro"]:
+        _log_window(accelerator, cfg, task, state, window, scheduler, progress, data_wait)
+
+    # Evaluate the final model if the last step was not evaluated yet.
+    if not state["history"] or state["history"][-1]["step"] != state["completed_steps"]:
+        run_evaluation()
+
+    unwrapped = accelerator.unwrap_model(model)
+    if task.metric_for_best_model and state["best_step"] is not None and state["best_step"] != state["completed_steps"]:
+        # Restore the best weights (every rank loads them, so later evaluation agrees everywhere).
+        accelerator.wait_for_everyone()
+        safetensors.torch.load_model(unwrapped, str(best_dir / "model.safetensors"), device=str(accelerator.device))
+        logger.info("Restored the best model (%s=%.4f at step %d).", task.metric_for_best_model,
+                    state["best_metric"], state["best_step"])
+    final_metrics = next(h for h in reversed(state["history"]) if h["step"] == (state["best_step"] or
+                                                                                  state["completed_steps"]))
+
+    runtime = time.time() - start_time
+    results = {
+        "train_loss": state["train_loss_sum"] / max(state["train_loss_count"], 1),
+        **{f"eval_{k}": v for k, v in final_metrics.items() if k not in ("step", "epoch")},
+        "optimizer_steps": state["completed_steps"],
+        "epochs_completed": state["epoch"],
+        f"train_{task.count_unit}": state["units_seen"],
+        "train_runtime_s": runtime,
+        f"train_{task.count_unit}_per_s": state["units_seen"] / runtime,
+        "num_processes": accelerator.num_processes,
+        "global_batch_size": global_batch,
+        "best_step": state["best_step"],
+    }
+    state["results"] = results
+
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        task.save(unwrapped, output_dir, state_dict)
+        (output_dir / "eval_history.json").write_text(json.dumps(state["history"], indent=2))
+    accelerator.wait_for_everyone()
+    return results
+
+
+def _log_window(accelerator, cfg, task, state, window, scheduler, progress, data_wait) -> None:
+    """Average the loss and sum the throughput over the window, across processes (every rank calls this)."""
+    stats = torch.stack([window["loss"], torch.tensor(float(window["micro"]), device=accelerator.device),
+                         torch.tensor(float(window["units"]), device=accelerator.device)])
+    stats = accelerator.reduce(stats, "sum")
+    loss = (stats[0] / stats[1].clamp(min=1)).item()
+    units = int(stats[2].item())
+    elapsed = time.time() - window["time"]
+    state["units_seen"] += units
+    state["train_loss_sum"] += stats[0].item()
+    state["train_loss_count"] += int(stats[1].item())
+    lr = scheduler.get_last_lr()[0]
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    logger.info("step %d: loss %.4f, lr %.3e, %.0f %s/s, waited %.1f%% for data", state["completed_steps"], loss,
+                lr, units / elapsed, task.count_unit, 100 * data_wait / max(elapsed, 1e-9))
+    if cfg.with_tracking:
+        accelerator.log({"train/loss": loss, "train/lr": lr, f"train/{task.count_unit}_per_s": units / elapsed},
+                        step=state["completed_steps"])
+    window.update(loss=torch.zeros((), device=accelerator.device), micro=0, units=0, time=time.time())
+
+
+def finish(accelerator: Accelerator) -> None:
+    """Clean teardown, so no rank aborts at exit under multi-process CPU runs."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    accelerator.free_memory()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
