@@ -167,7 +167,8 @@ def _preview(names: list[str], limit: int = 6) -> str:
 
 
 def check_tokenizer_and_length(
-    config: transformers.PretrainedConfig, tokenizer: PreTrainedTokenizerBase, max_seq_length: int
+    config: transformers.PretrainedConfig, tokenizer: PreTrainedTokenizerBase, max_seq_length: int,
+    need_mask: bool = True,
 ) -> None:
     """Refuse a tokenizer whose ids do not fit the embeddings, and sequences longer than the positions."""
     if len(tokenizer) > config.vocab_size:
@@ -175,7 +176,7 @@ def check_tokenizer_and_length(
             f"The tokenizer has {len(tokenizer)} tokens but the model's embeddings hold {config.vocab_size}. "
             "The tokenizer belongs to another model: use the model's own tokenizer (omit --tokenizer_name)."
         )
-    if tokenizer.mask_token is None:
+    if need_mask and tokenizer.mask_token is None:
         raise UserInputError("The tokenizer has no mask token, so it cannot be used for masked-language modelling.")
     limit = config.max_position_embeddings - POSITION_OFFSET.get(config.model_type, 0)
     if max_seq_length > limit:

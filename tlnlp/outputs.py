@@ -26,10 +26,8 @@ def default_cache_dir() -> Path:
 def setup_logging(accelerator: Accelerator) -> None:
     """Log lines and progress bars from the main process only; other ranks report errors alone."""
     main = accelerator.is_local_main_process
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-        level=logging.INFO if main else logging.ERROR, force=True,
-    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("tlnlp").setLevel(logging.INFO if main else logging.ERROR)
     transformers.logging.set_verbosity_warning() if main else transformers.logging.set_verbosity_error()
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown the log
     if not main:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import os
+import shutil
 import logging
 import math
 from pathlib import Path
@@ -55,6 +58,31 @@ def evaluate_mlm(accelerator, model, dataloader) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "masked_tokens": masked.item()}
 
 
+def corpus_tokenizer(train, text_column: str, cfg: PretrainConfig):
+    """A WordPiece tokenizer trained on the corpus, cached by corpus and settings.
+
+    WordPiece training breaks ties differently from run to run, so the cache is also what makes a
+    second run with the same corpus reuse the same vocabulary (and the same tokenized data).
+    """
+    # A streamed corpus has no fingerprint: it is named by its source instead.
+    fingerprint = getattr(train, "_fingerprint", None) or f"{cfg.train_file}/{cfg.dataset_name}/{cfg.dataset_config_name}"
+    key = hashlib.sha256(f"{fingerprint}/{text_column}/{cfg.vocab_size}/{cfg.lowercase}".encode()).hexdigest()
+    folder = Path(cfg.cache_dir or default_cache_dir()) / "tokenizers" / key[:20]
+    if (folder / "tokenizer.json").exists():
+        logger.info("Reusing the WordPiece tokenizer trained earlier on this corpus: %s", folder)
+        return load_tokenizer(str(folder))
+    texts = (row[text_column] for row in itertools.islice(iter(train), TOKENIZER_TRAINING_DOCS))
+    tokenizer = train_wordpiece((t for t in texts if isinstance(t, str)), cfg.vocab_size, cfg.lowercase)
+    logger.info("Trained a WordPiece tokenizer on the training corpus: %d tokens.", len(tokenizer))
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process saved one first: use that, so everyone agrees
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_tokenizer(str(folder))
+
+
 def main(cfg: PretrainConfig) -> dict[str, Any]:
     check_output_dir(cfg)
     accelerator = make_accelerator(cfg)
@@ -76,10 +104,9 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     elif cfg.config_name:
         tokenizer = load_tokenizer(cfg.config_name, cfg.trust_remote_code)
     else:
-        texts = (row[text_column] for row in itertools.islice(iter(raw["train"]), TOKENIZER_TRAINING_DOCS))
-        tokenizer = train_wordpiece((t for t in texts if isinstance(t, str)), cfg.vocab_size, cfg.lowercase)
+        with accelerator.main_process_first():  # trained once; the other ranks load the same vocabulary
+            tokenizer = corpus_tokenizer(raw["train"], text_column, cfg)
         trained_tokenizer = True
-        logger.info("Trained a WordPiece tokenizer on the training corpus: %d tokens.", len(tokenizer))
 
     if model_source:
         model, report = load_mlm_model(model_source, cfg.trust_remote_code)
@@ -100,9 +127,18 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         model = AutoModelForMaskedLM.from_config(config)
     check_tokenizer_and_length(model.config, tokenizer, max_seq_length)
 
-    train_collator = DataCollatorForLanguageModeling(
+    # Training masks are drawn in the loop (`mask_batch`) from the global RNG, which checkpoints restore.
+    train_masker = DataCollatorForLanguageModeling(
         tokenizer, mlm_probability=cfg.mlm_probability, whole_word_mask=cfg.whole_word_mask
     )
+
+    def mask_batch(batch: dict) -> dict:
+        special = batch.pop("special_tokens_mask")
+        offsets = batch.pop("offset_mapping", None)
+        batch["input_ids"], batch["labels"] = train_masker.torch_mask_tokens(
+            batch["input_ids"], special_tokens_mask=special, offset_mapping=offsets
+        )
+        return batch
     # Validation masks are drawn once with a fixed seed, so perplexity is comparable run to run.
     eval_masker = DataCollatorForLanguageModeling(
         tokenizer, mlm_probability=cfg.mlm_probability, whole_word_mask=cfg.whole_word_mask, seed=cfg.seed
@@ -134,7 +170,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         model=MaskedLMLoss(model, sparse=cfg.sparse_mlm_head),
         train_dataset=train_data,
         eval_dataset=eval_data,
-        train_collator=train_collator,
+        train_collator=lambda features: tokenizer.pad(features, return_tensors="pt"),
+        on_batch=mask_batch,
         eval_collator=DataCollatorForTokenClassification(tokenizer),  # pads labels with -100
         evaluate=evaluate_mlm,
         save=save,

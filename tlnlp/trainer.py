@@ -54,6 +54,10 @@ class Task:
     metric_for_best_model: str | None = None  # a key of `evaluate`'s result; None: no best-model tracking
     greater_is_better: bool = True
     before_optimizer_step: Callable[[int, int], None] | None = None  # (completed_steps, epoch)
+    # Applied to each training batch inside the loop, on the CPU, before it moves to the device. Random
+    # work (MLM masking) belongs here, not in the collator: the data loader prefetches a batch ahead, so
+    # randomness drawn in the collator would not be at the step boundary a checkpoint records.
+    on_batch: Callable[[dict], dict] | None = None
     summary: dict[str, Any] = field(default_factory=dict)  # extra lines for the start-of-run summary
 
 
@@ -156,6 +160,9 @@ def train(cfg: TrainingConfig, task: Task, accelerator: Accelerator) -> dict[str
         batch_size=cfg.per_device_train_batch_size,
         shuffle=not isinstance(task.train_dataset, IterableDataset),
         collate_fn=task.train_collator,
+        # Its own generator: creating a data-loader iterator then draws nothing from the global RNG, so a
+        # resumed run (which creates a fresh iterator) continues the same random stream as an unbroken one.
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     eval_dl = DataLoader(task.eval_dataset, batch_size=cfg.per_device_eval_batch_size, collate_fn=task.eval_collator)
 
@@ -164,7 +171,9 @@ def train(cfg: TrainingConfig, task: Task, accelerator: Accelerator) -> dict[str
     )
     fused = accelerator.device.type == "cuda"  # one kernel for all parameters: faster on GPUs, absent on CPU
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused)
-    model, optimizer, train_dl, eval_dl = accelerator.prepare(task.model, optimizer, train_dl, eval_dl)
+    model, optimizer, train_dl, eval_dl = accelerator.prepare(
+        task.model, optimizer, train_dl, eval_dl, device_placement=[True, True, False, True]
+    )
 
     # Counted after `prepare`, which splits the batches between processes: one optimizer step consumes
     # `gradient_accumulation_steps` batches on every process. The scheduler is stepped by hand once per
@@ -270,6 +279,9 @@ def train(cfg: TrainingConfig, task: Task, accelerator: Accelerator) -> dict[str
         for batch in batches:
             data_wait += time.time() - wait_start
             state["batches_in_epoch"] += 1
+            if task.on_batch:
+                batch = task.on_batch(batch)
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 finite = torch.isfinite(loss.detach())
@@ -344,7 +356,7 @@ def train(cfg: TrainingConfig, task: Task, accelerator: Accelerator) -> dict[str
         "train_loss": state["train_loss_sum"] / max(state["train_loss_count"], 1),
         **{f"eval_{k}": v for k, v in final_metrics.items() if k not in ("step", "epoch")},
         "optimizer_steps": state["completed_steps"],
-        "epochs_completed": state["epoch"],
+        "epochs": round(state["completed_steps"] / steps_per_epoch, 3) if steps_per_epoch else None,
         f"train_{task.count_unit}": state["units_seen"],
         "train_runtime_s": runtime,
         f"train_{task.count_unit}_per_s": state["units_seen"] / runtime,

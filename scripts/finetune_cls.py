@@ -1,0 +1,10 @@
+"""Fine-tune a pretrained encoder on labeled text (stage 2). Run `accelerate launch scripts/finetune_cls.py --help`."""
+
+import sys
+
+from tlnlp.cli import run
+from tlnlp.config import FinetuneConfig
+from tlnlp.finetune import main
+
+if __name__ == "__main__":
+    sys.exit(run(main, FinetuneConfig))

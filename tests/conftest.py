@@ -1,0 +1,108 @@
+"""Tiny models and data made here: nothing is downloaded from the Hub."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import BertConfig, BertForMaskedLM
+
+from tlnlp.modeling import train_wordpiece
+
+REPO = Path(__file__).resolve().parent.parent
+TOPICS = {
+    "sports": "ball team goal match player coach league score win season stadium".split(),
+    "music": "song band guitar album concert singer melody drum piano chorus tune".split(),
+    "science": "atom cell energy theory experiment physics molecule data lab gene quantum".split(),
+}
+COMMON = "the a of and in on with for is was to by at from this that it".split()
+
+
+def make_sentence(rng: random.Random, topic: str, words: int = 12) -> str:
+    return " ".join(rng.choice(TOPICS[topic]) if rng.random() < 0.6 else rng.choice(COMMON) for _ in range(words))
+
+
+def make_documents(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    topics = sorted(TOPICS)
+    return [(topic := topics[i % len(topics)], make_sentence(rng, topic, rng.randint(6, 30))) for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """Unlabeled text, one document per line."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(text for _, text in make_documents(400)) + "\n")
+    return path
+
+
+def write_labeled(path: Path, rows: list[dict]) -> Path:
+    if path.suffix == ".csv":
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def labeled_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("labeled")
+    docs = make_documents(300, seed=1)
+    rows = [{"text": text, "label": topic} for topic, text in docs]
+    return {
+        "train": write_labeled(folder / "train.csv", rows[:180]),
+        "validation": write_labeled(folder / "validation.csv", rows[180:240]),
+        "test": write_labeled(folder / "test.csv", rows[240:]),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    tokenizer = train_wordpiece((text for _, text in make_documents(400)), vocab_size=200)
+    return tokenizer
+
+
+def tiny_bert_config(vocab_size: int, layers: int = 2) -> BertConfig:
+    return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                      intermediate_size=37, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved BertForMaskedLM with its tokenizer: a stand-in for a stage 1 output."""
+    folder = tmp_path_factory.mktemp("tiny_mlm")
+    import torch
+
+    torch.manual_seed(0)
+    BertForMaskedLM(tiny_bert_config(len(tiny_tokenizer))).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+def run_script(script: str, args: list[str], processes: int = 1, timeout: int = 300,
+               wrapper: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a real script through `accelerate launch` (2 processes: CPU data parallel over gloo)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    target = str(wrapper) if wrapper else str(REPO / "scripts" / script)
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    if processes > 1:
+        # `--cpu --num_processes 2` silently runs one process; `--multi_gpu` with ACCELERATE_USE_CPU runs two.
+        launch += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0"]
+    else:
+        launch += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return subprocess.run(launch + [target, *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=REPO)

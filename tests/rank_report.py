@@ -1,0 +1,42 @@
+"""Runs a tlnlp stage, then has every rank write its world size and a digest of its final parameters.
+
+Test-side only: it wraps the public `main` functions, so nothing in tlnlp knows about tests.
+Usage: rank_report.py REPORT_DIR pretrain|finetune [script args...]
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import tlnlp.finetune
+import tlnlp.pretrain
+from tlnlp.cli import run
+from tlnlp.config import FinetuneConfig, PretrainConfig
+
+report_dir, stage, args = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+module = tlnlp.pretrain if stage == "pretrain" else tlnlp.finetune
+original_finish = module.finish
+
+
+def finish_with_report(accelerator):
+    model = accelerator.unwrap_model(accelerator._models[0])
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    report = {"world_size": accelerator.num_processes, "rank": accelerator.process_index,
+              "digest": digest.hexdigest(), "frozen": len(frozen),
+              "trainable_in_optimizer": sum(p.numel() for g in accelerator._optimizers[0].param_groups
+                                            for p in g["params"]),
+              "optimizer_state_tensors": len(accelerator._optimizers[0].state)}
+    (report_dir / f"rank{accelerator.process_index}.json").write_text(json.dumps(report))
+    torch.save(frozen, report_dir / f"frozen{accelerator.process_index}.pt")
+    original_finish(accelerator)
+
+
+module.finish = finish_with_report
+sys.exit(run(module.main, PretrainConfig if stage == "pretrain" else FinetuneConfig, args))

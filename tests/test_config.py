@@ -1,0 +1,71 @@
+import pytest
+
+from tlnlp.config import FinetuneConfig, PretrainConfig, parse_config
+from tlnlp.errors import UserInputError
+
+
+def test_yaml_fills_config_and_command_line_wins(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: 0.001\nper_device_train_batch_size: 4\nmodel_size: mini\noutput_dir: out\n")
+    cfg = parse_config(PretrainConfig, ["--config", str(config), "--per_device_train_batch_size", "2"])
+    assert cfg.learning_rate == 0.001
+    assert cfg.per_device_train_batch_size == 2
+    assert cfg.model_size == "mini"
+
+
+def test_yaml_list_becomes_head_sizes(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("output_dir: out\nmodel_name_or_path: m\nhead_hidden_sizes: [64, 32]\n")
+    assert parse_config(FinetuneConfig, ["--config", str(config)]).head_hidden_sizes_list == [64, 32]
+
+
+def test_yaml_unknown_key_is_named(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("output_dir: out\nlearning_rte: 0.1\n")
+    with pytest.raises(UserInputError, match=r"unknown option\(s\) learning_rte\. Valid options:"):
+        parse_config(PretrainConfig, ["--config", str(config)])
+
+
+def test_yaml_wrong_type(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("output_dir: out\nper_device_train_batch_size: many\n")
+    with pytest.raises(UserInputError, match="Invalid command-line options"):
+        parse_config(PretrainConfig, ["--config", str(config)])
+    assert "invalid int value: 'many'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be greater than 0, got 0"),
+        (["--learning_rate", "-1"], "--learning_rate must be greater than 0, got -1.0"),
+        (["--max_train_steps", "0"], "--max_train_steps must be greater than 0, got 0"),
+        (["--model_size", "giant"], "Invalid command-line options"),
+        (["--no_such_flag", "1"], "Unknown option"),
+        (["--checkpointing_steps", "often"], "--checkpointing_steps must be a positive integer or 'epoch'"),
+        (["--streaming"], "--streaming needs --max_train_steps"),
+        (["--mlm_probability", "1.5"], "--mlm_probability must be between 0 and 1"),
+    ],
+)
+def test_bad_pretrain_options(args, message):
+    with pytest.raises(UserInputError, match=message.replace("(", r"\(")):
+        parse_config(PretrainConfig, ["--output_dir", "out", *args])
+
+
+def test_output_dir_required():
+    with pytest.raises(UserInputError, match="--output_dir is required"):
+        parse_config(PretrainConfig, [])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--head_hidden_sizes", "64,abc"], "--head_hidden_sizes must be comma-separated positive integers"),
+        (["--freeze_layers", "-1"], "--freeze_layers must be 0 or more"),
+        (["--layerwise_lr_decay", "1.5"], r"--layerwise_lr_decay must be in \(0, 1\]"),
+        (["--unfreeze_schedule", "sometimes"], "--unfreeze_schedule must be 'epoch' or a positive number"),
+    ],
+)
+def test_bad_finetune_options(args, message):
+    with pytest.raises(UserInputError, match=message):
+        parse_config(FinetuneConfig, ["--output_dir", "out", "--model_name_or_path", "m", *args])

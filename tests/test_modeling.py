@@ -1,0 +1,82 @@
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM, BertForMaskedLM, BertModel
+
+from tlnlp.errors import UserInputError
+from tlnlp.modeling import MaskedLMLoss, check_tokenizer_and_length, load_mlm_model
+
+from conftest import tiny_bert_config
+
+
+def masked_batch(vocab_size: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, vocab_size, (4, 24), generator=generator)
+    labels = torch.full_like(input_ids, -100)
+    chosen = torch.rand(input_ids.shape, generator=generator) < 0.15
+    labels[chosen] = input_ids[chosen]
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, 20:] = 0
+    labels[0, 20:] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def test_sparse_head_loss_equals_full_loss():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_bert_config(300)).eval()
+    batch = masked_batch(300)
+    sparse = MaskedLMLoss(model, sparse=True)(**batch)
+    full = MaskedLMLoss(model, sparse=False)(**batch)
+    stock = model(**batch).loss
+    assert torch.allclose(sparse.loss, stock, atol=1e-5)
+    assert torch.allclose(full.loss, stock, atol=1e-5)
+    assert torch.allclose(sparse.example_loss_sum, full.example_loss_sum, atol=1e-4)
+    assert sparse.example_masked.sum() == (batch["labels"] != -100).sum()
+    # Gradients agree too, so training is the same computation.
+    sparse.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    stock = model(**batch).loss
+    stock.backward()
+    for g, p in zip(grads, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-5)
+
+
+def test_saved_checkpoint_is_stock_bert(tmp_path):
+    torch.manual_seed(0)
+    wrapped = MaskedLMLoss(BertForMaskedLM(tiny_bert_config(300)))
+    wrapped.mlm.save_pretrained(tmp_path)
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is BertForMaskedLM
+    batch = masked_batch(300, seed=1)
+    assert torch.allclose(reloaded(**batch).logits, wrapped.mlm.eval()(**batch).logits)
+
+
+def test_encoder_without_mlm_head_gets_a_new_head(tmp_path):
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config(300)).save_pretrained(tmp_path)  # like the MiniLM package: no MLM head
+    model, report = load_mlm_model(str(tmp_path))
+    assert report.new and all(name.startswith("cls.predictions") for name in report.new)
+    encoder = BertModel.from_pretrained(tmp_path)
+    for name, tensor in encoder.state_dict().items():
+        if not name.startswith("pooler"):
+            assert torch.equal(model.bert.state_dict()[name], tensor)
+
+
+def test_checkpoint_missing_encoder_weights_is_an_error(tmp_path):
+    BertForMaskedLM(tiny_bert_config(300, layers=1)).save_pretrained(tmp_path)
+    config = tiny_bert_config(300, layers=2)
+    config.save_pretrained(tmp_path)  # the config now promises a layer the weights lack
+    with pytest.raises(UserInputError, match=r"lacks encoder weights the model needs: missing bert\.encoder\.layer\.1"):
+        load_mlm_model(str(tmp_path))
+
+
+def test_tokenizer_vocabulary_must_fit_embeddings(tiny_tokenizer):
+    config = tiny_bert_config(50)
+    with pytest.raises(UserInputError, match=r"The tokenizer has \d+ tokens but the model's embeddings hold 50"):
+        check_tokenizer_and_length(config, tiny_tokenizer, 64)
+
+
+def test_sequence_length_must_fit_positions(tiny_tokenizer):
+    config = tiny_bert_config(len(tiny_tokenizer))
+    with pytest.raises(UserInputError, match="--max_seq_length 256 is longer than the model's 128 position"):
+        check_tokenizer_and_length(config, tiny_tokenizer, 256)

@@ -1,0 +1,142 @@
+"""Stage 1 end to end: in-process runs of `main`, and the real script through `accelerate launch`."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+from transformers import pipeline
+
+import tlnlp.trainer
+from tlnlp.config import PretrainConfig, parse_config
+from tlnlp.errors import UserInputError
+from tlnlp.pretrain import main
+
+from conftest import REPO, run_script
+
+
+def tiny_args(corpus_file, output_dir, cache_dir, *extra):
+    return ["--train_file", str(corpus_file), "--output_dir", str(output_dir), "--cache_dir", str(cache_dir),
+            "--model_size", "tiny", "--hidden_size", "32", "--num_attention_heads", "2", "--intermediate_size", "64",
+            "--vocab_size", "200", "--max_seq_length", "32", "--per_device_train_batch_size", "8",
+            "--learning_rate", "2e-3", "--logging_steps", "5", "--seed", "3", *extra]
+
+
+def run_main(args):
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return main(parse_config(PretrainConfig, args))
+
+
+def test_loss_falls_and_output_loads_with_stock_transformers(corpus_file, tmp_path, cache_dir):
+    out = tmp_path / "run"
+    results = run_main(tiny_args(corpus_file, out, cache_dir, "--num_train_epochs", "4"))
+    history = json.loads((out / "eval_history.json").read_text())
+    vocab = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
+    # An untrained model scores about ln(vocab); the synthetic text's own entropy is about 3.3 nats.
+    assert history[-1]["loss"] < history[0]["loss"] < math.log(vocab) - 0.5, history
+    assert history[-1]["loss"] < math.log(vocab) - 1.0, history
+    saved = json.loads((out / "all_results.json").read_text())
+    for key in ("train_loss", "eval_loss", "eval_perplexity", "train_tokens", "train_tokens_per_s", "train_runtime_s"):
+        assert key in saved
+    assert saved["eval_loss"] == pytest.approx(results["eval_loss"])
+    assert (out / "model.safetensors").exists() and (out / "training_config.yaml").exists()
+    fill = pipeline("fill-mask", model=str(out))
+    assert len(fill("the ball [MASK] team")) == 5
+
+
+def test_tokenization_is_cached(corpus_file, tmp_path, cache_dir, caplog):
+    run_main(tiny_args(corpus_file, tmp_path / "a", cache_dir, "--max_train_steps", "2"))
+    entries = sorted(p.name for p in (cache_dir / "tokenized").iterdir())
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run_main(tiny_args(corpus_file, tmp_path / "b", cache_dir, "--max_train_steps", "2"))
+    assert "Loading tokenized data from the cache" in caplog.text
+    assert sorted(p.name for p in (cache_dir / "tokenized").iterdir()) == entries
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus_file, tmp_path, cache_dir, monkeypatch):
+    common = ["--max_train_steps", "12", "--checkpointing_steps", "4"]
+    run_main(tiny_args(corpus_file, tmp_path / "straight", cache_dir, *common))
+
+    original_save = tlnlp.trainer._Checkpoints.save
+
+    def save_then_die(self, step, state):
+        original_save(self, step, state)
+        if step == 8:
+            raise KeyboardInterrupt("simulated kill after the step-8 checkpoint")
+
+    monkeypatch.setattr(tlnlp.trainer._Checkpoints, "save", save_then_die)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        run_main(tiny_args(corpus_file, interrupted, cache_dir, *common))
+    monkeypatch.setattr(tlnlp.trainer._Checkpoints, "save", original_save)
+    assert not (interrupted / "model.safetensors").exists()
+    run_main(tiny_args(corpus_file, interrupted, cache_dir, *common, "--resume_from_checkpoint", "latest"))
+
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(interrupted / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_output_dir_with_an_earlier_run_is_refused_and_untouched(corpus_file, tmp_path, cache_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"precious")
+    with pytest.raises(UserInputError, match="already holds files from an earlier run"):
+        run_main(tiny_args(corpus_file, out, cache_dir, "--max_train_steps", "1"))
+    assert (out / "model.safetensors").read_bytes() == b"precious"
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+
+
+def test_bad_inputs_fail_before_training_and_write_nothing(corpus_file, tmp_path, cache_dir, tiny_mlm_dir):
+    cases = [
+        (["--text_column", "body"], "--text_column 'body' is not in the data. Columns found: text"),
+        (["--model_size", "tiny", "--max_seq_length", "4096", "--max_train_steps", "1"], None),
+    ]
+    out = tmp_path / "never"
+    with pytest.raises(UserInputError, match="--text_column 'body' is not in the data. Columns found: text"):
+        run_main(tiny_args(corpus_file, out, cache_dir, "--text_column", "body"))
+    args = ["--train_file", str(corpus_file), "--output_dir", str(out), "--cache_dir", str(cache_dir),
+            "--model_name_or_path", str(tiny_mlm_dir)]
+    with pytest.raises(UserInputError, match="--max_seq_length 512 is longer than the model's 128 position"):
+        run_main(args + ["--max_seq_length", "512"])
+    with pytest.raises(UserInputError, match="The tokenizer has 30522 tokens but the model's embeddings hold"):
+        run_main(args + ["--tokenizer_name", "minilm-l6"])
+    assert not out.exists()
+    del cases
+
+
+def test_script_single_process_and_bad_input_exit_codes(corpus_file, tmp_path, cache_dir):
+    out = tmp_path / "one"
+    done = run_script("pretrain_mlm.py", tiny_args(corpus_file, out, cache_dir, "--max_train_steps", "3"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "all_results.json").read_text())["num_processes"] == 1
+
+    # Plain python: `accelerate launch` turns any failure into exit 1 and adds its own traceback.
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "pretrain_mlm.py"),
+                          *tiny_args(tmp_path / "missing.txt", tmp_path / "x", cache_dir)], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2
+    assert "error: --train_file" in bad.stderr and "no such file" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_two_process_data_parallel_run(corpus_file, tmp_path, cache_dir):
+    out, reports = tmp_path / "ddp", tmp_path / "reports"
+    reports.mkdir()
+    done = run_script("", [str(reports), "pretrain", *tiny_args(corpus_file, out, cache_dir, "--max_train_steps",
+                                                                   "6", "--checkpointing_steps", "3")],
+                      processes=2, wrapper=REPO / "tests" / "rank_report.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((reports / f"rank{i}.json").read_text()) for i in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["digest"] == ranks[1]["digest"]  # data parallel: identical parameters on both ranks
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["num_processes"] == 2 and results["global_batch_size"] == 16

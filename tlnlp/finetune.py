@@ -1,0 +1,230 @@
+"""Stage 2: attach a task head to a pretrained encoder and fine-tune it on a small labeled set."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from datasets import DatasetDict
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
+
+from tlnlp import builtin
+from tlnlp.config import FinetuneConfig
+from tlnlp.data import (
+    cached_map,
+    check_label_sets,
+    check_labeled_splits,
+    infer_task_type,
+    label_names,
+    load_raw_datasets,
+    resolve_text_column,
+    tokenize_labeled,
+    tokenizer_fingerprint,
+)
+from tlnlp.errors import UserInputError
+from tlnlp.metrics import DEFAULT_BEST, LOWER_IS_BETTER, load_metric
+from tlnlp.modeling import check_tokenizer_and_length, count_parameters, load_tokenizer
+from tlnlp.outputs import default_cache_dir, setup_logging, write_run_files
+from tlnlp.trainer import Task, check_output_dir, default_param_groups, finish, make_accelerator, train
+from tlnlp.transfer import HeadSpec, UnfreezeSchedule, build_classifier, freeze, learning_rate_scales
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SEQ_LEN = 128
+PREDICTIONS_FILE = "test_predictions.jsonl"
+
+
+def predict(accelerator, model, dataloader) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits and labels over a whole split, gathered from every process without duplicated tail examples."""
+    model.eval()
+    all_logits, all_labels = [], []
+    with torch.no_grad():
+        for batch in dataloader:
+            labels = batch.pop("labels", None)
+            logits = model(**batch).logits.float()
+            gathered = accelerator.gather_for_metrics((logits, labels) if labels is not None else logits)
+            if labels is not None:
+                all_logits.append(gathered[0].cpu())
+                all_labels.append(gathered[1].cpu())
+            else:
+                all_logits.append(gathered.cpu())
+    logits = torch.cat(all_logits).numpy()
+    return logits, (torch.cat(all_labels).numpy() if all_labels else None)
+
+
+def to_predictions(logits: np.ndarray, task_type: str) -> np.ndarray:
+    if task_type == "regression":
+        return logits[:, 0]
+    if task_type == "multi_label":
+        return (logits > 0).astype(np.int64)
+    return logits.argmax(-1)
+
+
+def compute_metrics(logits, labels, task_type: str) -> dict[str, float]:
+    metric = load_metric(task_type)
+    references = labels.astype(np.int64) if task_type == "multi_label" else labels
+    return metric.compute(predictions=to_predictions(logits, task_type), references=references)
+
+
+def stratified_subset(split, label_column: str, n: int, task_type: str, stratify: bool, seed: int):
+    if n > len(split):
+        raise UserInputError(
+            f"--max_train_samples {n} is more than the {len(split)} training examples available. "
+            f"Use at most {len(split)}."
+        )
+    if stratify and task_type == "single_label":
+        from tlnlp.builtin import stratified_indices
+
+        return split.select(stratified_indices(split[label_column], n, seed).tolist())
+    return split.shuffle(seed=seed).select(range(n))
+
+
+def main(cfg: FinetuneConfig) -> dict[str, Any]:
+    if not cfg.model_name_or_path:
+        raise UserInputError(
+            "--model_name_or_path is required: a stage 1 output folder, a local encoder, a built-in model "
+            f"({', '.join(builtin.MODELS)}) or a Hub id. Add --from_scratch for the no-transfer baseline."
+        )
+    check_output_dir(cfg)
+    accelerator = make_accelerator(cfg)
+    setup_logging(accelerator)
+    set_seed(cfg.seed)
+    source = builtin.resolve_model(cfg.model_name_or_path)
+
+    with accelerator.main_process_first():
+        raw = load_raw_datasets(
+            train_file=cfg.train_file, validation_file=cfg.validation_file, test_file=cfg.test_file,
+            dataset_name=cfg.dataset_name, dataset_config_name=cfg.dataset_config_name,
+            validation_split_percentage=cfg.validation_split_percentage, seed=cfg.seed,
+        )
+    raw = DatasetDict({k: v for k, v in raw.items() if k in ("train", "validation", "test")})
+    text_column = resolve_text_column(raw["train"], cfg.text_column)
+    check_labeled_splits(raw, text_column=text_column, text_pair_column=cfg.text_pair_column,
+                         label_column=cfg.label_column)
+    train_labels = raw["train"][cfg.label_column]
+    task_type = infer_task_type(train_labels) if cfg.task_type == "auto" else cfg.task_type
+    if cfg.max_train_samples is not None:
+        raw["train"] = stratified_subset(raw["train"], cfg.label_column, cfg.max_train_samples, task_type,
+                                         cfg.stratify, cfg.seed)
+        train_labels = raw["train"][cfg.label_column]
+    names = label_names(train_labels, task_type)
+    check_label_sets(raw, cfg.label_column, names, task_type)
+    label2id = {name: i for i, name in enumerate(names)}
+
+    tokenizer = load_tokenizer(builtin.resolve_model(cfg.tokenizer_name) or source, cfg.trust_remote_code)
+    head = HeadSpec(cfg.head_hidden_sizes_list, cfg.head_dropout, cfg.head_activation, cfg.pooling)
+    model, report = build_classifier(
+        source, num_labels=len(names), id2label=dict(enumerate(names)), task_type=task_type, head=head,
+        from_scratch=cfg.from_scratch, trust_remote_code=cfg.trust_remote_code,
+    )
+    limit = model.config.encoder_config() if hasattr(model.config, "encoder_config") else model.config
+    max_seq_length = cfg.max_seq_length or min(DEFAULT_SEQ_LEN, limit.max_position_embeddings)
+    check_tokenizer_and_length(limit, tokenizer, max_seq_length, need_mask=False)
+
+    if cfg.freeze_embeddings or cfg.freeze_layers:
+        freeze(model, embeddings=cfg.freeze_embeddings, layers=cfg.freeze_layers)
+    schedule = UnfreezeSchedule(model, cfg.unfreeze_schedule) if cfg.unfreeze_schedule else None
+    head_scale = (cfg.head_learning_rate or cfg.learning_rate) / cfg.learning_rate
+    scales = {}
+    if cfg.layerwise_lr_decay < 1 or head_scale != 1:
+        scales = learning_rate_scales(model, cfg.layerwise_lr_decay, head_scale)
+    trainable, total = count_parameters(model)
+    logger.info(
+        "Head surgery on %s:\n  loaded from the checkpoint: %d tensors\n  new: %s\n  dropped: %s\n"
+        "  trainable parameters: %s of %s%s",
+        report.source, len(report.loaded), ", ".join(report.new) or "none", ", ".join(report.dropped) or "none",
+        f"{trainable:,}", f"{total:,}",
+        f" (frozen: {'embeddings, ' if cfg.freeze_embeddings else ''}{cfg.freeze_layers} bottom layers)"
+        if cfg.freeze_embeddings or cfg.freeze_layers else "",
+    )
+
+    def build(splits: DatasetDict) -> DatasetDict:
+        return DatasetDict({k: tokenize_labeled(
+            v, tokenizer, text_column=text_column, text_pair_column=cfg.text_pair_column,
+            label_column=cfg.label_column, max_seq_length=max_seq_length, task_type=task_type, label2id=label2id,
+        ) for k, v in splits.items()})
+
+    with accelerator.main_process_first():
+        key = {"tokenizer": tokenizer_fingerprint(tokenizer), "text": text_column, "pair": cfg.text_pair_column,
+               "label": cfg.label_column, "len": max_seq_length, "task": task_type, "labels": names, "stage": "cls"}
+        tokenized = cached_map(raw, build, key, Path(cfg.cache_dir or default_cache_dir()))
+
+    metric_name = cfg.metric_for_best_model or DEFAULT_BEST[task_type]
+    metric_name = metric_name.removeprefix("eval_")
+    collator = DataCollatorWithPadding(tokenizer)
+
+    def evaluate_split(accelerator, model, dataloader) -> dict[str, float]:
+        logits, labels = predict(accelerator, model, dataloader)
+        return compute_metrics(logits, labels, task_type)
+
+    def save(unwrapped, folder: Path, _state_dict: dict) -> None:
+        unwrapped.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    task = Task(
+        model=model,
+        train_dataset=tokenized["train"],
+        eval_dataset=tokenized["validation"],
+        train_collator=collator,
+        eval_collator=collator,
+        evaluate=evaluate_split,
+        save=save,
+        count_unit="examples",
+        count=lambda batch: int(batch["input_ids"].shape[0]),
+        param_groups=lambda m: default_param_groups(m, cfg.learning_rate, cfg.weight_decay, lambda name: scales.get(name, 1.0)),
+        metric_for_best_model=metric_name,
+        greater_is_better=metric_name not in LOWER_IS_BETTER,
+        before_optimizer_step=schedule,
+        summary={"task": f"{task_type} ({len(names)} labels)" if task_type != "regression" else "regression",
+                 "start": report.source, "sequence length": max_seq_length},
+    )
+    results = train(cfg, task, accelerator)
+    if "test" in tokenized:
+        results.update(_test(cfg, accelerator, model, tokenized["test"], raw["test"], collator, task_type, names))
+    results.update(task_type=task_type, label_names=names, train_examples=len(raw["train"]),
+                   trainable_parameters=trainable, total_parameters=total)
+    write_run_files(accelerator, cfg, results, stage="finetune")
+    finish(accelerator)
+    return results
+
+
+def _test(cfg, accelerator, model, tokenized_test, raw_test, collator, task_type, names) -> dict[str, Any]:
+    """Evaluate the final (best) model on the test split and write one prediction per line."""
+    dataloader = accelerator.prepare(DataLoader(tokenized_test, batch_size=cfg.per_device_eval_batch_size,
+                                                collate_fn=collator))
+    logits, labels = predict(accelerator, model, dataloader)
+    metrics = compute_metrics(logits, labels, task_type) if labels is not None else {}
+    if accelerator.is_main_process:
+        with (Path(cfg.output_dir) / PREDICTIONS_FILE).open("w", encoding="utf-8") as f:
+            texts = raw_test[cfg.text_column or "text"] if (cfg.text_column or "text") in raw_test.column_names else None
+            truth = raw_test[cfg.label_column] if cfg.label_column in raw_test.column_names else None
+            for i, row in enumerate(_prediction_rows(logits, task_type, names)):
+                extra = {"text": texts[i]} if texts else {}
+                if truth is not None:
+                    extra["true_label"] = truth[i]
+                f.write(json.dumps({**extra, **row}) + "\n")
+    logger.info("test: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return {f"test_{k}": v for k, v in metrics.items()}
+
+
+def _prediction_rows(logits: np.ndarray, task_type: str, names: list[str]):
+    if task_type == "regression":
+        for value in logits[:, 0]:
+            yield {"score": float(value)}
+        return
+    if task_type == "multi_label":
+        probabilities = 1 / (1 + np.exp(-logits))
+        for row in probabilities:
+            yield {"labels": [n for n, p in zip(names, row) if p > 0.5],
+                   "probabilities": {n: float(p) for n, p in zip(names, row)}}
+        return
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities = shifted / shifted.sum(-1, keepdims=True)
+    for row in probabilities:
+        yield {"label": names[int(row.argmax())], "probabilities": {n: float(p) for n, p in zip(names, row)}}

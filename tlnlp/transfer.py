@@ -1,0 +1,207 @@
+"""Head surgery, freezing and layer-wise learning rates: turning a pretrained encoder into a classifier."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
+
+from tlnlp.classifier import TlnlpClassifierConfig, TlnlpForSequenceClassification
+from tlnlp.errors import UserInputError
+from tlnlp.modeling import _preview, quiet_transformers
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_TYPES = {
+    "single_label": "single_label_classification",
+    "multi_label": "multi_label_classification",
+    "regression": "regression",
+}
+
+
+@dataclass
+class HeadSpec:
+    hidden_sizes: list[int]
+    dropout: float | None
+    activation: str
+    pooling: str
+
+    @property
+    def is_stock(self) -> bool:
+        """BERT's own head ([CLS] -> pooler -> linear) is saved as the stock class: it loads anywhere."""
+        return not self.hidden_sizes and self.pooling == "cls"
+
+
+@dataclass
+class SurgeryReport:
+    source: str
+    loaded: list[str]  # parameters taken from the checkpoint
+    new: list[str]  # parameters initialised here (the head)
+    dropped: list[str]  # checkpoint tensors left out (the MLM head, an old classifier)
+
+
+def _encoder_config(source: str, trust_remote_code: bool) -> PretrainedConfig:
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UserInputError(
+            f"--model_name_or_path {source!r} is not a model folder, built-in model or reachable Hub id: {error}"
+        ) from None
+    if isinstance(config, TlnlpClassifierConfig):
+        return config.encoder_config()
+    return config
+
+
+def _load_encoder(source: str, trust_remote_code: bool) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """The checkpoint's encoder weights, the encoder keys it lacked, and what it held beyond the encoder."""
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:
+        with quiet_transformers():
+            if isinstance(config, TlnlpClassifierConfig):  # a tlnlp classifier: keep its encoder, drop its head
+                model = TlnlpForSequenceClassification.from_pretrained(source)
+                head = [f"head.{k}" for k in model.head.state_dict()]
+                return model.encoder.state_dict(), [], head
+            encoder, info = AutoModel.from_pretrained(source, output_loading_info=True,
+                                                      trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise UserInputError(
+            f"Could not load encoder weights from {source!r}: {error}. A checkpoint saved for another "
+            "architecture or size does not fit; check --model_name_or_path."
+        ) from None
+    if info["mismatched_keys"]:
+        raise UserInputError(
+            f"{source} holds weights of the wrong shape for its own config: "
+            f"{_preview(sorted(map(str, info['mismatched_keys'])))}. The weights and config.json do not belong together."
+        )
+    return encoder.state_dict(), sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+
+
+def build_classifier(
+    source: str,
+    *,
+    num_labels: int,
+    id2label: dict[int, str],
+    task_type: str,
+    head: HeadSpec,
+    from_scratch: bool = False,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, SurgeryReport]:
+    """Drop everything that is not the encoder, attach a new head, and prove the surgery.
+
+    Every encoder weight must come from the checkpoint; only the head (and BERT's pooler, when the
+    checkpoint has none) may be new. Anything else is an error, never a silent random initialisation.
+    """
+    encoder_config = _encoder_config(source, trust_remote_code)
+    labels = {"num_labels": num_labels, "id2label": id2label, "label2id": {v: k for k, v in id2label.items()},
+              "problem_type": PROBLEM_TYPES[task_type]}
+    if head.is_stock:
+        config = encoder_config.__class__.from_dict({**encoder_config.to_dict(), **labels})
+        if head.dropout is not None:
+            config.classifier_dropout = head.dropout
+        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    else:
+        dropout = head.dropout if head.dropout is not None else getattr(encoder_config, "hidden_dropout_prob", 0.1)
+        config = TlnlpClassifierConfig(
+            encoder=encoder_config.to_dict(), head_hidden_sizes=head.hidden_sizes, head_dropout=dropout,
+            head_activation=head.activation, pooling=head.pooling, **labels,
+        )
+        model = TlnlpForSequenceClassification(config)
+
+    base = model.base_model
+    base_keys = set(base.state_dict())
+    prefix = model.base_model_prefix + "."
+    head_keys = sorted(f"{k}" for k in model.state_dict() if not k.startswith(prefix))
+    if from_scratch:
+        return model, SurgeryReport(source + " (architecture only, random weights)", [], sorted(model.state_dict()), [])
+
+    weights, lacked, extra = _load_encoder(source, trust_remote_code)
+    usable = {k: v for k, v in weights.items() if k in base_keys and k not in lacked}
+    missing_encoder = sorted(k for k in base_keys - set(usable) if not k.startswith("pooler."))
+    if missing_encoder:
+        raise UserInputError(
+            f"{source} lacks encoder weights: {_preview(missing_encoder)}. Refusing to initialise them randomly; "
+            "is --model_name_or_path the right checkpoint for this architecture?"
+        )
+    result = base.load_state_dict(usable, strict=False)
+    assert not result.unexpected_keys  # `usable` was filtered to the base's own keys
+    new_base = sorted(prefix + k for k in result.missing_keys)  # BERT's pooler, when the checkpoint had none
+    dropped = sorted(set(extra) | {k for k in weights if k not in base_keys})
+    return model, SurgeryReport(source, sorted(prefix + k for k in usable), new_base + head_keys, dropped)
+
+
+def encoder_parts(model: PreTrainedModel) -> tuple[nn.Module, list[nn.Module]]:
+    """(embeddings, layers bottom to top) of a BERT-family encoder."""
+    base = model.base_model
+    embeddings = getattr(base, "embeddings", None)
+    stack = getattr(base, "encoder", None) or getattr(base, "transformer", None)
+    layers = getattr(stack, "layer", None)
+    if embeddings is None or layers is None:
+        raise UserInputError(
+            f"Freezing and layer-wise learning rates need a BERT-style encoder (embeddings + encoder.layer); "
+            f"{type(base).__name__} has a different layout."
+        )
+    return embeddings, list(layers)
+
+
+def freeze(model: PreTrainedModel, *, embeddings: bool, layers: int) -> None:
+    """Permanently freeze the embeddings and/or the bottom `layers` encoder layers (no grads, no optimizer state)."""
+    embedding_module, layer_modules = encoder_parts(model)
+    if layers > len(layer_modules):
+        raise UserInputError(
+            f"--freeze_layers {layers} is more than the encoder's {len(layer_modules)} layers. "
+            f"Use at most {len(layer_modules)}."
+        )
+    frozen = ([embedding_module] if embeddings else []) + layer_modules[:layers]
+    for module in frozen:
+        module.requires_grad_(False)
+
+
+def layer_depths(model: PreTrainedModel) -> dict[str, int]:
+    """Depth of each parameter: embeddings 0, encoder layer i -> i+1, everything else (the head) L+1."""
+    embeddings, layers = encoder_parts(model)
+    depth_of = {id(p): 0 for p in embeddings.parameters()}
+    for i, layer in enumerate(layers):
+        depth_of.update({id(p): i + 1 for p in layer.parameters()})
+    top = len(layers) + 1
+    return {name: depth_of.get(id(p), top) for name, p in model.named_parameters()}
+
+
+def learning_rate_scales(model: PreTrainedModel, decay: float, head_scale: float) -> dict[str, float]:
+    """Layer-wise decay: a parameter d layers below the head learns at decay**d of the base rate."""
+    depths = layer_depths(model)
+    top = max(depths.values())
+    return {name: head_scale if depth == top else decay ** (top - depth) for name, depth in depths.items()}
+
+
+class UnfreezeSchedule:
+    """Gradual unfreezing (ULMFiT): first only the head trains, then one more encoder layer from the top
+    each epoch (or every N optimizer steps); the embeddings come last. Layers frozen for good stay frozen.
+
+    Parameters waiting their turn keep `requires_grad` (so data-parallel training registers them once),
+    but their gradients are dropped before each optimizer step: no update, no optimizer state, no decay.
+    """
+
+    def __init__(self, model: PreTrainedModel, every: str):
+        embeddings, layers = encoder_parts(model)
+        units = [*reversed(layers), embeddings]  # the order in which they thaw
+        self.units = [[p for p in unit.parameters() if p.requires_grad] for unit in units]
+        self.units = [unit for unit in self.units if unit]
+        self.every = every
+        self.unfrozen = -1
+
+    def trainable_units(self, step: int, epoch: int) -> int:
+        thawed = epoch if self.every == "epoch" else step // int(self.every)
+        return min(thawed, len(self.units))
+
+    def __call__(self, step: int, epoch: int) -> None:
+        count = self.trainable_units(step, epoch)
+        if count != self.unfrozen:
+            logger.info("Gradual unfreezing: %d of %d encoder units now train (step %d, epoch %d).", count,
+                        len(self.units), step, epoch)
+            self.unfrozen = count
+        for unit in self.units[count:]:
+            for param in unit:
+                param.grad = None
