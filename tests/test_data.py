@@ -2,6 +2,7 @@ import collections
 
 import pytest
 import torch
+from conftest import make_documents
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling
 
 from tlnlp.builtin import stratified_indices
@@ -9,12 +10,10 @@ from tlnlp.data import load_raw_datasets, pack_texts, resolve_text_column
 from tlnlp.errors import UserInputError
 from tlnlp.modeling import train_wordpiece
 
-from conftest import make_documents
-
 
 def load(train_file, **kwargs):
     return load_raw_datasets(train_file=str(train_file), validation_file=None, dataset_name=None,
-                             dataset_config_name=None, validation_split_percentage=10, seed=0, **kwargs)
+                             dataset_config_name=None, **kwargs)
 
 
 def test_tokenizer_training_and_reload_give_identical_ids(tmp_path, tiny_tokenizer):

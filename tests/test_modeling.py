@@ -1,11 +1,10 @@
 import pytest
 import torch
+from conftest import tiny_bert_config
 from transformers import AutoModelForMaskedLM, BertForMaskedLM, BertModel
 
 from tlnlp.errors import UserInputError
 from tlnlp.modeling import MaskedLMLoss, check_tokenizer_and_length, load_mlm_model
-
-from conftest import tiny_bert_config
 
 
 def masked_batch(vocab_size: int, seed: int = 0):

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from conftest import REPO, run_script
 from safetensors.torch import load_file
 from transformers import pipeline
 
@@ -15,8 +16,6 @@ import tlnlp.trainer
 from tlnlp.config import PretrainConfig, parse_config
 from tlnlp.errors import UserInputError
 from tlnlp.pretrain import main
-
-from conftest import REPO, run_script
 
 
 def tiny_args(corpus_file, output_dir, cache_dir, *extra):

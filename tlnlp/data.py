@@ -52,15 +52,10 @@ def load_raw_datasets(
     test_file: str | None = None,
     dataset_name: str | None,
     dataset_config_name: str | None,
-    validation_split_percentage: float,
-    seed: int,
     streaming: bool = False,
     csv_delimiter: str | None = None,
 ) -> DatasetDict | dict[str, IterableDataset]:
-    """Load train/validation(/test) splits from files, a built-in set or the Hub.
-
-    A validation split is carved out of train (seeded) when none is given.
-    """
+    """Load the train (and validation, test) splits from files, a built-in set or the Hub."""
     if dataset_name is None and train_file is None:
         raise UserInputError(
             "No training data: give --train_file, or --dataset_name with a built-in set "
@@ -97,17 +92,25 @@ def load_raw_datasets(
 
     if "train" not in raw:
         raise UserInputError(f"The data has no 'train' split; found: {', '.join(raw)}.")
-    if "validation" not in raw:
-        if streaming:
-            raw = {"train": raw["train"].skip(STREAMING_VALIDATION_DOCS), "validation": raw["train"].take(STREAMING_VALIDATION_DOCS), **{k: v for k, v in raw.items() if k not in ("train",)}}
-        else:
-            split = raw["train"].train_test_split(test_size=validation_split_percentage / 100, seed=seed)
-            raw = DatasetDict({**raw, "train": split["train"], "validation": split["test"]})
     if not streaming:
         for name, split in raw.items():
             if len(split) == 0:
                 raise UserInputError(f"The {name} split is empty. Give data with at least one example.")
     return raw
+
+
+def ensure_validation(raw, validation_split_percentage: float, seed: int, streaming: bool = False):
+    """Carve a validation split out of train (seeded) when the data has none."""
+    if "validation" in raw:
+        return raw
+    if streaming:
+        rest = {k: v for k, v in raw.items() if k != "train"}
+        return {"train": raw["train"].skip(STREAMING_VALIDATION_DOCS),
+                "validation": raw["train"].take(STREAMING_VALIDATION_DOCS), **rest}
+    if len(raw["train"]) < 2:
+        raise UserInputError("The training data has a single example: nothing is left to validate on.")
+    split = raw["train"].train_test_split(test_size=validation_split_percentage / 100, seed=seed)
+    return DatasetDict({**raw, "train": split["train"], "validation": split["test"]})
 
 
 def resolve_text_column(dataset: Dataset | IterableDataset, text_column: str | None, option: str = "--text_column") -> str:
@@ -307,7 +310,7 @@ def check_labeled_splits(
             if bad:
                 rows = ", ".join(str(i) for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
                 raise UserInputError(
-                    f"The {name} data has {len(bad)} row(s) with {what} (rows {rows}, counting from 0). "
+                    f"The {name} data has {len(bad)} row(s) with {what} (rows {rows}, counting data rows from 0). "
                     "Fix or drop those rows."
                 )
 

@@ -20,6 +20,7 @@ from tlnlp.data import (
     cached_map,
     check_label_sets,
     check_labeled_splits,
+    ensure_validation,
     infer_task_type,
     label_names,
     load_raw_datasets,
@@ -101,12 +102,12 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         raw = load_raw_datasets(
             train_file=cfg.train_file, validation_file=cfg.validation_file, test_file=cfg.test_file,
             dataset_name=cfg.dataset_name, dataset_config_name=cfg.dataset_config_name,
-            validation_split_percentage=cfg.validation_split_percentage, seed=cfg.seed,
         )
     raw = DatasetDict({k: v for k, v in raw.items() if k in ("train", "validation", "test")})
     text_column = resolve_text_column(raw["train"], cfg.text_column)
     check_labeled_splits(raw, text_column=text_column, text_pair_column=cfg.text_pair_column,
                          label_column=cfg.label_column)
+    raw = ensure_validation(raw, cfg.validation_split_percentage, cfg.seed)
     train_labels = raw["train"][cfg.label_column]
     task_type = infer_task_type(train_labels) if cfg.task_type == "auto" else cfg.task_type
     if cfg.max_train_samples is not None:

@@ -138,7 +138,7 @@ def load_mlm_model(name_or_path: str, trust_remote_code: bool = False) -> tuple[
             model, info = AutoModelForMaskedLM.from_pretrained(
                 name_or_path, output_loading_info=True, trust_remote_code=trust_remote_code
             )
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         raise UserInputError(
             f"Could not load a model from {name_or_path!r}: {error}. Give a folder with config.json and "
             "model.safetensors, a built-in model name, or a Hub model id."

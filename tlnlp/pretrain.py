@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
-import shutil
 import logging
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from tlnlp import builtin
 from tlnlp.config import PretrainConfig
 from tlnlp.data import (
     cached_map,
+    ensure_validation,
     load_raw_datasets,
     mask_once,
     prepare_mlm_dataset,
@@ -93,9 +94,9 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     with accelerator.main_process_first():
         raw = load_raw_datasets(
             train_file=cfg.train_file, validation_file=cfg.validation_file, dataset_name=cfg.dataset_name,
-            dataset_config_name=cfg.dataset_config_name, validation_split_percentage=cfg.validation_split_percentage,
-            seed=cfg.seed, streaming=cfg.streaming,
+            dataset_config_name=cfg.dataset_config_name, streaming=cfg.streaming,
         )
+        raw = ensure_validation(raw, cfg.validation_split_percentage, cfg.seed, cfg.streaming)
     text_column = resolve_text_column(raw["train"], cfg.text_column)
 
     trained_tokenizer = False

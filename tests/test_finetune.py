@@ -1,0 +1,240 @@
+"""Stage 2: head surgery, freezing, learning rates, early stopping, round trips and bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from conftest import REPO, make_documents, run_script, tiny_bert_config, write_labeled
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, pipeline
+
+from tlnlp.classifier import TlnlpForSequenceClassification
+from tlnlp.config import FinetuneConfig, parse_config
+from tlnlp.errors import UserInputError
+from tlnlp.finetune import main
+from tlnlp.transfer import HeadSpec, UnfreezeSchedule, build_classifier, freeze, learning_rate_scales
+
+LABELS = {0: "music", 1: "science", 2: "sports"}
+
+
+def surgery(source, head=HeadSpec([], None, "gelu", "cls"), **kwargs):
+    return build_classifier(str(source), num_labels=3, id2label=LABELS, task_type="single_label", head=head, **kwargs)
+
+
+def test_surgery_keeps_every_encoder_weight_and_only_the_head_is_new(tiny_mlm_dir):
+    checkpoint = load_file(tiny_mlm_dir / "model.safetensors")
+    for head in (HeadSpec([], None, "gelu", "cls"), HeadSpec([16, 8], 0.2, "relu", "mean")):
+        model, report = surgery(tiny_mlm_dir, head)
+        prefix = model.base_model_prefix + "."
+        state = model.state_dict()
+        encoder_keys = [k for k in state if k.startswith(prefix) and not k.startswith(prefix + "pooler")]
+        assert encoder_keys and sorted(encoder_keys) == sorted(report.loaded)
+        for key in encoder_keys:
+            assert torch.equal(state[key], checkpoint["bert." + key[len(prefix):]]), key
+        assert sorted(report.new) == sorted(set(state) - set(encoder_keys))
+        assert all(k.startswith(("classifier.", "head.", prefix + "pooler.")) for k in report.new)
+        assert any(k.startswith("cls.predictions") for k in report.dropped)  # the MLM head is gone
+        assert isinstance(model, BertForSequenceClassification if head.is_stock else TlnlpForSequenceClassification)
+
+
+def test_surgery_refuses_a_checkpoint_that_lacks_encoder_weights(tmp_path, tiny_mlm_dir):
+    from transformers import BertModel
+
+    BertModel(tiny_bert_config(200, layers=1)).save_pretrained(tmp_path)
+    tiny_bert_config(200, layers=2).save_pretrained(tmp_path)  # the config promises a second layer
+    with pytest.raises(UserInputError, match=r"lacks encoder weights: encoder\.layer\.1\..*Refusing to initialise"):
+        surgery(tmp_path)
+    with pytest.raises(UserInputError, match="is not a model folder, built-in model or reachable Hub id"):
+        surgery(tmp_path / "nowhere")
+
+
+def test_from_scratch_loads_nothing(tiny_mlm_dir):
+    model, report = surgery(tiny_mlm_dir, from_scratch=True)
+    checkpoint = load_file(tiny_mlm_dir / "model.safetensors")
+    assert report.loaded == []
+    weight = model.state_dict()["bert.encoder.layer.0.attention.self.query.weight"]
+    assert not torch.equal(weight, checkpoint["bert.encoder.layer.0.attention.self.query.weight"])
+
+
+def test_layerwise_learning_rates(tiny_mlm_dir):
+    model, _ = surgery(tiny_mlm_dir, HeadSpec([8], None, "gelu", "mean"))
+    scales = learning_rate_scales(model, decay=0.5, head_scale=4.0)
+    assert scales["encoder.embeddings.word_embeddings.weight"] == 0.5**3
+    assert scales["encoder.encoder.layer.0.output.dense.weight"] == 0.5**2
+    assert scales["encoder.encoder.layer.1.output.dense.weight"] == 0.5
+    assert scales["head.1.weight"] == 4.0 and scales["head.4.bias"] == 4.0
+
+
+def test_freeze_and_gradual_unfreezing(tiny_mlm_dir):
+    model, _ = surgery(tiny_mlm_dir, HeadSpec([], None, "gelu", "mean"))
+    with pytest.raises(UserInputError, match="--freeze_layers 3 is more than the encoder's 2 layers"):
+        freeze(model, embeddings=False, layers=3)
+    freeze(model, embeddings=False, layers=1)
+    assert not any(p.requires_grad for p in model.encoder.encoder.layer[0].parameters())
+    assert all(p.requires_grad for p in model.encoder.encoder.layer[1].parameters())
+    schedule = UnfreezeSchedule(model, "epoch")
+    assert len(schedule.units) == 2  # layer 1, then the embeddings; layer 0 stays frozen for good
+    assert [schedule.trainable_units(0, epoch) for epoch in range(4)] == [0, 1, 2, 2]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) if p.requires_grad else None
+    schedule(step=0, epoch=0)
+    assert all(p.grad is None for p in model.encoder.encoder.layer[1].parameters())
+    assert all(p.grad is not None for p in model.head.parameters())
+    assert UnfreezeSchedule(model, "5").trainable_units(12, 0) == 2
+
+
+def run_main(args):
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return main(parse_config(FinetuneConfig, args))
+
+
+def ft_args(model_dir, files, out, cache_dir, *extra):
+    args = ["--model_name_or_path", str(model_dir), "--train_file", str(files["train"]), "--output_dir", str(out),
+            "--cache_dir", str(cache_dir), "--per_device_train_batch_size", "16", "--learning_rate", "3e-3",
+            "--num_train_epochs", "3", "--max_seq_length", "48", "--seed", "1", "--logging_steps", "5"]
+    if "validation" in files:
+        args += ["--validation_file", str(files["validation"])]
+    if "test" in files:
+        args += ["--test_file", str(files["test"])]
+    return args + list(extra)
+
+
+@pytest.mark.parametrize("head_args", [[], ["--head_hidden_sizes", "16,8", "--pooling", "mean"]])
+def test_round_trip_through_pipeline_matches_tlnlp(tiny_mlm_dir, labeled_files, tmp_path, cache_dir, head_args):
+    out = tmp_path / "model"
+    results = run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, *head_args))
+    assert results["test_accuracy"] > 0.6  # three clearly separable topics
+    predictions = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
+    texts = [p["text"] for p in predictions]
+    classify = pipeline("text-classification", model=str(out))  # stock loader, no trust_remote_code
+    for mine, theirs in zip(predictions, classify(texts, top_k=None, truncation=True, max_length=48)):
+        assert mine["label"] == max(theirs, key=lambda r: r["score"])["label"]
+        for row in theirs:
+            assert row["score"] == pytest.approx(mine["probabilities"][row["label"]], abs=1e-5)
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "music", "1": "science", "2": "sports"}
+    stock = not head_args
+    assert ("auto_map" in config) is not stock
+    saved = json.loads((out / "all_results.json").read_text())
+    assert {"eval_accuracy", "eval_macro_f1", "eval_mcc", "test_accuracy", "test_macro_f1", "test_mcc"} <= set(saved)
+
+
+def test_early_stopping_restores_the_best_model(tiny_mlm_dir, labeled_files, tmp_path, cache_dir):
+    # Shuffled training labels make validation accuracy wander, so patience runs out.
+    rows = [json.loads(json.dumps(r)) for r in _csv_rows(labeled_files["train"])]
+    rng = np.random.default_rng(0)
+    for row, label in zip(rows, rng.permutation([r["label"] for r in rows])):
+        row["label"] = label
+    files = {"train": write_labeled(tmp_path / "noisy.csv", rows), "validation": labeled_files["validation"]}
+    out = tmp_path / "model"
+    results = run_main(ft_args(tiny_mlm_dir, files, out, cache_dir, "--eval_steps", "1", "--early_stopping_patience",
+                               "2", "--num_train_epochs", "4", "--learning_rate", "1e-2"))
+    history = json.loads((out / "eval_history.json").read_text())
+    best = max(history, key=lambda h: h["accuracy"])
+    assert results["optimizer_steps"] < 4 * 12  # 4 epochs of 12 steps: it stopped before the end
+    assert history[-1]["step"] == best["step"] + 2  # two evaluations without improvement, then stop
+    assert results["best_step"] == best["step"] and results["eval_accuracy"] == best["accuracy"]
+    # The saved model is the best one: evaluating it again gives the best accuracy.
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    validation = _csv_rows(labeled_files["validation"])
+    with torch.no_grad():
+        batch = tokenizer([r["text"] for r in validation], padding=True, truncation=True, max_length=48,
+                          return_tensors="pt")
+        predicted = model(**batch).logits.argmax(-1).tolist()
+    accuracy = np.mean([model.config.id2label[p] == r["label"] for p, r in zip(predicted, validation)])
+    assert accuracy == pytest.approx(best["accuracy"])
+
+
+def _csv_rows(path):
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_multi_label_and_regression(tiny_mlm_dir, tmp_path, cache_dir):
+    docs = make_documents(120, seed=2)
+    multi = [{"text": t, "label": [topic] + (["long"] if len(t.split()) > 18 else [])} for topic, t in docs]
+    files = {"train": write_labeled(tmp_path / "multi.jsonl", multi)}
+    results = run_main(ft_args(tiny_mlm_dir, files, tmp_path / "multi", cache_dir))
+    assert results["task_type"] == "multi_label" and "eval_micro_f1" in results
+    assert sorted(results["label_names"]) == ["long", "music", "science", "sports"]
+
+    regression = [{"text": t, "label": len(t.split()) / 10} for _, t in docs]
+    files = {"train": write_labeled(tmp_path / "reg.jsonl", regression)}
+    results = run_main(ft_args(tiny_mlm_dir, files, tmp_path / "reg", cache_dir, "--head_hidden_sizes", "16",
+                               "--pooling", "mean"))
+    assert results["task_type"] == "regression"
+    assert {"eval_mse", "eval_pearson", "eval_spearman"} <= set(results) and math.isfinite(results["eval_mse"])
+
+
+def bad_rows(kind):
+    rows = [{"text": t, "label": topic, "pair": t[:10]} for topic, t in make_documents(60, seed=3)]
+    if kind == "empty_text":
+        rows[4]["text"] = "   "
+    if kind == "missing_label":
+        rows[7]["label"] = None
+    if kind == "single_class":
+        for r in rows:
+            r["label"] = "sports"
+    if kind == "empty_pair":
+        rows[2]["pair"] = ""
+    return rows
+
+
+@pytest.mark.parametrize(
+    "kind, extra, message",
+    [
+        ("empty_text", [], r"The train data has 1 row\(s\) with empty texts \(rows 4"),
+        ("missing_label", [], r"The train data has 1 row\(s\) with missing or NaN labels \(rows 7"),
+        ("single_class", [], r"a single class \('sports'\); a classifier needs at least two"),
+        ("empty_pair", ["--text_pair_column", "pair"], r"1 row\(s\) with an empty 'pair' \(pair\) text \(rows 2"),
+        ("ok", ["--text_column", "body"], r"--text_column 'body' is not in the data. Columns found: text, "
+                                          r"label, pair"),
+        ("ok", ["--max_train_samples", "500"], "--max_train_samples 500 is more than the 57 training examples"),
+        ("ok", ["--freeze_layers", "3"], "--freeze_layers 3 is more than the encoder's 2 layers"),
+    ],
+)
+def test_bad_input_is_refused_before_training(tiny_mlm_dir, tmp_path, cache_dir, kind, extra, message):
+    files = {"train": write_labeled(tmp_path / "train.jsonl", bad_rows(kind))}
+    out = tmp_path / "out"
+    with pytest.raises(UserInputError, match=message):
+        run_main(ft_args(tiny_mlm_dir, files, out, cache_dir, *extra))
+    assert not out.exists()
+
+
+def test_unseen_validation_label_is_refused(tiny_mlm_dir, tmp_path, cache_dir):
+    rows = [{"text": t, "label": topic} for topic, t in make_documents(60, seed=3)]
+    validation = [dict(r) for r in rows[:10]]
+    validation[3]["label"] = "sprots"
+    files = {"train": write_labeled(tmp_path / "train.csv", rows),
+             "validation": write_labeled(tmp_path / "validation.csv", validation)}
+    with pytest.raises(UserInputError, match=r"The validation data has label\(s\) never seen in training: 'sprots'"):
+        run_main(ft_args(tiny_mlm_dir, files, tmp_path / "out", cache_dir))
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_process_run_with_frozen_layers(tiny_mlm_dir, labeled_files, tmp_path, cache_dir):
+    out, reports = tmp_path / "ddp", tmp_path / "reports"
+    reports.mkdir()
+    args = ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--freeze_embeddings", "--freeze_layers", "1",
+                   "--num_train_epochs", "1", "--head_hidden_sizes", "16")
+    done = run_script("", [str(reports), "finetune", *args], processes=2, wrapper=REPO / "tests" / "rank_report.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((reports / f"rank{i}.json").read_text()) for i in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["digest"] == ranks[1]["digest"]
+    checkpoint = load_file(tiny_mlm_dir / "model.safetensors")
+    frozen = torch.load(reports / "frozen0.pt")
+    assert len(frozen) == ranks[0]["frozen"] > 0
+    for name, tensor in frozen.items():  # frozen weights are exactly the checkpoint's after training
+        assert torch.equal(tensor, checkpoint["bert." + name.removeprefix("encoder.")]), name
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if n not in frozen)
+    assert ranks[0]["trainable_in_optimizer"] == trainable  # the optimizer holds only what trains
+    assert json.loads((out / "all_results.json").read_text())["num_processes"] == 2
