@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -93,15 +94,21 @@ def cache_dir(tmp_path) -> Path:
     return tmp_path / "cache"
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_script(script: str, args: list[str], processes: int = 1, timeout: int = 300,
-               wrapper: Path | None = None) -> subprocess.CompletedProcess:
+               wrapper: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a real script through `accelerate launch` (2 processes: CPU data parallel over gloo)."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     target = str(wrapper) if wrapper else str(REPO / "scripts" / script)
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if processes > 1:
         # `--cpu --num_processes 2` silently runs one process; `--multi_gpu` with ACCELERATE_USE_CPU runs two.
-        launch += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0"]
+        launch += ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
     else:
         launch += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     return subprocess.run(launch + [target, *args], capture_output=True, text=True, timeout=timeout, env=env,

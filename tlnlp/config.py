@@ -80,6 +80,11 @@ class TrainingConfig:
     on_nonfinite_loss: Literal["stop", "skip"] = _help(
         "What a NaN/inf loss does: stop the run (default) or skip that batch.", "stop"
     )
+    push_to_hub: bool = _help("Push the final model (with a model card) to the Hugging Face Hub.", False)
+    hub_model_id: str | None = _help("Hub repo id 'user/name' (default: the output folder's name, in your namespace).")
+    hub_token: str | None = _help("Hub token with write access (default: HF_TOKEN or the saved login).")
+    hub_private_repo: bool = _help("Create the Hub repo as private.", False)
+    model_license: str = _help("Licence declared in the model card (an SPDX-like id, e.g. apache-2.0).", "other")
     with_tracking: bool = _help("Write metrics to an experiment tracker.", False)
     report_to: str = _help("Tracker for --with_tracking: tensorboard, wandb, ... or 'all'.", "tensorboard")
 

@@ -14,7 +14,7 @@ from datasets import DatasetDict
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
-from tlnlp import builtin
+from tlnlp import builtin, hub
 from tlnlp.config import FinetuneConfig
 from tlnlp.data import (
     cached_map,
@@ -95,6 +95,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     check_output_dir(cfg)
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator)
+    hub_repo = hub.preflight(cfg, accelerator)
     set_seed(cfg.seed)
     source = builtin.resolve_model(cfg.model_name_or_path)
 
@@ -191,7 +192,10 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     results.update(task_type=task_type, label_names=names, train_examples=len(raw["train"]),
                    trainable_parameters=trainable, total_parameters=total)
     write_run_files(accelerator, cfg, results, stage="finetune")
-    finish(accelerator)
+    try:
+        hub.publish(cfg, accelerator, hub_repo)
+    finally:
+        finish(accelerator)
     return results
 
 
@@ -229,3 +233,11 @@ def _prediction_rows(logits: np.ndarray, task_type: str, names: list[str]):
     probabilities = shifted / shifted.sum(-1, keepdims=True)
     for row in probabilities:
         yield {"label": names[int(row.argmax())], "probabilities": {n: float(p) for n, p in zip(names, row)}}
+
+
+if __name__ == "__main__":
+    import sys
+
+    from tlnlp.cli import run
+
+    sys.exit(run(main, FinetuneConfig))

@@ -13,6 +13,7 @@ import transformers
 import yaml
 from accelerate import Accelerator
 
+from tlnlp.card import write_card
 from tlnlp.config import config_to_dict
 
 RESULTS_FILE = "all_results.json"
@@ -43,5 +44,6 @@ def write_run_files(accelerator: Accelerator, cfg: Any, results: dict[str, Any],
     results = {"stage": stage, **results}
     (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float))
     (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_card(output_dir, cfg.hub_model_id)
     logging.getLogger("tlnlp").info("Results: %s", json.dumps(results, default=float))
     logging.getLogger("tlnlp").info("Model, tokenizer and results saved in %s", output_dir)

@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 from datasets import DatasetDict
 from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, DataCollatorForTokenClassification
 
-from tlnlp import builtin
+from tlnlp import builtin, hub
 from tlnlp.config import PretrainConfig
 from tlnlp.data import (
     cached_map,
@@ -88,6 +88,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     check_output_dir(cfg)
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator)
+    hub_repo = hub.preflight(cfg, accelerator)
     set_seed(cfg.seed)
     model_source = builtin.resolve_model(cfg.model_name_or_path)
 
@@ -186,7 +187,10 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     results = train(cfg, task, accelerator)
     results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50.0))
     write_run_files(accelerator, cfg, results, stage="pretrain")
-    finish(accelerator)
+    try:
+        hub.publish(cfg, accelerator, hub_repo)
+    finally:
+        finish(accelerator)
     return results
 
 
@@ -195,3 +199,11 @@ def _materialize(split) -> Any:
 
     return Dataset.from_list(list(split))
 
+
+
+if __name__ == "__main__":
+    import sys
+
+    from tlnlp.cli import run
+
+    sys.exit(run(main, PretrainConfig))

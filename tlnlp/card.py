@@ -1,0 +1,124 @@
+"""Model cards: YAML metadata the Hub understands, and a body that tells a stranger what the model is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from tlnlp import builtin
+
+CARD_FILE = "README.md"
+
+
+def _dataset_line(name: str | None, files: list[str]) -> str:
+    if name and builtin.is_builtin_dataset(name):
+        d = builtin.DATASETS[name]
+        return f"`{name}` (built into tlnlp): {d.description} Licence: {d.license}."
+    if name:
+        return f"[{name}](https://huggingface.co/datasets/{name}) from the Hugging Face Hub."
+    return "local files: " + ", ".join(f"`{Path(f).name}`" for f in files if f)
+
+
+def build_card(output_dir: Path, repo_id: str | None = None) -> ModelCard:
+    """The card for a finished tlnlp run, from its all_results.json and training_config.yaml."""
+    results = json.loads((output_dir / "all_results.json").read_text())
+    cfg = yaml.safe_load((output_dir / "training_config.yaml").read_text())
+    stage = results["stage"]
+    name = repo_id or output_dir.name
+    dataset = cfg.get("dataset_name")
+    base = cfg.get("model_name_or_path")
+    if base and builtin.is_builtin_model(base):
+        base = "sentence-transformers/all-MiniLM-L6-v2"  # the Hub id of the built-in MiniLM
+    if base and Path(base).exists():
+        base = None  # a local folder means nothing to a reader on the Hub
+
+    if stage == "pretrain":
+        task_type, task_name, pipeline_tag = "fill-mask", "Masked language modelling", "fill-mask"
+        metrics = {"perplexity": results["eval_perplexity"], "loss": results["eval_loss"]}
+        split = "validation"
+    else:
+        task_type, task_name, pipeline_tag = "text-classification", "Text classification", "text-classification"
+        split = "test" if any(k.startswith("test_") for k in results) else "validation"
+        prefix = f"{split[:4] if split == 'test' else 'eval'}_"
+        metrics = {k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix) and isinstance(v, float)}
+    eval_results = [
+        EvalResult(task_type=task_type, task_name=task_name, dataset_type=dataset or "custom",
+                   dataset_name=dataset or "custom data", dataset_split=split, metric_type=metric, metric_name=metric,
+                   metric_value=round(float(value), 4))
+        for metric, value in metrics.items()
+    ]
+    data = ModelCardData(
+        language="en", license=cfg.get("model_license") or "other", library_name="transformers",
+        pipeline_tag=pipeline_tag, tags=["tlnlp", "bert", "transfer-learning", stage],
+        datasets=[dataset] if dataset and not builtin.is_builtin_dataset(dataset) else None,
+        base_model=base if stage == "finetune" or base else None, metrics=list(metrics), model_name=name,
+        eval_results=eval_results,
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(name, stage, cfg, results, metrics, split)}")
+
+
+def _body(name: str, stage: str, cfg: dict, results: dict, metrics: dict, split: str) -> str:
+    source = cfg.get("model_name_or_path")
+    data = _dataset_line(cfg.get("dataset_name"), [cfg.get("train_file"), cfg.get("validation_file")])
+    table = "\n".join(f"| {split} {k} | {v:.4f} |" for k, v in metrics.items())
+    lines = [f"# {name}", ""]
+    if stage == "pretrain":
+        start = f"continued (domain-adaptive) pretraining of `{source}`" if source else (
+            f"pretraining from scratch ({cfg.get('model_size') or 'custom'} size, WordPiece tokenizer trained on the corpus)")
+        lines += [
+            "A BERT-style encoder trained with masked-language modelling by [tlnlp](https://pypi.org/project/tlnlp/): "
+            f"{start}. Use it as the starting point for fine-tuning on a small labeled set.", "",
+            "## Training", "",
+            f"- Corpus: {data}",
+            f"- {results['optimizer_steps']} optimizer steps, {results.get('train_tokens', 0):,} tokens seen, "
+            f"{results['global_batch_size']} sequences per step of up to {cfg.get('max_seq_length') or 'the default'} tokens",
+            f"- Masking: {cfg['mlm_probability']:.0%}{' (whole words)' if cfg.get('whole_word_mask') else ''}; "
+            f"learning rate {cfg['learning_rate']}, {cfg['lr_scheduler_type']} schedule, {cfg['num_warmup_steps']} warm-up steps",
+        ]
+        use = f'fill = pipeline("fill-mask", model="{name}")\nprint(fill("Paris is the [MASK] of France."))'
+    else:
+        frozen = []
+        if cfg.get("freeze_embeddings"):
+            frozen.append("embeddings")
+        if cfg.get("freeze_layers"):
+            frozen.append(f"bottom {cfg['freeze_layers']} encoder layers")
+        head = cfg.get("head_hidden_sizes") or "none"
+        lines += [
+            f"A text classifier fine-tuned by [tlnlp](https://pypi.org/project/tlnlp/) from `{source}`"
+            f"{' (architecture only: trained from scratch)' if cfg.get('from_scratch') else ''}.", "",
+            "## Training", "",
+            f"- Data: {data}",
+            f"- Task: {results.get('task_type')}; labels: {', '.join(map(str, results.get('label_names', [])))}",
+            f"- {results.get('train_examples')} training examples, {results['optimizer_steps']} optimizer steps "
+            f"({results.get('epochs')} epochs), learning rate {cfg['learning_rate']}",
+            f"- Head: pooling `{cfg['pooling']}`, hidden layers {head}; frozen: {', '.join(frozen) or 'nothing'}",
+            f"- Trainable parameters: {results.get('trainable_parameters', 0):,} of {results.get('total_parameters', 0):,}",
+        ]
+        remote = "" if cfg.get("pooling") == "cls" and not cfg.get("head_hidden_sizes") else (
+            ", trust_remote_code=True  # or `import tlnlp` first and drop this")
+        use = f'classify = pipeline("text-classification", model="{name}"{remote})\nprint(classify("Some text to classify."))'
+    lines += [
+        "", "## Results", "", "| metric | value |", "|---|---:|", table, "",
+        "## How to use", "", "```python", "from transformers import pipeline", "", use, "```", "",
+        "## Intended use and limitations", "",
+        "Research and prototyping on English text close to the training data. The model was trained on a "
+        "small data set: expect lower quality on other domains, and check it on your own data before relying on it. "
+        "It inherits the biases of its training text.", "",
+        "## Data licences", "", data, "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(output_dir: Path, repo_id: str | None = None) -> Path:
+    path = output_dir / CARD_FILE
+    build_card(output_dir, repo_id).save(path)
+    return path
+
+
+def card_results(card: ModelCard) -> dict[str, Any]:
+    """{metric: value} from a card's model-index, for checks."""
+    return {r.metric_type: r.metric_value for r in card.data.eval_results or []}

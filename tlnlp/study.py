@@ -1,0 +1,209 @@
+"""Transfer-learning studies: several starting points ("arms") x label counts x seeds, with a report.
+
+Every run is an ordinary `python -m tlnlp.finetune` (or `tlnlp.pretrain`) process writing its own
+output folder; a run whose `all_results.json` exists is skipped, so a study can be stopped and re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tlnlp.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+RESULTS = "all_results.json"
+
+
+@dataclass
+class Arm:
+    """One starting point for fine-tuning."""
+
+    kind: str  # scratch | pretrained | frozen | dapt
+    model: str  # encoder (or, for scratch, the architecture and tokenizer) to start from
+    freeze_layers: int = 0
+    dapt_corpus: str | None = None  # continued MLM pretraining on this corpus first
+    name: str = ""
+    finetune_args: list[str] = field(default_factory=list)  # extra options for this arm alone
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            model = Path(self.model).name if os.sep in self.model else self.model
+            detail = {"frozen": f"-{self.freeze_layers}", "dapt": f"-{self.dapt_corpus}"}.get(self.kind, "")
+            self.name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.kind}{detail}@{model}")
+
+
+def parse_arm(spec: str, default_model: str | None) -> Arm:
+    """`scratch`, `pretrained`, `frozen:K`, `dapt:CORPUS`, each optionally `@MODEL`."""
+    body, _, model = spec.partition("@")
+    model = model or default_model
+    if not model:
+        raise UserInputError(f"Arm {spec!r} names no model: add @MODEL or pass --model.")
+    kind, _, value = body.partition(":")
+    if kind in ("scratch", "pretrained") and not value:
+        return Arm(kind, model)
+    if kind == "frozen" and value.isdigit():
+        return Arm(kind, model, freeze_layers=int(value))
+    if kind == "dapt" and value:
+        return Arm(kind, model, dapt_corpus=value)
+    raise UserInputError(
+        f"Unknown arm {spec!r}. Use scratch, pretrained, frozen:K (K bottom layers frozen) or dapt:CORPUS "
+        "(continued pretraining on CORPUS first), each optionally followed by @MODEL."
+    )
+
+
+def _run(module: str, args: list[str], label: str) -> None:
+    logger.info("=== %s ===", label)
+    command = [sys.executable, "-m", module, *args]
+    done = subprocess.run(command)
+    if done.returncode != 0:
+        raise UserInputError(f"{label} failed (exit {done.returncode}); its output is above. Command: {' '.join(command)}")
+
+
+def continued_pretraining(arm: Arm, output_dir: Path, steps: int, pretrain_args: list[str]) -> str:
+    """Domain-adaptive pretraining of the arm's model on its corpus, done once and shared by all its runs."""
+    folder = output_dir / "dapt" / arm.name
+    if not (folder / RESULTS).exists():
+        _run("tlnlp.pretrain", ["--model_name_or_path", arm.model, "--dataset_name", arm.dapt_corpus, "--output_dir",
+                                str(folder), "--max_train_steps", str(steps), "--overwrite_output_dir", *pretrain_args],
+             f"continued pretraining of {arm.model} on {arm.dapt_corpus} ({steps} steps)")
+    return str(folder)
+
+
+def run_study(*, arms: list[Arm], dataset: str, label_counts: list[int], seeds: list[int], output_dir: Path,
+              finetune_args: list[str], dapt_steps: int = 200, pretrain_args: list[str] | None = None) -> list[dict]:
+    rows = []
+    total = len(arms) * len(label_counts) * len(seeds)
+    index = 0
+    for arm in arms:
+        start = continued_pretraining(arm, output_dir, dapt_steps, pretrain_args or []) if arm.kind == "dapt" else arm.model
+        for n in label_counts:
+            for seed in seeds:
+                index += 1
+                folder = output_dir / "runs" / arm.name / f"labels{n}_seed{seed}"
+                if (folder / RESULTS).exists():
+                    logger.info("[%d/%d] %s, %d labels, seed %d: done earlier, skipped", index, total, arm.name, n, seed)
+                else:
+                    args = ["--model_name_or_path", start, "--dataset_name", dataset, "--max_train_samples", str(n),
+                            "--seed", str(seed), "--output_dir", str(folder), "--overwrite_output_dir", *finetune_args,
+                            *arm.finetune_args]
+                    if arm.kind == "scratch":
+                        args.append("--from_scratch")
+                    if arm.kind == "frozen":
+                        args += ["--freeze_embeddings", "--freeze_layers", str(arm.freeze_layers)]
+                    _run("tlnlp.finetune", args, f"[{index}/{total}] {arm.name}, {n} labels, seed {seed}")
+                results = json.loads((folder / RESULTS).read_text())
+                rows.append({"arm": arm.name, "kind": arm.kind, "freeze_layers": arm.freeze_layers, "labels": n,
+                             "seed": seed, **{k: results.get(k) for k in (
+                                 "test_accuracy", "test_macro_f1", "eval_accuracy", "train_runtime_s",
+                                 "trainable_parameters", "total_parameters")}})
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and spread over seeds, per arm and label count."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["arm"], row["labels"]), []).append(row)
+    summary = []
+    for (arm, labels), runs in groups.items():
+        accuracies = [r["test_accuracy"] for r in runs]
+        summary.append({
+            "arm": arm, "labels": labels, "seeds": len(runs), "kind": runs[0]["kind"],
+            "freeze_layers": runs[0]["freeze_layers"],
+            "test_accuracy": statistics.mean(accuracies),
+            "test_accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "test_macro_f1": statistics.mean(r["test_macro_f1"] for r in runs),
+            "train_runtime_s": statistics.mean(r["train_runtime_s"] for r in runs),
+            "trainable_parameters": runs[0]["trainable_parameters"],
+        })
+    return summary
+
+
+def write_report(output_dir: Path, rows: list[dict], baselines: dict[str, dict] | None, title: str,
+                 command: str) -> dict[str, Any]:
+    """results.json, report.md and PNG plots in `output_dir`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarize(rows)
+    plots = []
+    label_counts = sorted({s["labels"] for s in summary})
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if len(label_counts) > 1:
+        for arm in dict.fromkeys(s["arm"] for s in summary):
+            points = sorted((s for s in summary if s["arm"] == arm), key=lambda s: s["labels"])
+            ax.errorbar([p["labels"] for p in points], [p["test_accuracy"] for p in points],
+                        yerr=[p["test_accuracy_std"] for p in points], marker="o", capsize=3, label=arm)
+        ax.set_xscale("log")
+        ax.set_xlabel("labeled training examples")
+    else:
+        names = [s["arm"] for s in summary]
+        ax.barh(names, [s["test_accuracy"] for s in summary], xerr=[s["test_accuracy_std"] for s in summary],
+                color="tab:blue")
+        for y, s in enumerate(summary):
+            ax.text(s["test_accuracy"] + 0.005, y, f"{s['test_accuracy']:.3f}", va="center")
+        ax.set_xlabel(f"test accuracy ({label_counts[0]} labels)")
+        ax.set_xlim(0, 1.08)
+    for i, (name, result) in enumerate((baselines or {}).items()):
+        if len(label_counts) > 1:
+            ax.axhline(result["test_accuracy"], linestyle="--", color=f"C{i + 5}", label=f"{name} ({result['labels']})")
+        else:
+            ax.axvline(result["test_accuracy"], linestyle="--", color=f"C{i + 1}", label=name)
+    if len(label_counts) > 1:
+        ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(output_dir / "accuracy.png", dpi=120)
+    plt.close(fig)
+    plots.append("accuracy.png")
+
+    frozen = sorted((s for s in summary if s["kind"] in ("pretrained", "frozen")), key=lambda s: s["freeze_layers"])
+    if len({s["freeze_layers"] for s in frozen}) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for n in label_counts:
+            points = [s for s in frozen if s["labels"] == n]
+            ax.plot([p["freeze_layers"] for p in points], [p["test_accuracy"] for p in points], "o-", label=f"{n} labels")
+        ax.set_xlabel("frozen bottom layers")
+        ax.set_ylabel("test accuracy")
+        twin = ax.twinx()
+        twin.plot([p["freeze_layers"] for p in frozen if p["labels"] == label_counts[-1]],
+                  [p["train_runtime_s"] for p in frozen if p["labels"] == label_counts[-1]], "s--", color="gray")
+        twin.set_ylabel("training time (s)", color="gray")
+        ax.legend(fontsize=8)
+        ax.set_title("Freezing lower layers")
+        fig.tight_layout()
+        fig.savefig(output_dir / "frozen_layers.png", dpi=120)
+        plt.close(fig)
+        plots.append("frozen_layers.png")
+
+    lines = [f"# {title}", "", f"Command: `{command}`", "",
+             "| arm | labels | seeds | test accuracy | test macro-F1 | training time (s) | trainable parameters |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for s in summary:
+        spread = f" ± {s['test_accuracy_std']:.3f}" if s["seeds"] > 1 else ""
+        lines.append(f"| {s['arm']} | {s['labels']} | {s['seeds']} | {s['test_accuracy']:.3f}{spread} | "
+                     f"{s['test_macro_f1']:.3f} | {s['train_runtime_s']:.0f} | {s['trainable_parameters']:,} |")
+    for name, result in (baselines or {}).items():
+        lines.append(f"| {name} (baseline) | {result['labels']} | 1 | {result['test_accuracy']:.3f} | "
+                     f"{result['test_macro_f1']:.3f} | {result['train_runtime_s']:.0f} | - |")
+    lines += ["", *[f"![{p}]({p})" for p in plots], "", "## Every run", "",
+              "| arm | labels | seed | test accuracy | validation accuracy | time (s) |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['arm']} | {r['labels']} | {r['seed']} | {r['test_accuracy']:.3f} | {r['eval_accuracy']:.3f} | "
+              f"{r['train_runtime_s']:.0f} |" for r in rows]
+    (output_dir / "report.md").write_text("\n".join(lines) + "\n")
+    results = {"title": title, "command": command, "summary": summary, "runs": rows, "baselines": baselines or {},
+               "plots": plots}
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
