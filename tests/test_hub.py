@@ -7,6 +7,8 @@ import sys
 import huggingface_hub
 import pytest
 from accelerate.state import AcceleratorState
+from conftest import REPO, run_script
+from hub_server import FakeHub
 from huggingface_hub import ModelCard
 
 import tlnlp.hub
@@ -14,9 +16,6 @@ from tlnlp.card import card_results
 from tlnlp.config import FinetuneConfig, parse_config
 from tlnlp.finetune import main as finetune_main
 from tlnlp.hub import HubError, push
-
-from conftest import REPO, run_script
-from hub_server import FakeHub
 
 TOKEN = "hf_tlnlpTestSecret0123456789"
 EXPECTED_UPLOAD = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
@@ -135,9 +134,8 @@ _RUNS: dict = {}
 
 def _finished_run(tmp_path):
     """A minimal finished output folder (weights, config, results) to push."""
-    from transformers import BertForMaskedLM
-
     from conftest import tiny_bert_config
+    from transformers import BertForMaskedLM
 
     folder = tmp_path / "finished"
     folder.mkdir()

@@ -139,3 +139,30 @@ def test_two_process_data_parallel_run(corpus_file, tmp_path, cache_dir):
     assert ranks[0]["digest"] == ranks[1]["digest"]  # data parallel: identical parameters on both ranks
     results = json.loads((out / "all_results.json").read_text())
     assert results["num_processes"] == 2 and results["global_batch_size"] == 16
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus_file, tmp_path, cache_dir,
+                                                                        monkeypatch):
+    import tlnlp.modeling
+    from tlnlp.errors import TrainingError
+
+    forward = tlnlp.modeling.MaskedLMLoss.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if self.training and calls["n"] == 5:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(tlnlp.modeling.MaskedLMLoss, "forward", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingError, match="The loss became nan at optimizer step 5 .*The last saved checkpoint is intact"):
+        run_main(tiny_args(corpus_file, out, cache_dir, "--max_train_steps", "8", "--checkpointing_steps", "2"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+    calls["n"] = 0
+    results = run_main(tiny_args(corpus_file, tmp_path / "skip", cache_dir, "--max_train_steps", "8",
+                                 "--on_nonfinite_loss", "skip"))
+    assert results["optimizer_steps"] == 8 and math.isfinite(results["train_loss"])

@@ -38,7 +38,7 @@ class Arm:
         if not self.name:
             model = Path(self.model).name if os.sep in self.model else self.model
             detail = {"frozen": f"-{self.freeze_layers}", "dapt": f"-{self.dapt_corpus}"}.get(self.kind, "")
-            self.name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.kind}{detail}@{model}")
+            self.name = re.sub(r"[^A-Za-z0-9_.@-]+", "_", f"{self.kind}{detail}@{model}")
 
 
 def parse_arm(spec: str, default_model: str | None) -> Arm:
@@ -155,6 +155,7 @@ def write_report(output_dir: Path, rows: list[dict], baselines: dict[str, dict] 
             ax.text(s["test_accuracy"] + 0.005, y, f"{s['test_accuracy']:.3f}", va="center")
         ax.set_xlabel(f"test accuracy ({label_counts[0]} labels)")
         ax.set_xlim(0, 1.08)
+        ax.invert_yaxis()  # first arm on top
     for i, (name, result) in enumerate((baselines or {}).items()):
         if len(label_counts) > 1:
             ax.axhline(result["test_accuracy"], linestyle="--", color=f"C{i + 5}", label=f"{name} ({result['labels']})")
@@ -163,7 +164,10 @@ def write_report(output_dir: Path, rows: list[dict], baselines: dict[str, dict] 
     if len(label_counts) > 1:
         ax.set_ylabel("test accuracy")
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower right")
+    if len(label_counts) > 1:
+        ax.legend(fontsize=8, loc="lower right")
+    elif baselines:
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(output_dir / "accuracy.png", dpi=120)
     plt.close(fig)

