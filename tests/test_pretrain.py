@@ -166,3 +166,28 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus_fi
     results = run_main(tiny_args(corpus_file, tmp_path / "skip", cache_dir, "--max_train_steps", "8",
                                  "--on_nonfinite_loss", "skip"))
     assert results["optimizer_steps"] == 8 and math.isfinite(results["train_loss"])
+
+
+@pytest.mark.parametrize("extra", [["--whole_word_mask"], ["--line_by_line"], ["--streaming", "--validation_file"]])
+def test_masking_and_data_variants_train(corpus_file, tmp_path, cache_dir, extra):
+    if extra[-1] == "--validation_file":
+        extra = extra + [str(corpus_file)]
+    results = run_main(tiny_args(corpus_file, tmp_path / "run", cache_dir, "--max_train_steps", "6", *extra))
+    assert results["optimizer_steps"] == 6 and math.isfinite(results["eval_loss"])
+
+
+def test_streaming_with_too_few_documents_is_an_error(corpus_file, tmp_path, cache_dir):
+    with pytest.raises(UserInputError, match="The training data yielded no batch"):
+        run_main(tiny_args(corpus_file, tmp_path / "run", cache_dir, "--max_train_steps", "6", "--streaming"))
+
+
+def test_dataset_folder_like_a_hub_dataset_and_tracking(corpus_file, tmp_path, cache_dir):
+    folder = tmp_path / "my_dataset"  # `load_dataset(name)` reads a folder of data files exactly like a Hub repo
+    folder.mkdir()
+    (folder / "train.txt").write_text(corpus_file.read_text())
+    out = tmp_path / "run"
+    args = tiny_args(corpus_file, out, cache_dir, "--max_train_steps", "4", "--with_tracking", "--report_to",
+                     "tensorboard")
+    args[args.index("--train_file"): args.index("--train_file") + 2] = ["--dataset_name", str(folder)]
+    run_main(args)
+    assert list(out.rglob("events.out.tfevents.*")), "tensorboard wrote no event file"

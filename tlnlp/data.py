@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
@@ -113,9 +114,17 @@ def ensure_validation(raw, validation_split_percentage: float, seed: int, stream
     return DatasetDict({**raw, "train": split["train"], "validation": split["test"]})
 
 
+def column_names(dataset: Dataset | IterableDataset) -> list[str]:
+    """Column names; a streamed data set may only know them once its first row is read."""
+    if dataset.column_names:
+        return list(dataset.column_names)
+    first = next(iter(dataset), None)
+    return list(first) if first else []
+
+
 def resolve_text_column(dataset: Dataset | IterableDataset, text_column: str | None, option: str = "--text_column") -> str:
     """The text column to use; an error lists the columns that exist."""
-    columns = list(dataset.column_names or [])
+    columns = column_names(dataset)
     if text_column is not None:
         if text_column not in columns:
             raise UserInputError(
@@ -234,164 +243,50 @@ def prepare_mlm_dataset(
             return tokenize_lines(texts, tokenizer, max_seq_length, whole_word_mask)
         return pack_texts(texts, tokenizer, max_seq_length, whole_word_mask)
 
-    kwargs: dict[str, Any] = {"batched": True, "remove_columns": list(split.column_names or [])}
+    kwargs: dict[str, Any] = {"batched": True, "remove_columns": column_names(split)}
     if isinstance(split, Dataset):
         kwargs.update(num_proc=num_proc, desc="Tokenizing")
     return split.map(tokenize, **kwargs)
 
 
-def mask_once(dataset: Dataset, collator, batch_size: int = 256) -> Dataset:
-    """Apply MLM masking once, with the collator's seeded generator, so evaluation is the same every run."""
+def pad_for_masking(tokenizer: PreTrainedTokenizerBase):
+    """A collator that pads a batch (and its offset mapping, for whole-word masking) without masking it."""
+
+    def collate(features: list[dict]) -> dict:
+        offsets = [f.pop("offset_mapping") for f in features] if "offset_mapping" in features[0] else None
+        batch = tokenizer.pad(features, return_tensors="pt")
+        if offsets is not None:  # `tokenizer.pad` leaves offsets ragged
+            width = batch["input_ids"].shape[1]
+            batch["offset_mapping"] = torch.tensor([list(o) + [(0, 0)] * (width - len(o)) for o in offsets])
+        return batch
+
+    return collate
+
+
+def mask_batch(batch: dict, masker) -> dict:
+    """MLM-mask a padded batch with `masker` (a DataCollatorForLanguageModeling), from the global RNG."""
+    special = batch.pop("special_tokens_mask")
+    offsets = batch.pop("offset_mapping", None)
+    batch["input_ids"], batch["labels"] = masker.torch_mask_tokens(
+        batch["input_ids"], special_tokens_mask=special, offset_mapping=offsets
+    )
+    return batch
+
+
+def mask_once(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, masker, seed: int,
+              batch_size: int = 256) -> Dataset:
+    """Apply MLM masking once, from a fixed seed, so evaluation sees the same masks every run."""
+    collate = pad_for_masking(tokenizer)
 
     def mask(batch):
-        features = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        masked = collator(features)
         lengths = [len(ids) for ids in batch["input_ids"]]
+        masked = mask_batch(collate([dict(zip(batch, values)) for values in zip(*batch.values())]), masker)
         return {
             "input_ids": [row[:n].tolist() for row, n in zip(masked["input_ids"], lengths)],
             "labels": [row[:n].tolist() for row, n in zip(masked["labels"], lengths)],
         }
 
-    return dataset.map(
-        mask, batched=True, batch_size=batch_size, remove_columns=dataset.column_names, desc="Masking validation"
-    )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Labeled data for fine-tuning
-# ---------------------------------------------------------------------------------------------------
-
-
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and value != value)  # NaN
-
-
-def _label_kind(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "list"
-    if isinstance(value, bool):
-        return "int"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "int" if value.is_integer() else "float"
-    if isinstance(value, str):
-        return "str"
-    return type(value).__name__
-
-
-def check_labeled_splits(
-    raw: DatasetDict, *, text_column: str, text_pair_column: str | None, label_column: str
-) -> None:
-    """Columns exist, no text or pair is empty, no label is missing: checked on every split, before training."""
-    for name, split in raw.items():
-        columns = split.column_names
-        needed = [("--text_column", text_column), ("--label_column", label_column)]
-        if text_pair_column:
-            needed.append(("--text_pair_column", text_pair_column))
-        for option, column in needed:
-            if column not in columns:
-                if option == "--label_column" and name == "test":
-                    continue  # an unlabeled test file is fine: predictions are still written
-                raise UserInputError(
-                    f"{option} {column!r} is not in the {name} data. Columns found: {', '.join(columns)}. "
-                    f"Pass {option} with one of them."
-                )
-        for option, column in needed:
-            if column not in columns:
-                continue
-            values = split[column]
-            if option == "--label_column":
-                bad = [i for i, v in enumerate(values) if _is_missing(v) or (isinstance(v, str) and not v.strip())]
-                what = "missing or NaN labels"
-            else:
-                bad = [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
-                what = "empty texts" if option == "--text_column" else f"an empty {column!r} (pair) text"
-            if bad:
-                rows = ", ".join(str(i) for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
-                raise UserInputError(
-                    f"The {name} data has {len(bad)} row(s) with {what} (rows {rows}, counting data rows from 0). "
-                    "Fix or drop those rows."
-                )
-
-
-def infer_task_type(labels: list) -> str:
-    kinds = {_label_kind(v) for v in labels}
-    if kinds == {"list"}:
-        return "multi_label"
-    if len(kinds) > 1 and kinds != {"int", "float"}:
-        raise UserInputError(
-            f"The labels mix types ({', '.join(sorted(kinds))}). Use one type: strings or integers for classes, "
-            "floats for regression, lists for multi-label."
-        )
-    return "regression" if "float" in kinds else "single_label"
-
-
-def label_names(labels: list, task_type: str) -> list[str]:
-    """Class names in a stable order (numeric labels sort numerically)."""
-    if task_type == "regression":
-        return ["score"]
-    values = {v for row in labels for v in row} if task_type == "multi_label" else set(labels)
-    if all(_label_kind(v) == "int" for v in values):
-        return [str(int(v)) for v in sorted(values)]
-    return sorted(str(v) for v in values)
-
-
-def check_label_sets(raw: DatasetDict, label_column: str, names: list[str], task_type: str) -> None:
-    if task_type == "regression":
-        return
-    if task_type == "single_label" and len(names) < 2:
-        raise UserInputError(
-            f"The training data has a single class ({names[0]!r}); a classifier needs at least two."
-        )
-    known = set(names)
-    for split_name, split in raw.items():
-        if split_name == "train" or label_column not in split.column_names:
-            continue
-        values = split[label_column]
-        found = {_label_str(v) for row in values for v in row} if task_type == "multi_label" else {
-            _label_str(v) for v in values}
-        unseen = sorted(found - known)
-        if unseen:
-            raise UserInputError(
-                f"The {split_name} data has label(s) never seen in training: {', '.join(map(repr, unseen[:10]))}. "
-                f"Training labels: {', '.join(map(repr, names))}. Fix typos, or add examples of those classes to train."
-            )
-
-
-def _label_str(value: Any) -> str:
-    return str(int(value)) if _label_kind(value) == "int" else str(value)
-
-
-def encode_label(value: Any, task_type: str, label2id: dict[str, int]) -> Any:
-    if task_type == "regression":
-        return float(value)
-    if task_type == "multi_label":
-        row = [0.0] * len(label2id)
-        for v in value:
-            row[label2id[_label_str(v)]] = 1.0
-        return row
-    return label2id[_label_str(value)]
-
-
-def tokenize_labeled(
-    split: Dataset,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    text_column: str,
-    text_pair_column: str | None,
-    label_column: str,
-    max_seq_length: int,
-    task_type: str,
-    label2id: dict[str, int],
-) -> Dataset:
-    has_labels = label_column in split.column_names
-
-    def tokenize(batch):
-        pairs = batch[text_pair_column] if text_pair_column else None
-        out = dict(tokenizer(batch[text_column], pairs, truncation=True, max_length=max_seq_length))
-        if has_labels:
-            out["labels"] = [encode_label(v, task_type, label2id) for v in batch[label_column]]
-        return out
-
-    return split.map(tokenize, batched=True, remove_columns=split.column_names, desc="Tokenizing")
+    with torch.random.fork_rng(devices=[]):  # leaves the training random stream untouched
+        torch.manual_seed(seed)
+        return dataset.map(mask, batched=True, batch_size=batch_size, remove_columns=dataset.column_names,
+                           desc="Masking validation", new_fingerprint=f"masked-{seed}-{dataset._fingerprint}")

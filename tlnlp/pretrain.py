@@ -22,7 +22,9 @@ from tlnlp.data import (
     cached_map,
     ensure_validation,
     load_raw_datasets,
+    mask_batch,
     mask_once,
+    pad_for_masking,
     prepare_mlm_dataset,
     resolve_text_column,
     tokenizer_fingerprint,
@@ -129,21 +131,9 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         model = AutoModelForMaskedLM.from_config(config)
     check_tokenizer_and_length(model.config, tokenizer, max_seq_length)
 
-    # Training masks are drawn in the loop (`mask_batch`) from the global RNG, which checkpoints restore.
-    train_masker = DataCollatorForLanguageModeling(
+    # Masks are drawn in the training loop from the global RNG, which checkpoints restore (see Task.on_batch).
+    masker = DataCollatorForLanguageModeling(
         tokenizer, mlm_probability=cfg.mlm_probability, whole_word_mask=cfg.whole_word_mask
-    )
-
-    def mask_batch(batch: dict) -> dict:
-        special = batch.pop("special_tokens_mask")
-        offsets = batch.pop("offset_mapping", None)
-        batch["input_ids"], batch["labels"] = train_masker.torch_mask_tokens(
-            batch["input_ids"], special_tokens_mask=special, offset_mapping=offsets
-        )
-        return batch
-    # Validation masks are drawn once with a fixed seed, so perplexity is comparable run to run.
-    eval_masker = DataCollatorForLanguageModeling(
-        tokenizer, mlm_probability=cfg.mlm_probability, whole_word_mask=cfg.whole_word_mask, seed=cfg.seed
     )
     prepare = dict(text_column=text_column, max_seq_length=max_seq_length, line_by_line=cfg.line_by_line,
                    whole_word_mask=cfg.whole_word_mask)
@@ -151,7 +141,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     def build(splits: DatasetDict) -> DatasetDict:
         tokenized = {k: prepare_mlm_dataset(v, tokenizer, num_proc=cfg.preprocessing_num_workers, **prepare)
                      for k, v in splits.items() if k in ("train", "validation")}
-        tokenized["validation"] = mask_once(tokenized["validation"], eval_masker)
+        # Validation masks are drawn once from a fixed seed, so perplexity is comparable run to run.
+        tokenized["validation"] = mask_once(tokenized["validation"], tokenizer, masker, cfg.seed)
         return DatasetDict(tokenized)
 
     if cfg.streaming:
@@ -172,8 +163,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         model=MaskedLMLoss(model, sparse=cfg.sparse_mlm_head),
         train_dataset=train_data,
         eval_dataset=eval_data,
-        train_collator=lambda features: tokenizer.pad(features, return_tensors="pt"),
-        on_batch=mask_batch,
+        train_collator=pad_for_masking(tokenizer),
+        on_batch=lambda batch: mask_batch(batch, masker),
         eval_collator=DataCollatorForTokenClassification(tokenizer),  # pads labels with -100
         evaluate=evaluate_mlm,
         save=save,

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from tlnlp.config import TrainingConfig, config_to_dict
+from tlnlp.data import STREAMING_VALIDATION_DOCS
 from tlnlp.errors import TrainingError, UserInputError
 
 logger = logging.getLogger(__name__)
@@ -328,6 +329,11 @@ def train(cfg: TrainingConfig, task: Task, accelerator: Accelerator) -> dict[str
                     break
             wait_start = time.time()
         else:  # the epoch ran to its end
+            if state["batches_in_epoch"] == 0:  # an endless loop over an empty stream otherwise
+                raise UserInputError(
+                    "The training data yielded no batch. A streamed corpus must hold more than the "
+                    f"{STREAMING_VALIDATION_DOCS} documents held out for validation (or give --validation_file)."
+                )
             state.update(epoch=epoch + 1, batches_in_epoch=0)
             if not cfg.eval_steps:
                 stop = run_evaluation() or stop
