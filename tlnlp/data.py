@@ -290,3 +290,143 @@ def mask_once(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, masker, seed
         torch.manual_seed(seed)
         return dataset.map(mask, batched=True, batch_size=batch_size, remove_columns=dataset.column_names,
                            desc="Masking validation", new_fingerprint=f"masked-{seed}-{dataset._fingerprint}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Labeled data for fine-tuning
+# ---------------------------------------------------------------------------------------------------
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)  # NaN
+
+
+def _label_kind(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, bool):
+        return "int"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "int" if value.is_integer() else "float"
+    if isinstance(value, str):
+        return "str"
+    return type(value).__name__
+
+
+def check_labeled_splits(
+    raw: DatasetDict, *, text_column: str, text_pair_column: str | None, label_column: str
+) -> None:
+    """Columns exist, no text or pair is empty, no label is missing: checked on every split, before training."""
+    for name, split in raw.items():
+        columns = split.column_names
+        needed = [("--text_column", text_column), ("--label_column", label_column)]
+        if text_pair_column:
+            needed.append(("--text_pair_column", text_pair_column))
+        for option, column in needed:
+            if column not in columns:
+                if option == "--label_column" and name == "test":
+                    continue  # an unlabeled test file is fine: predictions are still written
+                raise UserInputError(
+                    f"{option} {column!r} is not in the {name} data. Columns found: {', '.join(columns)}. "
+                    f"Pass {option} with one of them."
+                )
+        for option, column in needed:
+            if column not in columns:
+                continue
+            values = split[column]
+            if option == "--label_column":
+                bad = [i for i, v in enumerate(values) if _is_missing(v) or (isinstance(v, str) and not v.strip())]
+                what = "missing or NaN labels"
+            else:
+                bad = [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
+                what = "empty texts" if option == "--text_column" else f"an empty {column!r} (pair) text"
+            if bad:
+                rows = ", ".join(str(i) for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+                raise UserInputError(
+                    f"The {name} data has {len(bad)} row(s) with {what} (rows {rows}, counting data rows from 0). "
+                    "Fix or drop those rows."
+                )
+
+
+def infer_task_type(labels: list) -> str:
+    kinds = {_label_kind(v) for v in labels}
+    if kinds == {"list"}:
+        return "multi_label"
+    if len(kinds) > 1 and kinds != {"int", "float"}:
+        raise UserInputError(
+            f"The labels mix types ({', '.join(sorted(kinds))}). Use one type: strings or integers for classes, "
+            "floats for regression, lists for multi-label."
+        )
+    return "regression" if "float" in kinds else "single_label"
+
+
+def label_names(labels: list, task_type: str) -> list[str]:
+    """Class names in a stable order (numeric labels sort numerically)."""
+    if task_type == "regression":
+        return ["score"]
+    values = {v for row in labels for v in row} if task_type == "multi_label" else set(labels)
+    if all(_label_kind(v) == "int" for v in values):
+        return [str(int(v)) for v in sorted(values)]
+    return sorted(str(v) for v in values)
+
+
+def check_label_sets(raw: DatasetDict, label_column: str, names: list[str], task_type: str) -> None:
+    if task_type == "regression":
+        return
+    if task_type == "single_label" and len(names) < 2:
+        raise UserInputError(
+            f"The training data has a single class ({names[0]!r}); a classifier needs at least two."
+        )
+    known = set(names)
+    for split_name, split in raw.items():
+        if split_name == "train" or label_column not in split.column_names:
+            continue
+        values = split[label_column]
+        found = {_label_str(v) for row in values for v in row} if task_type == "multi_label" else {
+            _label_str(v) for v in values}
+        unseen = sorted(found - known)
+        if unseen:
+            raise UserInputError(
+                f"The {split_name} data has label(s) never seen in training: {', '.join(map(repr, unseen[:10]))}. "
+                f"Training labels: {', '.join(map(repr, names))}. Fix typos, or add examples of those classes to train."
+            )
+
+
+def _label_str(value: Any) -> str:
+    return str(int(value)) if _label_kind(value) == "int" else str(value)
+
+
+def encode_label(value: Any, task_type: str, label2id: dict[str, int]) -> Any:
+    if task_type == "regression":
+        return float(value)
+    if task_type == "multi_label":
+        row = [0.0] * len(label2id)
+        for v in value:
+            row[label2id[_label_str(v)]] = 1.0
+        return row
+    return label2id[_label_str(value)]
+
+
+def tokenize_labeled(
+    split: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    text_column: str,
+    text_pair_column: str | None,
+    label_column: str,
+    max_seq_length: int,
+    task_type: str,
+    label2id: dict[str, int],
+) -> Dataset:
+    has_labels = label_column in split.column_names
+
+    def tokenize(batch):
+        pairs = batch[text_pair_column] if text_pair_column else None
+        out = dict(tokenizer(batch[text_column], pairs, truncation=True, max_length=max_seq_length))
+        if has_labels:
+            out["labels"] = [encode_label(v, task_type, label2id) for v in batch[label_column]]
+        return out
+
+    return split.map(tokenize, batched=True, remove_columns=split.column_names, desc="Tokenizing")
