@@ -13,12 +13,13 @@ import torch
 
 import tlnlp.finetune
 import tlnlp.pretrain
+import tlnlp.trainer
 from tlnlp.cli import run
 from tlnlp.config import FinetuneConfig, PretrainConfig
 
 report_dir, stage, args = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 module = tlnlp.pretrain if stage == "pretrain" else tlnlp.finetune
-original_finish = module.finish
+original_finish = tlnlp.trainer.finish
 
 
 def finish_with_report(accelerator):
@@ -38,5 +39,5 @@ def finish_with_report(accelerator):
     original_finish(accelerator)
 
 
-module.finish = finish_with_report
+tlnlp.trainer.finish = finish_with_report  # end_run calls it last, on every rank
 sys.exit(run(module.main, PretrainConfig if stage == "pretrain" else FinetuneConfig, args))

@@ -9,12 +9,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate.utils import set_seed
 from datasets import DatasetDict
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
-from tlnlp import builtin, hub
+from tlnlp import builtin
 from tlnlp.config import FinetuneConfig
 from tlnlp.data import (
     cached_map,
@@ -31,8 +30,8 @@ from tlnlp.data import (
 from tlnlp.errors import UserInputError
 from tlnlp.metrics import DEFAULT_BEST, LOWER_IS_BETTER, load_metric
 from tlnlp.modeling import check_tokenizer_and_length, count_parameters, load_tokenizer
-from tlnlp.outputs import default_cache_dir, setup_logging, write_run_files
-from tlnlp.trainer import Task, check_output_dir, default_param_groups, finish, make_accelerator, train
+from tlnlp.outputs import default_cache_dir
+from tlnlp.trainer import Task, default_param_groups, end_run, start_run, train
 from tlnlp.transfer import HeadSpec, UnfreezeSchedule, build_classifier, freeze, learning_rate_scales
 
 logger = logging.getLogger(__name__)
@@ -92,11 +91,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
             "--model_name_or_path is required: a stage 1 output folder, a local encoder, a built-in model "
             f"({', '.join(builtin.MODELS)}) or a Hub id. Add --from_scratch for the no-transfer baseline."
         )
-    check_output_dir(cfg)
-    accelerator = make_accelerator(cfg)
-    setup_logging(accelerator)
-    hub_repo = hub.preflight(cfg, accelerator)
-    set_seed(cfg.seed)
+    accelerator, hub_repo = start_run(cfg)
     source = builtin.resolve_model(cfg.model_name_or_path)
 
     with accelerator.main_process_first():
@@ -191,11 +186,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         results.update(_test(cfg, accelerator, model, tokenized["test"], raw["test"], collator, task_type, names))
     results.update(task_type=task_type, label_names=names, train_examples=len(raw["train"]),
                    trainable_parameters=trainable, total_parameters=total)
-    write_run_files(accelerator, cfg, results, stage="finetune")
-    try:
-        hub.publish(cfg, accelerator, hub_repo)
-    finally:
-        finish(accelerator)
+    end_run(cfg, accelerator, results, "finetune", hub_repo)
     return results
 
 

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
 from datasets import DatasetDict
 from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, DataCollatorForTokenClassification
 
-from tlnlp import builtin, hub
+from tlnlp import builtin
 from tlnlp.config import PretrainConfig
 from tlnlp.data import (
     cached_map,
@@ -37,8 +36,8 @@ from tlnlp.modeling import (
     scratch_config,
     train_wordpiece,
 )
-from tlnlp.outputs import default_cache_dir, setup_logging, write_run_files
-from tlnlp.trainer import Task, check_output_dir, finish, make_accelerator, train
+from tlnlp.outputs import default_cache_dir
+from tlnlp.trainer import Task, end_run, start_run, train
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +86,7 @@ def corpus_tokenizer(train, text_column: str, cfg: PretrainConfig):
 
 
 def main(cfg: PretrainConfig) -> dict[str, Any]:
-    check_output_dir(cfg)
-    accelerator = make_accelerator(cfg)
-    setup_logging(accelerator)
-    hub_repo = hub.preflight(cfg, accelerator)
-    set_seed(cfg.seed)
+    accelerator, hub_repo = start_run(cfg)
     model_source = builtin.resolve_model(cfg.model_name_or_path)
 
     with accelerator.main_process_first():
@@ -177,11 +172,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     )
     results = train(cfg, task, accelerator)
     results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50.0))
-    write_run_files(accelerator, cfg, results, stage="pretrain")
-    try:
-        hub.publish(cfg, accelerator, hub_repo)
-    finally:
-        finish(accelerator)
+    end_run(cfg, accelerator, results, "pretrain", hub_repo)
     return results
 
 

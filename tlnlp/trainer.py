@@ -21,15 +21,17 @@ from typing import Any
 import safetensors.torch
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from tlnlp import hub
 from tlnlp.config import TrainingConfig, config_to_dict
 from tlnlp.data import STREAMING_VALIDATION_DOCS
 from tlnlp.errors import TrainingError, UserInputError
+from tlnlp.outputs import setup_logging, write_run_files
 
 logger = logging.getLogger(__name__)
 
@@ -401,6 +403,26 @@ def _log_window(accelerator, cfg, task, state, window, scheduler, progress, data
         accelerator.log({"train/loss": loss, "train/lr": lr, f"train/{task.count_unit}_per_s": units / elapsed},
                         step=state["completed_steps"])
     window.update(loss=torch.zeros((), device=accelerator.device), micro=0, units=0, time=time.time())
+
+
+def start_run(cfg: TrainingConfig) -> tuple[Accelerator, str | None]:
+    """What every stage does first: the checks that must pass before any work (output folder, Hub
+    access), then Accelerate, logging and seeds. Returns the accelerator and the Hub repo (or None)."""
+    check_output_dir(cfg)
+    accelerator = make_accelerator(cfg)
+    setup_logging(accelerator)
+    hub_repo = hub.preflight(cfg, accelerator)
+    set_seed(cfg.seed)
+    return accelerator, hub_repo
+
+
+def end_run(cfg: TrainingConfig, accelerator: Accelerator, results: dict, stage: str, hub_repo: str | None) -> None:
+    """Write the results, configuration and model card, push if asked, and tear down cleanly."""
+    write_run_files(accelerator, cfg, results, stage=stage)
+    try:
+        hub.publish(cfg, accelerator, hub_repo)
+    finally:
+        finish(accelerator)
 
 
 def finish(accelerator: Accelerator) -> None:
