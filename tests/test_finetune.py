@@ -124,7 +124,7 @@ def test_round_trip_through_pipeline_matches_tlnlp(tiny_mlm_dir, labeled_files, 
 
 def test_early_stopping_restores_the_best_model(tiny_mlm_dir, labeled_files, tmp_path, cache_dir):
     # Shuffled training labels make validation accuracy wander, so patience runs out.
-    rows = [json.loads(json.dumps(r)) for r in _csv_rows(labeled_files["train"])]
+    rows = _csv_rows(labeled_files["train"])
     rng = np.random.default_rng(0)
     for row, label in zip(rows, rng.permutation([r["label"] for r in rows])):
         row["label"] = label

@@ -129,9 +129,6 @@ def test_predict_script(tmp_path, tiny_mlm_dir, labeled_files, cache_dir):
     assert set(rows[0]["probabilities"]) == {"music", "science", "sports"}
 
 
-_RUNS: dict = {}
-
-
 def _finished_run(tmp_path):
     """A minimal finished output folder (weights, config, results) to push."""
     from conftest import tiny_bert_config

@@ -94,10 +94,6 @@ def test_output_dir_with_an_earlier_run_is_refused_and_untouched(corpus_file, tm
 
 
 def test_bad_inputs_fail_before_training_and_write_nothing(corpus_file, tmp_path, cache_dir, tiny_mlm_dir):
-    cases = [
-        (["--text_column", "body"], "--text_column 'body' is not in the data. Columns found: text"),
-        (["--model_size", "tiny", "--max_seq_length", "4096", "--max_train_steps", "1"], None),
-    ]
     out = tmp_path / "never"
     with pytest.raises(UserInputError, match="--text_column 'body' is not in the data. Columns found: text"):
         run_main(tiny_args(corpus_file, out, cache_dir, "--text_column", "body"))
@@ -108,7 +104,6 @@ def test_bad_inputs_fail_before_training_and_write_nothing(corpus_file, tmp_path
     with pytest.raises(UserInputError, match="The tokenizer has 30522 tokens but the model's embeddings hold"):
         run_main(args + ["--tokenizer_name", "minilm-l6"])
     assert not out.exists()
-    del cases
 
 
 def test_script_single_process_and_bad_input_exit_codes(corpus_file, tmp_path, cache_dir):

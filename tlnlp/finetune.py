@@ -79,9 +79,7 @@ def stratified_subset(split, label_column: str, n: int, task_type: str, stratify
             f"Use at most {len(split)}."
         )
     if stratify and task_type == "single_label":
-        from tlnlp.builtin import stratified_indices
-
-        return split.select(stratified_indices(split[label_column], n, seed).tolist())
+        return split.select(builtin.stratified_indices(split[label_column], n, seed).tolist())
     return split.shuffle(seed=seed).select(range(n))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, DataCollatorForTokenClassification
 
 from tlnlp import builtin
@@ -142,7 +142,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
 
     if cfg.streaming:
         train_data = prepare_mlm_dataset(raw["train"], tokenizer, **prepare)
-        eval_data = build(DatasetDict({"validation": _materialize(raw["validation"])}))["validation"]
+        # The held-out head of the stream is small: materialize it, so it is masked and evaluated like any split.
+        eval_data = build(DatasetDict({"validation": Dataset.from_list(list(raw["validation"]))}))["validation"]
     else:
         with accelerator.main_process_first():
             key = {"tokenizer": tokenizer_fingerprint(tokenizer), **prepare, "mlm_probability": cfg.mlm_probability,
@@ -175,11 +176,6 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     end_run(cfg, accelerator, results, "pretrain", hub_repo)
     return results
 
-
-def _materialize(split) -> Any:
-    from datasets import Dataset
-
-    return Dataset.from_list(list(split))
 
 
 
