@@ -19,3 +19,21 @@ def test_mlm_benchmark_runs_both_recipes_and_their_losses_agree(tiny_mlm_dir, co
     assert len(saved["runs"]["stock"]) == len(saved["runs"]["tlnlp"]) == 2
     # Same weights, data and masks: the sparse head must give the stock loss.
     assert abs(result["mean_loss"]["stock"] - result["mean_loss"]["tlnlp"]) < 1e-4
+
+
+def test_finetune_benchmark_runs_every_variant(tiny_mlm_dir, labeled_files, tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_finetune", REPO / "benchmarks" / "bench_finetune.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    output = tmp_path / "finetune.json"
+    bench.main(["--model", str(tiny_mlm_dir), "--train_file", str(labeled_files["train"]),
+                "--validation_file", str(labeled_files["validation"]), "--test_file", str(labeled_files["test"]),
+                "--labels", "0", "--max_seq_length", "32", "--learning_rate", "5e-3", "--epochs", "5",
+                "--frozen_epochs", "5", "--freeze_layers", "1", "--repeats", "1", "--output", str(output)])
+    saved = json.loads(output.read_text())
+    assert set(saved["examples_per_s_median"]) == set(bench.VARIANTS)
+    assert set(saved["speedup"]) == {"tlnlp / stock", "tlnlp-cached / stock-frozen", "tlnlp-cached / stock"}
+    for variant, runs in saved["runs"].items():
+        assert len(runs) == 1 and runs[0]["examples_per_s"] > 0, variant
+        assert 0.4 < runs[0]["test_accuracy"] <= 1, (variant, runs[0])  # above chance (1/3): every recipe learns
+    assert saved["runs"]["tlnlp-cached"][0]["feature_cache_s"] > 0

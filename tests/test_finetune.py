@@ -13,9 +13,18 @@ from transformers import AutoModelForSequenceClassification, BertForSequenceClas
 
 from tlnlp.classifier import TlnlpForSequenceClassification
 from tlnlp.config import FinetuneConfig, parse_config
+from tlnlp.data import LengthGroupedSampler
 from tlnlp.errors import UserInputError
 from tlnlp.finetune import main
-from tlnlp.transfer import HeadSpec, UnfreezeSchedule, build_classifier, freeze, learning_rate_scales
+from tlnlp.transfer import (
+    CachedFeatureClassifier,
+    HeadSpec,
+    UnfreezeSchedule,
+    build_classifier,
+    freeze,
+    learning_rate_scales,
+    pad_features,
+)
 
 LABELS = {0: "music", 1: "science", 2: "sports"}
 
@@ -86,6 +95,61 @@ def test_freeze_and_gradual_unfreezing(tiny_mlm_dir):
     assert UnfreezeSchedule(model, "5").trainable_units(12, 0) == 2
 
 
+@pytest.mark.parametrize("head", [HeadSpec([], None, "gelu", "cls"), HeadSpec([16], 0.3, "gelu", "mean")])
+@pytest.mark.parametrize("frozen_layers", [0, 1, 2])
+def test_cached_features_give_the_plain_models_logits(tiny_mlm_dir, tiny_tokenizer, head, frozen_layers):
+    from datasets import Dataset
+
+    model, _ = surgery(tiny_mlm_dir, head)
+    freeze(model, embeddings=True, layers=frozen_layers)
+    texts = [text for _, text in make_documents(12, seed=3)]
+    encoded = tiny_tokenizer([t[: 20 + 9 * i] for i, t in enumerate(texts)], truncation=True, max_length=40)
+    dataset = Dataset.from_dict({**encoded, "labels": [i % 3 for i in range(len(texts))]})
+    assert len({len(ids) for ids in dataset["input_ids"]}) > 3  # real padding inside batches
+    cached = CachedFeatureClassifier(model, frozen_layers)
+    items = cached.cache(dataset, batch_size=5, device=torch.device("cpu"), pad_token_id=tiny_tokenizer.pad_token_id,
+                         desc="test")
+    model.eval()
+    with torch.no_grad():
+        plain = tiny_tokenizer.pad({k: dataset[k] for k in ("input_ids", "attention_mask", "token_type_ids")},
+                                   return_tensors="pt")
+        expected = model(**plain).logits
+        batch = pad_features(items)
+        labels = batch.pop("labels")
+        found = cached(**batch).logits
+        assert torch.allclose(expected, found, atol=1e-5), (expected - found).abs().max()
+        assert labels.tolist() == dataset["labels"]
+        assert cached(**batch, labels=labels).loss.item() == pytest.approx(model(**plain, labels=labels).loss.item(),
+                                                                          abs=1e-5)
+    assert set(cached.model.state_dict()) == set(model.state_dict())  # the wrapped model is left as it was
+    cached.train()
+    frozen = [model.base_model.embeddings, *model.base_model.encoder.layer[:frozen_layers]]
+    assert all(not m.training for m in frozen)
+    assert all(m.training for m in model.base_model.encoder.layer[frozen_layers:])
+
+
+def test_cache_refuses_a_trainable_bottom(tiny_mlm_dir):
+    model, _ = surgery(tiny_mlm_dir)
+    freeze(model, embeddings=False, layers=1)
+    with pytest.raises(UserInputError, match="frozen"):
+        CachedFeatureClassifier(model, 1)
+
+
+def test_length_grouped_batches(tiny_mlm_dir):
+    lengths = [int(x) for x in torch.randint(5, 120, (203,), generator=torch.Generator().manual_seed(0))]
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=3, mega_batches=5)
+    epoch0 = list(sampler)
+    assert sorted(epoch0) == list(range(203)) and list(sampler) == epoch0  # a permutation, repeatable
+    sampler.set_epoch(1)
+    assert list(sampler) != epoch0  # a fresh grouping every epoch
+    batches = [epoch0[i: i + 8] for i in range(0, 203, 8)]
+    assert len(batches[-1]) == 203 % 8  # the short batch comes last, so DataLoader batching keeps the groups
+    padded = sum(8 * max(lengths[i] for i in b) for b in batches[:-1])
+    random_order = torch.randperm(203, generator=torch.Generator().manual_seed(1)).tolist()
+    random_padded = sum(8 * max(lengths[i] for i in random_order[j: j + 8]) for j in range(0, 200, 8))
+    assert padded < 0.8 * random_padded
+
+
 def run_main(args):
     AcceleratorState._reset_state(reset_partial_state=True)
     return main(parse_config(FinetuneConfig, args))
@@ -105,7 +169,8 @@ def ft_args(model_dir, files, out, cache_dir, *extra):
 @pytest.mark.parametrize("head_args", [[], ["--head_hidden_sizes", "16,8", "--pooling", "mean"]])
 def test_round_trip_through_pipeline_matches_tlnlp(tiny_mlm_dir, labeled_files, tmp_path, cache_dir, head_args):
     out = tmp_path / "model"
-    results = run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, *head_args))
+    results = run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, *head_args, "--num_train_epochs", "6",
+                               "--seed", "2"))
     assert results["test_accuracy"] > 0.6  # three clearly separable topics
     predictions = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
     texts = [p["text"] for p in predictions]
@@ -220,11 +285,12 @@ def test_unseen_validation_label_is_refused(tiny_mlm_dir, tmp_path, cache_dir):
     assert not (tmp_path / "out").exists()
 
 
-def test_two_process_run_with_frozen_layers(tiny_mlm_dir, labeled_files, tmp_path, cache_dir):
+@pytest.mark.parametrize("cache", [[], ["--cache_frozen_features"]])
+def test_two_process_run_with_frozen_layers(tiny_mlm_dir, labeled_files, tmp_path, cache_dir, cache):
     out, reports = tmp_path / "ddp", tmp_path / "reports"
     reports.mkdir()
     args = ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--freeze_embeddings", "--freeze_layers", "1",
-                   "--num_train_epochs", "1", "--head_hidden_sizes", "16")
+                   "--num_train_epochs", "1", "--head_hidden_sizes", "16", *cache)
     done = run_script("", [str(reports), "finetune", *args], processes=2, wrapper=REPO / "tests" / "rank_report.py")
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((reports / f"rank{i}.json").read_text()) for i in range(2)]
@@ -233,8 +299,10 @@ def test_two_process_run_with_frozen_layers(tiny_mlm_dir, labeled_files, tmp_pat
     frozen = torch.load(reports / "frozen0.pt")
     assert len(frozen) == ranks[0]["frozen"] > 0
     for name, tensor in frozen.items():  # frozen weights are exactly the checkpoint's after training
-        assert torch.equal(tensor, checkpoint["bert." + name.removeprefix("encoder.")]), name
+        assert torch.equal(tensor, checkpoint["bert." + name.removeprefix("model.").removeprefix("encoder.")]), name
     model = AutoModelForSequenceClassification.from_pretrained(out)
-    trainable = sum(p.numel() for n, p in model.named_parameters() if n not in frozen)
+    frozen_names = {name.removeprefix("model.") for name in frozen}  # the cache wrapper's prefix
+    trainable = sum(p.numel() for n, p in model.named_parameters() if n not in frozen_names)
     assert ranks[0]["trainable_in_optimizer"] == trainable  # the optimizer holds only what trains
-    assert json.loads((out / "all_results.json").read_text())["num_processes"] == 2
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["num_processes"] == 2 and ("feature_cache_s" in results) == bool(cache)

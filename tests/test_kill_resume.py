@@ -30,7 +30,7 @@ def kill_after_checkpoint(script, args, folder, timeout=120):
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+@pytest.mark.parametrize("stage", ["pretrain", "finetune", "finetune-cached"])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(stage, corpus_file, labeled_files, tiny_mlm_dir, tmp_path):
     if stage == "pretrain":
         script = "pretrain_mlm.py"
@@ -42,6 +42,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(stage, corpus_file, la
         common = ["--model_name_or_path", str(tiny_mlm_dir), "--train_file", str(labeled_files["train"]),
                   "--validation_file", str(labeled_files["validation"]), "--per_device_train_batch_size", "4",
                   "--max_seq_length", "32", "--num_train_epochs", "4"]
+        if stage == "finetune-cached":  # resumes recompute the cached features; the weights must still agree
+            common += ["--freeze_embeddings", "--freeze_layers", "1", "--cache_frozen_features"]
     common += ["--cache_dir", str(tmp_path / "cache"), "--checkpointing_steps", "20", "--seed", "5"]
     straight = subprocess.run([sys.executable, str(REPO / "scripts" / script), *common, "--output_dir",
                                str(tmp_path / "straight")], capture_output=True, text=True)

@@ -93,7 +93,7 @@ def _body(name: str, stage: str, cfg: dict, results: dict, metrics: dict, split:
             "## Training", "",
             f"- Data: {data}",
             f"- Task: {results.get('task_type')}; labels: {', '.join(map(str, results.get('label_names', [])))}",
-            f"- {results.get('train_examples')} training examples, {results['optimizer_steps']} optimizer steps "
+            f"- {results.get('train_set_size')} training examples, {results['optimizer_steps']} optimizer steps "
             f"({results.get('epochs')} epochs), learning rate {cfg['learning_rate']}",
             f"- Head: pooling `{cfg['pooling']}`, hidden layers {head}; frozen: {', '.join(frozen) or 'nothing'}",
             f"- Trainable parameters: {results.get('trainable_parameters', 0):,} of {results.get('total_parameters', 0):,}",

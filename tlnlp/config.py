@@ -70,6 +70,14 @@ class TrainingConfig:
     lr_scheduler_type: SchedulerName = _help("Learning-rate schedule after warm-up.", "linear")
     num_warmup_steps: int = _help("Optimizer steps of linear warm-up.", 0)
     max_grad_norm: float = _help("Clip the global gradient norm to this (0 turns clipping off).", 1.0)
+    group_by_length: bool = _help(
+        "Batch examples of similar length together (batches still come in random order), so less padding is "
+        "computed. Used for fine-tuning and --line_by_line pretraining; packed pretraining has no padding.", True
+    )
+    torch_compile: bool = _help(
+        "Compile the model with torch.compile (inductor). Pays a one-off compile time for faster steps; best on GPUs.",
+        False,
+    )
     logging_steps: int = _help("Log loss, learning rate and throughput every N optimizer steps.", 10)
     eval_steps: int | None = _help("Evaluate every N optimizer steps (default: at the end of every epoch).")
     checkpointing_steps: str | None = _help(
@@ -215,6 +223,11 @@ class FinetuneConfig(TrainingConfig):
 
     freeze_embeddings: bool = _help("Keep the embedding layer fixed.", False)
     freeze_layers: int = _help("Keep the bottom K encoder layers fixed.", 0)
+    cache_frozen_features: bool = _help(
+        "With --freeze_embeddings: compute the frozen embeddings and bottom --freeze_layers layers once and train "
+        "the rest from their cached outputs. Dropout is then off in the frozen part; memory grows with the "
+        "number of training tokens x hidden size.", False
+    )
     unfreeze_schedule: str | None = _help(
         "Gradual unfreezing (ULMFiT): start with the whole encoder frozen and unfreeze one more layer from the top "
         "at each 'epoch', or every N optimizer steps ('N'). Layers held by --freeze_layers stay frozen."
@@ -250,6 +263,15 @@ class FinetuneConfig(TrainingConfig):
                 raise UserInputError(
                     f"--unfreeze_schedule must be 'epoch' or a positive number of steps, got {self.unfreeze_schedule!r}."
                 )
+        if self.cache_frozen_features and not self.freeze_embeddings:
+            raise UserInputError(
+                "--cache_frozen_features needs --freeze_embeddings (and usually --freeze_layers K): only a frozen "
+                "bottom of the encoder gives the same outputs every epoch."
+            )
+        if self.cache_frozen_features and self.unfreeze_schedule:
+            raise UserInputError(
+                "--cache_frozen_features cannot be combined with --unfreeze_schedule: thawed layers change their outputs."
+            )
         _ = self.head_hidden_sizes_list  # validates the format before any work starts
 
     @property

@@ -249,6 +249,40 @@ def prepare_mlm_dataset(
     return split.map(tokenize, **kwargs)
 
 
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """Random batches of similar length: shuffle, cut into mega-batches of `mega_batches` batches, sort each by
+    length, split it into batches, then shuffle the order of the batches.
+
+    Padding then costs little while every epoch still sees a fresh random grouping. The order depends only on
+    (seed, epoch), which the loop sets through `set_epoch`, so a resumed run replays the same batches.
+    transformers' own `LengthGroupedSampler` takes a generator instead and cannot be re-seeded per epoch.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega_batches: int = 50):
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
+        self.mega = batch_size * mega_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        batches = []
+        for start in range(0, len(order), self.mega):
+            chunk = sorted(order[start: start + self.mega], key=lambda i: -self.lengths[i])
+            batches += [chunk[i: i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        # Only full batches are shuffled; a short one stays last, so the data loader's own batching (which
+        # cuts consecutive indices into batch_size pieces) keeps exactly these groups.
+        full = [b for b in batches if len(b) == self.batch_size]
+        short = [b for b in batches if len(b) < self.batch_size]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        return iter([i for batch in shuffled + short for i in batch])
+
+
 def pad_for_masking(tokenizer: PreTrainedTokenizerBase):
     """A collator that pads a batch (and its offset mapping, for whole-word masking) without masking it."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,20 @@ from tlnlp.data import (
     tokenize_labeled,
     tokenizer_fingerprint,
 )
-from tlnlp.errors import UserInputError
+from tlnlp.errors import TrainingError, UserInputError
 from tlnlp.metrics import DEFAULT_BEST, LOWER_IS_BETTER, load_metric
 from tlnlp.modeling import check_tokenizer_and_length, count_parameters, load_tokenizer
 from tlnlp.outputs import default_cache_dir
 from tlnlp.trainer import Task, default_param_groups, end_run, start_run, train
-from tlnlp.transfer import HeadSpec, UnfreezeSchedule, build_classifier, freeze, learning_rate_scales
+from tlnlp.transfer import (
+    CachedFeatureClassifier,
+    HeadSpec,
+    UnfreezeSchedule,
+    build_classifier,
+    freeze,
+    learning_rate_scales,
+    pad_features,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -159,19 +168,39 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         return compute_metrics(logits, labels, task_type)
 
     def save(unwrapped, folder: Path, _state_dict: dict) -> None:
+        if isinstance(unwrapped, CachedFeatureClassifier):
+            unwrapped = unwrapped.model
         unwrapped.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
 
+    train_data, eval_data = tokenized["train"], sorted_by_length(tokenized["validation"])
+    train_lengths = [len(ids) for ids in train_data["input_ids"]]
+    task_model, batch_collator, cache_seconds = model, collator, 0.0
+    if cfg.cache_frozen_features:
+        started = time.time()
+        task_model = CachedFeatureClassifier(model, cfg.freeze_layers).to(accelerator.device)
+        cache = dict(batch_size=cfg.per_device_eval_batch_size, device=accelerator.device,
+                     pad_token_id=tokenizer.pad_token_id or 0)
+        train_data = task_model.cache(train_data, desc="Caching frozen features (train)", **cache)
+        cached_eval = task_model.cache(eval_data, desc="Caching frozen features (validation)", **cache)
+        check_cached_outputs(model, task_model, eval_data, cached_eval, collator)
+        eval_data, batch_collator = cached_eval, pad_features
+        cache_seconds = time.time() - started
+        megabytes = sum(x["features"].numel() * 4 for x in train_data + cached_eval) / 2**20
+        logger.info("Cached the frozen bottom's outputs for %d examples (%.0f MB) in %.1f s.",
+                    len(train_data) + len(cached_eval), megabytes, cache_seconds)
+
     task = Task(
-        model=model,
-        train_dataset=tokenized["train"],
-        eval_dataset=tokenized["validation"],
-        train_collator=collator,
-        eval_collator=collator,
+        model=task_model,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        train_collator=batch_collator,
+        eval_collator=batch_collator,
+        train_lengths=train_lengths,
         evaluate=evaluate_split,
         save=save,
         count_unit="examples",
-        count=lambda batch: int(batch["input_ids"].shape[0]),
+        count=lambda batch: int(batch["attention_mask"].shape[0]),
         param_groups=lambda m: default_param_groups(m, cfg.learning_rate, cfg.weight_decay, lambda name: scales.get(name, 1.0)),
         metric_for_best_model=metric_name,
         greater_is_better=metric_name not in LOWER_IS_BETTER,
@@ -180,12 +209,42 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
                  "start": report.source, "sequence length": max_seq_length},
     )
     results = train(cfg, task, accelerator)
+    if cache_seconds:  # the caching is part of the training cost
+        results["feature_cache_s"] = cache_seconds
+        results["train_runtime_s"] += cache_seconds
+        results["train_examples_per_s"] = results["train_examples"] / results["train_runtime_s"]
     if "test" in tokenized:
         results.update(_test(cfg, accelerator, model, tokenized["test"], raw["test"], collator, task_type, names))
-    results.update(task_type=task_type, label_names=names, train_examples=len(raw["train"]),
+    results.update(task_type=task_type, label_names=names, train_set_size=len(raw["train"]),
                    trainable_parameters=trainable, total_parameters=total)
     end_run(cfg, accelerator, results, "finetune", hub_repo)
     return results
+
+
+def sorted_by_length(split):
+    """Evaluation order does not matter to the metrics; sorted, batches carry little padding."""
+    lengths = [len(ids) for ids in split["input_ids"]]
+    return split.select(sorted(range(len(split)), key=lambda i: lengths[i]))
+
+
+def check_cached_outputs(model, cached: CachedFeatureClassifier, eval_data, cached_eval, collator) -> None:
+    """The cached path must give the plain model's logits (eval mode) before any training relies on it."""
+    n = min(8, len(eval_data))
+    full_batch = collator([{k: v for k, v in eval_data[i].items() if k != "labels"} for i in range(n)])
+    cached_batch = pad_features(cached_eval[:n])
+    cached_batch.pop("labels", None)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        expected = model(**{k: v.to(device) for k, v in full_batch.items()}).logits
+        found = cached(**{k: v.to(device) for k, v in cached_batch.items()}).logits
+    model.train(was_training)
+    if not torch.allclose(expected, found, atol=1e-4, rtol=1e-3):
+        raise TrainingError(
+            f"--cache_frozen_features does not reproduce {type(model.base_model).__name__}'s outputs (largest "
+            f"difference {(expected - found).abs().max().item():.2e}). Run without --cache_frozen_features."
+        )
 
 
 def _test(cfg, accelerator, model, tokenized_test, raw_test, collator, task_type, names) -> dict[str, Any]:

@@ -161,6 +161,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         eval_dataset=eval_data,
         train_collator=pad_for_masking(tokenizer),
         on_batch=lambda batch: mask_batch(batch, masker),
+        # Packed sequences all have the same length; lines vary, and grouping them saves padding.
+        train_lengths=[len(ids) for ids in train_data["input_ids"]] if cfg.line_by_line and not cfg.streaming else None,
         eval_collator=DataCollatorForTokenClassification(tokenizer),  # pads labels with -100
         evaluate=evaluate_mlm,
         save=save,

@@ -21,7 +21,7 @@ from typing import Any
 import safetensors.torch
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
@@ -29,7 +29,7 @@ from transformers import get_scheduler
 
 from tlnlp import hub
 from tlnlp.config import TrainingConfig, config_to_dict
-from tlnlp.data import STREAMING_VALIDATION_DOCS
+from tlnlp.data import STREAMING_VALIDATION_DOCS, LengthGroupedSampler
 from tlnlp.errors import TrainingError, UserInputError
 from tlnlp.outputs import setup_logging, write_run_files
 
@@ -61,6 +61,8 @@ class Task:
     # work (MLM masking) belongs here, not in the collator: the data loader prefetches a batch ahead, so
     # randomness drawn in the collator would not be at the step boundary a checkpoint records.
     on_batch: Callable[[dict], dict] | None = None
+    # Token count of each training example: with --group_by_length, batches are formed from similar lengths.
+    train_lengths: list[int] | None = None
     summary: dict[str, Any] = field(default_factory=dict)  # extra lines for the start-of-run summary
 
 
@@ -72,6 +74,8 @@ def make_accelerator(cfg: TrainingConfig) -> Accelerator:
         project_dir=cfg.output_dir,
         # Seeded shuffling: the same seed gives the same data order, also after a resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Dynamic shapes: batches vary in length (dynamic padding), which would otherwise recompile per length.
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", dynamic=True) if cfg.torch_compile else None,
     )
 
 
@@ -158,10 +162,12 @@ def train(cfg: TrainingConfig, task: Task, accelerator: Accelerator) -> dict[str
     output_dir = Path(cfg.output_dir)
     start_time = time.time()
 
+    grouped = cfg.group_by_length and task.train_lengths is not None
     train_dl = DataLoader(
         task.train_dataset,
         batch_size=cfg.per_device_train_batch_size,
-        shuffle=not isinstance(task.train_dataset, IterableDataset),
+        shuffle=not grouped and not isinstance(task.train_dataset, IterableDataset),
+        sampler=LengthGroupedSampler(task.train_lengths, cfg.per_device_train_batch_size, cfg.seed) if grouped else None,
         collate_fn=task.train_collator,
         # Its own generator: creating a data-loader iterator then draws nothing from the global RNG, so a
         # resumed run (which creates a fresh iterator) continues the same random stream as an unbroken one.
@@ -212,6 +218,7 @@ def train(cfg: TrainingConfig, task: Task, accelerator: Accelerator) -> dict[str
         "optimizer steps": max_steps,
         "epochs": num_epochs if steps_per_epoch else "streaming",
         "training examples": len(task.train_dataset) if hasattr(task.train_dataset, "__len__") else "streaming",
+        "batches": "grouped by length" if grouped else "random",
         "parameters": f"{trainable:,} trainable of {total:,}",
         **task.summary,
     }

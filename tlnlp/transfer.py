@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
 from tlnlp.classifier import TlnlpClassifierConfig, TlnlpForSequenceClassification
@@ -205,3 +206,105 @@ class UnfreezeSchedule:
         for unit in self.units[count:]:
             for param in unit:
                 param.grad = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Frozen-feature caching
+# ---------------------------------------------------------------------------------------------------
+
+
+class _CachedInput(nn.Module):
+    """Stands in for the embedding layer: the cached features already are the frozen bottom's output."""
+
+    def forward(self, *args, inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        return inputs_embeds
+
+
+class CachedFeatureClassifier(nn.Module):
+    """A classifier whose embeddings and bottom `frozen_layers` layers are frozen, trained from their cached
+    outputs: the frozen bottom runs once per example (`cache`), not once per example per epoch.
+
+    The frozen part always runs in eval mode (no dropout), so its output is the same every epoch; that is
+    the one difference from training without the cache. The wrapped model's own forward does the rest (its
+    attention masks, pooling, head and loss): for the duration of a call, its embedding layer is replaced by
+    a pass-through and its layer list by the trainable top layers. Its parameters and state dict are
+    untouched, so checkpoints and the saved model are those of the plain classifier.
+    """
+
+    def __init__(self, model: PreTrainedModel, frozen_layers: int):
+        super().__init__()
+        self.model = model
+        self.frozen_layers = frozen_layers
+        embeddings, layers = encoder_parts(model)
+        frozen = [embeddings, *layers[:frozen_layers]]
+        if any(p.requires_grad for module in frozen for p in module.parameters()):
+            raise UserInputError("--cache_frozen_features needs the embeddings and the bottom layers frozen.")
+        self._frozen_modules = frozen  # a plain list: already registered under self.model
+        self._bottom, self._top = layers[:frozen_layers], layers[frozen_layers:]
+
+    def train(self, mode: bool = True) -> CachedFeatureClassifier:
+        super().train(mode)
+        for module in self._frozen_modules:
+            module.eval()
+        return self
+
+    def _swap(self, embeddings: nn.Module | None, layers: list[nn.Module]):
+        base = self.model.base_model
+        stack = getattr(base, "encoder", None) or base.transformer
+        saved = (base.embeddings, stack.layer)
+        if embeddings is not None:
+            base.embeddings = embeddings
+        stack.layer = nn.ModuleList(layers)
+        return base, stack, saved
+
+    def _run(self, embeddings: nn.Module | None, layers: list[nn.Module], call):
+        base, stack, saved = self._swap(embeddings, layers)
+        try:
+            return call()
+        finally:
+            base.embeddings, stack.layer = saved
+
+    @torch.no_grad()
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs) -> torch.Tensor:
+        """The frozen bottom's output (embeddings + `frozen_layers` layers), in eval mode."""
+        for module in self._frozen_modules:
+            module.eval()
+        return self._run(None, self._bottom, lambda: self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state)
+
+    def forward(self, features: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
+        return self._run(_CachedInput(), self._top, lambda: self.model(
+            inputs_embeds=features, attention_mask=attention_mask, labels=labels))
+
+    def cache(self, dataset, batch_size: int, device: torch.device, pad_token_id: int,
+              desc: str) -> list[dict[str, torch.Tensor]]:
+        """One item per example: its features (unpadded, on the CPU), attention mask and label."""
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        order = sorted(range(len(dataset)), key=lambda i: lengths[i])  # little padding while computing
+        items: list[dict | None] = [None] * len(dataset)
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+            chunk = order[start: start + batch_size]
+            rows = dataset.select(chunk)
+            width = max(lengths[i] for i in chunk)
+            pads = {"input_ids": pad_token_id, "attention_mask": 0, "token_type_ids": 0}
+            batch = {key: torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows[key]], device=device)
+                     for key, pad in pads.items() if key in rows.column_names}
+            hidden = self.features(**batch).float().cpu()
+            labels = rows["labels"] if "labels" in rows.column_names else None
+            for j, i in enumerate(chunk):
+                items[i] = {"features": hidden[j, : lengths[i]].clone(), "attention_mask": torch.ones(lengths[i],
+                            dtype=torch.long)}
+                if labels is not None:
+                    items[i]["labels"] = torch.tensor(labels[j])
+        return items
+
+
+def pad_features(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Collate cached features: pad with zeros (masked out by the attention mask)."""
+    batch = {
+        "features": nn.utils.rnn.pad_sequence([x["features"] for x in items], batch_first=True),
+        "attention_mask": nn.utils.rnn.pad_sequence([x["attention_mask"] for x in items], batch_first=True),
+    }
+    if "labels" in items[0]:
+        batch["labels"] = torch.stack([x["labels"] for x in items])
+    return batch
