@@ -1,4 +1,5 @@
-"""Runs a tlnlp stage, then has every rank write its world size and a digest of its final parameters.
+"""Runs a tlnlp stage, then has every rank write its world size, a digest of its final parameters and
+(pretraining) the unpadded token ids of every training row it saw, before masking.
 
 Test-side only: it wraps the public `main` functions, so nothing in tlnlp knows about tests.
 Usage: rank_report.py REPORT_DIR pretrain|finetune [script args...]
@@ -20,6 +21,14 @@ from tlnlp.config import FinetuneConfig, PretrainConfig
 report_dir, stage, args = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 module = tlnlp.pretrain if stage == "pretrain" else tlnlp.finetune
 original_finish = tlnlp.trainer.finish
+original_mask_batch = tlnlp.pretrain.mask_batch
+seen_rows: list[list[int]] = []
+
+
+def recording_mask_batch(batch, masker):
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+        seen_rows.append(ids[mask.bool()].tolist())
+    return original_mask_batch(batch, masker)
 
 
 def finish_with_report(accelerator):
@@ -36,8 +45,10 @@ def finish_with_report(accelerator):
               "optimizer_state_tensors": len(accelerator._optimizers[0].state)}
     (report_dir / f"rank{accelerator.process_index}.json").write_text(json.dumps(report))
     torch.save(frozen, report_dir / f"frozen{accelerator.process_index}.pt")
+    (report_dir / f"rows{accelerator.process_index}.json").write_text(json.dumps(seen_rows))
     original_finish(accelerator)
 
 
 tlnlp.trainer.finish = finish_with_report  # end_run calls it last, on every rank
+tlnlp.pretrain.mask_batch = recording_mask_batch  # called by the training loop on every batch
 sys.exit(run(module.main, PretrainConfig if stage == "pretrain" else FinetuneConfig, args))

@@ -37,3 +37,17 @@ def test_finetune_benchmark_runs_every_variant(tiny_mlm_dir, labeled_files, tmp_
         assert len(runs) == 1 and runs[0]["examples_per_s"] > 0, variant
         assert 0.4 < runs[0]["test_accuracy"] <= 1, (variant, runs[0])  # above chance (1/3): every recipe learns
     assert saved["runs"]["tlnlp-cached"][0]["feature_cache_s"] > 0
+
+
+def test_streaming_memory_harness_drains_the_whole_corpus(tmp_path):
+    spec = importlib.util.spec_from_file_location("streaming_memory", REPO / "benchmarks" / "streaming_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    output = tmp_path / "memory.json"
+    bench.main(["--sizes_gb", "0.0005,0.001", "--train_steps", "2", "--seq", "32", "--batch", "4",
+                "--workdir", str(tmp_path), "--output", str(output)])
+    runs = json.loads(output.read_text())["runs"]
+    assert [round(r["corpus_gb"], 4) for r in runs] == [0.0005, 0.001]
+    # Every block of the corpus went through the pipeline: twice the text, about twice the tokens.
+    assert 1.8 < runs[1]["tokens_streamed"] / runs[0]["tokens_streamed"] < 2.2
+    assert all(r["data_peak_rss_mb"] > 50 and r["train_peak_rss_mb"] > 50 for r in runs)

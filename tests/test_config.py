@@ -69,3 +69,18 @@ def test_output_dir_required():
 def test_bad_finetune_options(args, message):
     with pytest.raises(UserInputError, match=message):
         parse_config(FinetuneConfig, ["--output_dir", "out", "--model_name_or_path", "m", *args])
+
+
+def test_mixed_precision_auto_follows_the_launcher_then_the_hardware(monkeypatch):
+    from tlnlp.trainer import resolve_mixed_precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert resolve_mixed_precision("auto") == "no"  # CPU: fp32
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda: True)
+    assert resolve_mixed_precision("auto") == "bf16"  # a GPU with bf16: on by default
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert resolve_mixed_precision("auto") == "fp16"  # the launcher's explicit choice wins
+    assert resolve_mixed_precision("no") == "no"  # and the script's own option wins over both

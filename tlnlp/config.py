@@ -44,6 +44,7 @@ class TrainingConfig:
         "A built-in data set (see `python -m tlnlp.builtin list`) or a Hugging Face Hub dataset id."
     )
     dataset_config_name: str | None = _help("The Hub dataset's configuration name.")
+    csv_delimiter: str | None = _help("Field separator of .csv files (default ','); write a tab as '\\t'.")
     text_column: str | None = _help("Column holding the text (default: 'text', or the first string column).")
     validation_split_percentage: float = _help(
         "Percent of the training data held out for validation when no validation data is given.", 5.0
@@ -70,6 +71,10 @@ class TrainingConfig:
     lr_scheduler_type: SchedulerName = _help("Learning-rate schedule after warm-up.", "linear")
     num_warmup_steps: int = _help("Optimizer steps of linear warm-up.", 0)
     max_grad_norm: float = _help("Clip the global gradient norm to this (0 turns clipping off).", 1.0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _help(
+        "Autocast precision. auto: what `accelerate launch`/its config says, else bf16 on GPUs that support it, "
+        "else fp32 ('no').", "auto"
+    )
     group_by_length: bool = _help(
         "Batch examples of similar length together (batches still come in random order), so less padding is "
         "computed. Used for fine-tuning and --line_by_line pretraining; packed pretraining has no padding.", True
@@ -85,6 +90,18 @@ class TrainingConfig:
     )
     save_total_limit: int | None = _help("Keep at most this many checkpoints (oldest removed first).")
     resume_from_checkpoint: str | None = _help("A checkpoint folder, or 'latest' to continue the newest one.")
+    ddp_timeout: int = _help(
+        "Seconds a process waits for the others (e.g. while the main process tokenizes) before the run fails. "
+        "For very long preprocessing, run once with --preprocess_only first.", 7200
+    )
+    preprocess_only: bool = _help(
+        "Tokenize the data into the cache (or --preprocessed_dataset_dir) and exit. Run it as one process before "
+        "a multi-GPU job, which then loads the result instead of tokenizing.", False
+    )
+    preprocessed_dataset_dir: str | None = _help(
+        "Keep the tokenized data in this folder (default: a folder under --cache_dir named by a hash of the data "
+        "and settings). Reused when it matches the data and settings; a mismatch is an error."
+    )
     on_nonfinite_loss: Literal["stop", "skip"] = _help(
         "What a NaN/inf loss does: stop the run (default) or skip that batch.", "stop"
     )
@@ -97,7 +114,7 @@ class TrainingConfig:
     report_to: str = _help("Tracker for --with_tracking: tensorboard, wandb, ... or 'all'.", "tensorboard")
 
     def __post_init__(self) -> None:
-        if not self.output_dir:
+        if not self.output_dir and not self.preprocess_only:
             raise UserInputError("--output_dir is required: the folder where the trained model and results go.")
         positive = {
             "per_device_train_batch_size": self.per_device_train_batch_size,
@@ -113,6 +130,7 @@ class TrainingConfig:
             "save_total_limit": self.save_total_limit,
             "max_seq_length": self.max_seq_length,
             "preprocessing_num_workers": self.preprocessing_num_workers,
+            "ddp_timeout": self.ddp_timeout,
         }
         positive.update({k: v for k, v in optional_positive.items() if v is not None})
         for name, value in positive.items():
@@ -130,6 +148,12 @@ class TrainingConfig:
                 raise UserInputError(
                     f"--checkpointing_steps must be a positive integer or 'epoch', got {self.checkpointing_steps!r}."
                 )
+        if self.preprocess_only and getattr(self, "streaming", False):
+            raise UserInputError("--preprocess_only does not apply to --streaming, which tokenizes as it trains.")
+        if self.csv_delimiter in ("\\t", "tab"):
+            self.csv_delimiter = "\t"
+        if self.csv_delimiter is not None and len(self.csv_delimiter) != 1:
+            raise UserInputError(f"--csv_delimiter must be one character, got {self.csv_delimiter!r}.")
         if self.train_file and self.dataset_name:
             raise UserInputError("Give either --train_file or --dataset_name, not both.")
 

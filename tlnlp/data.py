@@ -22,7 +22,21 @@ BUILDERS = {".txt": "text", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 STREAMING_VALIDATION_DOCS = 500  # a streamed corpus has no length, so hold out a fixed number of documents
 
 
-def _check_file(option: str, path: str) -> str:
+def _check_csv_header(option: str, path: str, head: bytes, delimiter: str | None) -> None:
+    """A CSV read with the wrong separator becomes one column of joined fields: catch it by its header."""
+    header = head.decode("utf-8", errors="replace").splitlines()[0] if head.strip() else ""
+    separator = delimiter or ","
+    if separator in header:
+        return
+    for other in ("\t", ";", "|", ","):
+        if other != separator and other in header:
+            raise UserInputError(
+                f"{option} {path}: the header {header[:80]!r} has no {separator!r} but contains {other!r}: the "
+                f"file looks {other!r}-separated. Pass --csv_delimiter {other!r}."
+            )
+
+
+def _check_file(option: str, path: str, csv_delimiter: str | None = None) -> str:
     file = Path(path)
     if not file.is_file():
         raise UserInputError(f"{option} {path}: no such file. Check the path.")
@@ -43,6 +57,8 @@ def _check_file(option: str, path: str) -> str:
             raise UserInputError(
                 f"{option} {path} is not UTF-8 (byte {error.start}). Convert it, e.g. `iconv -t utf-8`."
             ) from None
+    if file.suffix.lower() == ".csv":
+        _check_csv_header(option, path, head, csv_delimiter)
     return str(file)
 
 
@@ -68,11 +84,11 @@ def load_raw_datasets(
         elif dataset_name is not None:
             raw = load_dataset(dataset_name, dataset_config_name, streaming=streaming)
         else:
-            files = {"train": _check_file("--train_file", train_file)}
+            files = {"train": _check_file("--train_file", train_file, csv_delimiter)}
             if validation_file:
-                files["validation"] = _check_file("--validation_file", validation_file)
+                files["validation"] = _check_file("--validation_file", validation_file, csv_delimiter)
             if test_file:
-                files["test"] = _check_file("--test_file", test_file)
+                files["test"] = _check_file("--test_file", test_file, csv_delimiter)
             suffixes = {Path(f).suffix.lower().replace(".jsonl", ".json") for f in files.values()}
             if len(suffixes) > 1:
                 raise UserInputError(
@@ -109,9 +125,31 @@ def ensure_validation(raw, validation_split_percentage: float, seed: int, stream
         return {"train": raw["train"].skip(STREAMING_VALIDATION_DOCS),
                 "validation": raw["train"].take(STREAMING_VALIDATION_DOCS), **rest}
     if len(raw["train"]) < 2:
-        raise UserInputError("The training data has a single example: nothing is left to validate on.")
+        raise UserInputError(
+            "The training data holds a single example: at least 2 documents (lines, rows) are needed, one to "
+            "train on and one held out for validation. Add data, or give --validation_file."
+        )
     split = raw["train"].train_test_split(test_size=validation_split_percentage / 100, seed=seed)
     return DatasetDict({**raw, "train": split["train"], "validation": split["test"]})
+
+
+def drop_blank_texts(raw, text_column: str):
+    """Blank lines separate documents in plain-text corpora; they are not documents themselves."""
+
+    def keep(batch):
+        return [isinstance(text, str) and bool(text.strip()) for text in batch[text_column]]
+
+    kept = {}
+    for name, split in raw.items():
+        if isinstance(split, IterableDataset):
+            kept[name] = split.filter(keep, batched=True)
+            continue
+        kept[name] = split.filter(keep, batched=True, desc=f"Dropping blank lines ({name})")
+        if len(kept[name]) == 0:
+            raise UserInputError(
+                f"The {name} data holds no text: its {len(split)} line(s) or row(s) are all blank. Check the file."
+            )
+    return DatasetDict(kept) if isinstance(raw, DatasetDict) else kept
 
 
 def column_names(dataset: Dataset | IterableDataset) -> list[str]:
@@ -149,22 +187,47 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(content.encode()).hexdigest()[:16]
 
 
-def cached_map(raw: DatasetDict, build, key_parts: dict[str, Any], cache_dir: Path) -> DatasetDict:
+PREPROCESSING_FILE = "tlnlp_preprocessing.json"
+
+
+def cached_map(raw: DatasetDict, build, key_parts: dict[str, Any], cache_dir: Path,
+               folder: Path | None = None) -> DatasetDict:
     """Run `build(raw)` once and keep its result on disk, keyed by the inputs and the settings.
 
     A second run with the same data, tokenizer and settings loads the result instead of tokenizing again.
+    `folder` (--preprocessed_dataset_dir) names the place instead of a hash; what it holds must match.
     """
     key_parts = {**key_parts, "fingerprints": {k: v._fingerprint for k, v in raw.items()}, "version": 1}
-    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    folder = cache_dir / "tokenized" / key
-    if (folder / "dataset_dict.json").exists():
+    key_parts = json.loads(json.dumps(key_parts, sort_keys=True, default=str))
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
+    explicit = folder is not None
+    folder = folder or cache_dir / "tokenized" / key
+    if (folder / "dataset_dict.json").exists() and not explicit:
         logger.info("Loading tokenized data from the cache: %s", folder)
         return load_from_disk(str(folder))
+    if (folder / "dataset_dict.json").exists():
+        stored = folder / PREPROCESSING_FILE
+        found = json.loads(stored.read_text()) if stored.exists() else None
+        if found != key_parts:
+            differ = sorted(k for k in set(key_parts) | set(found or {}) if (found or {}).get(k) != key_parts.get(k))
+            raise UserInputError(
+                f"--preprocessed_dataset_dir {folder} holds data tokenized from other inputs or settings "
+                f"(differing: {', '.join(differ)}). Use another folder, or delete this one to tokenize again."
+            )
+        logger.info("Loading tokenized data from %s", folder)
+        return load_from_disk(str(folder))
+    if folder.exists() and any(folder.iterdir()):
+        raise UserInputError(
+            f"--preprocessed_dataset_dir {folder} exists and is not a tlnlp tokenized data set. Give an empty or new folder."
+        )
     result = build(raw)
     tmp = folder.with_name(folder.name + ".tmp")
     result.save_to_disk(str(tmp))
+    (tmp / PREPROCESSING_FILE).write_text(json.dumps(key_parts, indent=2, sort_keys=True))
+    if folder.exists():
+        folder.rmdir()
     tmp.rename(folder)  # atomic: a half-written cache is never loaded
-    logger.info("Tokenized data cached at %s", folder)
+    logger.info("Tokenized data saved in %s", folder)
     return load_from_disk(str(folder))
 
 

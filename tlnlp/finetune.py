@@ -30,9 +30,9 @@ from tlnlp.data import (
 )
 from tlnlp.errors import TrainingError, UserInputError
 from tlnlp.metrics import DEFAULT_BEST, LOWER_IS_BETTER, load_metric
-from tlnlp.modeling import check_tokenizer_and_length, count_parameters, load_tokenizer
+from tlnlp.modeling import check_tokenizer_and_length, count_parameters, load_model_tokenizer
 from tlnlp.outputs import default_cache_dir
-from tlnlp.trainer import Task, default_param_groups, end_run, start_run, train
+from tlnlp.trainer import Task, default_param_groups, end_run, preprocessing_done, start_run, train
 from tlnlp.transfer import (
     CachedFeatureClassifier,
     HeadSpec,
@@ -105,6 +105,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         raw = load_raw_datasets(
             train_file=cfg.train_file, validation_file=cfg.validation_file, test_file=cfg.test_file,
             dataset_name=cfg.dataset_name, dataset_config_name=cfg.dataset_config_name,
+            csv_delimiter=cfg.csv_delimiter,
         )
     raw = DatasetDict({k: v for k, v in raw.items() if k in ("train", "validation", "test")})
     text_column = resolve_text_column(raw["train"], cfg.text_column)
@@ -121,7 +122,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     check_label_sets(raw, cfg.label_column, names, task_type)
     label2id = {name: i for i, name in enumerate(names)}
 
-    tokenizer = load_tokenizer(builtin.resolve_model(cfg.tokenizer_name) or source, cfg.trust_remote_code)
+    tokenizer = load_model_tokenizer(source, builtin.resolve_model(cfg.tokenizer_name), cfg.trust_remote_code)
     head = HeadSpec(cfg.head_hidden_sizes_list, cfg.head_dropout, cfg.head_activation, cfg.pooling)
     model, report = build_classifier(
         source, num_labels=len(names), id2label=dict(enumerate(names)), task_type=task_type, head=head,
@@ -157,8 +158,11 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     with accelerator.main_process_first():
         key = {"tokenizer": tokenizer_fingerprint(tokenizer), "text": text_column, "pair": cfg.text_pair_column,
                "label": cfg.label_column, "len": max_seq_length, "task": task_type, "labels": names, "stage": "cls"}
-        tokenized = cached_map(raw, build, key, Path(cfg.cache_dir or default_cache_dir()))
+        tokenized = cached_map(raw, build, key, Path(cfg.cache_dir or default_cache_dir()),
+                               cfg.preprocessed_dataset_dir and Path(cfg.preprocessed_dataset_dir))
 
+    if cfg.preprocess_only:
+        return preprocessing_done(accelerator, tokenized)
     metric_name = cfg.metric_for_best_model or DEFAULT_BEST[task_type]
     metric_name = metric_name.removeprefix("eval_")
     collator = DataCollatorWithPadding(tokenizer)

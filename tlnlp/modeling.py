@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from safetensors import SafetensorError
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch import nn
 from transformers import (
@@ -85,6 +86,26 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         ) from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+
+
+def load_model_tokenizer(model_source: str | None, tokenizer_name: str | None,
+                         trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The model's own tokenizer, or --tokenizer_name, which must then map text to the same ids."""
+    tokenizer = load_tokenizer(tokenizer_name or model_source, trust_remote_code)
+    if tokenizer_name and model_source and any((Path(model_source) / f).exists() for f in TOKENIZER_FILES):
+        own = load_tokenizer(model_source, trust_remote_code).get_vocab()
+        other = tokenizer.get_vocab()
+        differ = sum(1 for token, i in other.items() if own.get(token) != i)
+        if differ or len(own) != len(other):
+            raise UserInputError(
+                f"The tokenizer from --tokenizer_name {tokenizer_name} belongs to another model: {differ} of its "
+                f"{len(other)} tokens have other ids than in the tokenizer saved with {model_source} ({len(own)} "
+                "tokens), so they would index the wrong embeddings. Omit --tokenizer_name to use the model's own."
+            )
+    return tokenizer
+
+
 def scratch_config(
     tokenizer: PreTrainedTokenizerBase,
     *,
@@ -138,6 +159,11 @@ def load_mlm_model(name_or_path: str, trust_remote_code: bool = False) -> tuple[
             model, info = AutoModelForMaskedLM.from_pretrained(
                 name_or_path, output_loading_info=True, trust_remote_code=trust_remote_code
             )
+    except SafetensorError as error:
+        raise UserInputError(
+            f"The weights file model.safetensors in {name_or_path!r} is damaged or truncated ({error}). Download or save "
+            "the model again."
+        ) from None
     except (OSError, ValueError) as error:
         raise UserInputError(
             f"Could not load a model from {name_or_path!r}: {error}. Give a folder with config.json and "

@@ -19,6 +19,7 @@ from tlnlp import builtin
 from tlnlp.config import PretrainConfig
 from tlnlp.data import (
     cached_map,
+    drop_blank_texts,
     ensure_validation,
     load_raw_datasets,
     mask_batch,
@@ -32,12 +33,13 @@ from tlnlp.modeling import (
     MaskedLMLoss,
     check_tokenizer_and_length,
     load_mlm_model,
+    load_model_tokenizer,
     load_tokenizer,
     scratch_config,
     train_wordpiece,
 )
 from tlnlp.outputs import default_cache_dir
-from tlnlp.trainer import Task, end_run, start_run, train
+from tlnlp.trainer import Task, end_run, preprocessing_done, start_run, train
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +94,15 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     with accelerator.main_process_first():
         raw = load_raw_datasets(
             train_file=cfg.train_file, validation_file=cfg.validation_file, dataset_name=cfg.dataset_name,
-            dataset_config_name=cfg.dataset_config_name, streaming=cfg.streaming,
+            dataset_config_name=cfg.dataset_config_name, streaming=cfg.streaming, csv_delimiter=cfg.csv_delimiter,
         )
+        text_column = resolve_text_column(raw["train"], cfg.text_column)
+        raw = drop_blank_texts(raw, text_column)
         raw = ensure_validation(raw, cfg.validation_split_percentage, cfg.seed, cfg.streaming)
-    text_column = resolve_text_column(raw["train"], cfg.text_column)
 
     trained_tokenizer = False
     if cfg.tokenizer_name or model_source:
-        tokenizer = load_tokenizer(builtin.resolve_model(cfg.tokenizer_name) or model_source, cfg.trust_remote_code)
+        tokenizer = load_model_tokenizer(model_source, builtin.resolve_model(cfg.tokenizer_name), cfg.trust_remote_code)
     elif cfg.config_name:
         tokenizer = load_tokenizer(cfg.config_name, cfg.trust_remote_code)
     else:
@@ -148,7 +151,10 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         with accelerator.main_process_first():
             key = {"tokenizer": tokenizer_fingerprint(tokenizer), **prepare, "mlm_probability": cfg.mlm_probability,
                    "seed": cfg.seed, "stage": "mlm"}
-            tokenized = cached_map(raw, build, key, Path(cfg.cache_dir or default_cache_dir()))
+            tokenized = cached_map(raw, build, key, Path(cfg.cache_dir or default_cache_dir()),
+                                   cfg.preprocessed_dataset_dir and Path(cfg.preprocessed_dataset_dir))
+        if cfg.preprocess_only:
+            return preprocessing_done(accelerator, tokenized)
         train_data, eval_data = tokenized["train"], tokenized["validation"]
 
     def save(unwrapped: MaskedLMLoss, folder: Path, _state_dict: dict) -> None:

@@ -7,6 +7,7 @@ best-model tracking with early stopping, resumable checkpoints, and the final sa
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from typing import Any
 import safetensors.torch
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, TorchDynamoPlugin, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
@@ -66,14 +67,30 @@ class Task:
     summary: dict[str, Any] = field(default_factory=dict)  # extra lines for the start-of-run summary
 
 
+def resolve_mixed_precision(choice: str) -> str:
+    """--mixed_precision auto: the launcher's choice if it made one, else bf16 where the GPU supports it."""
+    if choice != "auto":
+        return choice
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched != "no":
+        return launched
+    on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
+    return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+
+
 def make_accelerator(cfg: TrainingConfig) -> Accelerator:
-    """Mixed precision and devices come from `accelerate config`/`accelerate launch`; nothing is needed for CPU."""
+    """Devices come from `accelerate config`/`accelerate launch`; nothing is needed for CPU."""
     return Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=cfg.report_to if cfg.with_tracking else None,
         project_dir=cfg.output_dir,
         # Seeded shuffling: the same seed gives the same data order, also after a resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # The loop steps the schedule once per optimizer step itself. A prepared scheduler is saved in
+        # checkpoints as plain numbers (loaded with weights_only=True), unlike a registered custom object.
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.ddp_timeout))],
         # Dynamic shapes: batches vary in length (dynamic padding), which would otherwise recompile per length.
         dynamo_plugin=TorchDynamoPlugin(backend="inductor", dynamic=True) if cfg.torch_compile else None,
     )
@@ -102,6 +119,8 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 def check_output_dir(cfg: TrainingConfig) -> None:
     """Refuse to write over an earlier run unless asked to, before anything is loaded or written."""
+    if cfg.preprocess_only:
+        return  # writes only tokenized data
     output_dir = Path(cfg.output_dir)
     if cfg.resume_from_checkpoint:
         if cfg.resume_from_checkpoint == "latest":
@@ -121,6 +140,49 @@ def check_output_dir(cfg: TrainingConfig) -> None:
             f"--output_dir {output_dir} already holds files from an earlier run. Use another folder, "
             "--overwrite_output_dir to replace it, or --resume_from_checkpoint latest to continue it."
         )
+
+
+# What tlnlp's checkpoints pickle besides tensors: numpy arrays and the random-number generators' states.
+SAFE_PICKLE_GLOBALS = {
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
+    "numpy.dtypes.UInt32DType", "_codecs.encode",
+}
+
+
+def check_checkpoint_is_safe(folder: Path) -> None:
+    """Refuse a checkpoint whose pickled files would run code when loaded.
+
+    Accelerate loads the training state with torch.load(weights_only=True) already; this check runs first,
+    over every pickle in the folder, so a tampered or foreign checkpoint gets a clear refusal instead of a
+    deep unpickling error, and nothing in it is ever executed.
+    """
+    for file in sorted(folder.iterdir()):
+        if file.suffix not in (".bin", ".pkl", ".pt", ".pth"):
+            continue
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(file))) - SAFE_PICKLE_GLOBALS
+        except Exception as error:  # noqa: BLE001  (any failure to parse means a damaged file)
+            raise UserInputError(
+                f"Checkpoint file {file} is damaged ({type(error).__name__}: {error}). Resume from an earlier "
+                f"checkpoint: --resume_from_checkpoint {folder.parent}/step_..."
+            ) from None
+        if unsafe:
+            raise UserInputError(
+                f"Refusing to resume from {folder}: {file.name} holds pickled objects that would run code when "
+                f"loaded ({', '.join(sorted(unsafe))}). tlnlp checkpoints hold only tensors, numbers and numpy "
+                "arrays; this file was altered or comes from elsewhere. Delete it or resume from another checkpoint."
+            )
+
+
+def load_checkpoint(accelerator: Accelerator, folder: Path) -> None:
+    check_checkpoint_is_safe(folder)
+    try:
+        accelerator.load_state(str(folder))
+    except Exception as error:  # noqa: BLE001  (safetensors, torch and OS errors all mean the same to the user)
+        raise UserInputError(
+            f"Could not load checkpoint {folder} ({type(error).__name__}: {error}). It is damaged or from another "
+            f"model or configuration; resume from an earlier checkpoint under {folder.parent}, or start afresh."
+        ) from None
 
 
 class _Checkpoints:
@@ -203,7 +265,7 @@ def train(cfg: TrainingConfig, task: Task, accelerator: Accelerator) -> dict[str
         cfg.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=cfg.num_warmup_steps,
         num_training_steps=max_steps,
     )
-    accelerator.register_for_checkpointing(scheduler)
+    scheduler = accelerator.prepare_scheduler(scheduler)
 
     global_batch = cfg.per_device_train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -234,7 +296,7 @@ def train(cfg: TrainingConfig, task: Task, accelerator: Accelerator) -> dict[str
     if cfg.resume_from_checkpoint:
         path = latest_checkpoint(output_dir) if cfg.resume_from_checkpoint == "latest" else Path(
             cfg.resume_from_checkpoint)
-        accelerator.load_state(str(path))
+        load_checkpoint(accelerator, path)
         state.update(json.loads((path / STATE_FILE).read_text()))
         logger.info("Resumed from %s at optimizer step %d (epoch %d, batch %d)", path, state["completed_steps"],
                     state["epoch"], state["batches_in_epoch"])
@@ -418,9 +480,18 @@ def start_run(cfg: TrainingConfig) -> tuple[Accelerator, str | None]:
     check_output_dir(cfg)
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator)
-    hub_repo = hub.preflight(cfg, accelerator)
+    hub_repo = None if cfg.preprocess_only else hub.preflight(cfg, accelerator)
     set_seed(cfg.seed)
     return accelerator, hub_repo
+
+
+def preprocessing_done(accelerator: Accelerator, tokenized) -> dict[str, Any]:
+    """--preprocess_only: the tokenized data is on disk; stop before any model training."""
+    sizes = {name: len(split) for name, split in tokenized.items()}
+    logger.info("Preprocessing done (%s). Run again without --preprocess_only to train on it.",
+                ", ".join(f"{k}: {v:,} rows" for k, v in sizes.items()))
+    finish(accelerator)
+    return {"preprocessed_rows": sizes}
 
 
 def end_run(cfg: TrainingConfig, accelerator: Accelerator, results: dict, stage: str, hub_repo: str | None) -> None:

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
@@ -67,6 +68,11 @@ def _load_encoder(source: str, trust_remote_code: bool) -> tuple[dict[str, torch
                 return model.encoder.state_dict(), [], head
             encoder, info = AutoModel.from_pretrained(source, output_loading_info=True,
                                                       trust_remote_code=trust_remote_code)
+    except SafetensorError as error:
+        raise UserInputError(
+            f"The weights file model.safetensors in {source!r} is damaged or truncated ({error}). Download or save "
+            "the model again."
+        ) from None
     except (OSError, ValueError, RuntimeError) as error:
         raise UserInputError(
             f"Could not load encoder weights from {source!r}: {error}. A checkpoint saved for another "
