@@ -76,7 +76,7 @@ def stock(args: argparse.Namespace, frozen: bool) -> dict:
     epochs = args.frozen_epochs if frozen else args.epochs
     scheduler = get_scheduler("linear", optimizer=optimizer, num_warmup_steps=0,
                               num_training_steps=epochs * len(train_dl))
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
     model, optimizer, train_dl, eval_dl, test_dl, scheduler = accelerator.prepare(
         model, optimizer, train_dl, eval_dl, test_dl, scheduler)
 
@@ -116,6 +116,7 @@ def tlnlp(args: argparse.Namespace, cached: bool) -> dict:
                    "--per_device_eval_batch_size", str(args.eval_batch_size),
                    "--learning_rate", str(args.learning_rate), "--num_train_epochs", str(epochs),
                    "--max_grad_norm", "0", "--seed", str(args.seed), "--logging_steps", "1000",
+                   "--mixed_precision", args.mixed_precision,
                    "--output_dir", out, "--overwrite_output_dir", "--cache_dir", str(Path(out) / "cache")]
         if args.labels:
             command += ["--max_train_samples", str(args.labels)]
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
+                        help="Autocast precision, the same for every variant (no: fp32).")
     parser.add_argument("--output", help="Write the results as JSON here.")
     parser.add_argument("--_variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     parser.add_argument("--_result", help=argparse.SUPPRESS)
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "config": {k: getattr(args, k) for k in ("model", "labels", "max_seq_length", "batch_size", "learning_rate",
                                                  "epochs", "frozen_epochs", "freeze_layers", "repeats", "seed")}
-        | {"precision": "fp32", "data": args.train_file},
+        | {"precision": "fp32" if args.mixed_precision == "no" else args.mixed_precision, "data": args.train_file},
         "examples_per_s_median": median, "test_accuracy_mean": accuracy, "speedup": speedups, "runs": runs,
     }
     print(f"\n{'':13} {'examples/s (median)':>20} {'test accuracy':>14} {'epochs':>7}")

@@ -59,7 +59,8 @@ def main() -> int:
         Arm("pretrained", str(stage1), name="stage1 encoder (wiki-leads MLM)", finetune_args=small_lr),
         Arm("scratch", "minilm-l6", name="MiniLM-size from scratch", finetune_args=minilm_lr),
         Arm("pretrained", "minilm-l6", name="MiniLM encoder", finetune_args=minilm_lr),
-        Arm("frozen", "minilm-l6", freeze_layers=4, name="MiniLM, bottom 4 layers frozen", finetune_args=minilm_lr),
+        Arm("frozen", "minilm-l6", freeze_layers=4, name="MiniLM, bottom 4 layers frozen",
+            finetune_args=[*minilm_lr, "--cache_frozen_features"]),
     ]
     rows = run_study(arms=arms, dataset="wiki-topics", label_counts=[LABELS], seeds=[SEED], output_dir=out,
                      finetune_args=FINETUNE)

@@ -135,7 +135,7 @@ def test_cache_refuses_a_trainable_bottom(tiny_mlm_dir):
         CachedFeatureClassifier(model, 1)
 
 
-def test_length_grouped_batches(tiny_mlm_dir):
+def test_length_grouped_batches():
     lengths = [int(x) for x in torch.randint(5, 120, (203,), generator=torch.Generator().manual_seed(0))]
     sampler = LengthGroupedSampler(lengths, batch_size=8, seed=3, mega_batches=5)
     epoch0 = list(sampler)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from conftest import REPO, make_documents, run_script, write_labeled
 from transformers import AutoTokenizer
@@ -20,6 +21,7 @@ import tlnlp.pretrain
 from tlnlp.cli import run
 from tlnlp.config import FinetuneConfig, PretrainConfig
 from tlnlp.modeling import train_wordpiece
+from tlnlp.trainer import latest_checkpoint
 
 STAGES = {"pretrain": (tlnlp.pretrain.main, PretrainConfig), "finetune": (tlnlp.finetune.main, FinetuneConfig)}
 
@@ -266,6 +268,29 @@ def test_checkpoints_pickle_nothing_beyond_tensors_and_numbers(tiny_mlm_dir, lab
     assert not list(checkpoint.glob("custom_checkpoint_*"))  # no arbitrary registered objects
 
 
+def test_checkpoints_rotate_and_a_save_killed_half_way_is_never_resumed_from(corpus_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = pretrain_args(corpus_file, out, tmp_path / "cache", "--max_train_steps", "8", "--checkpointing_steps", "2",
+                         "--save_total_limit", "2")
+    original_save = Accelerator.save_state
+
+    def killed_while_saving_step_6(self, output_dir, **kwargs):
+        result = original_save(self, output_dir, **kwargs)
+        if output_dir.endswith("step_00000006.tmp"):  # the files are written, the state file is not
+            raise KeyboardInterrupt("killed during the save")
+        return result
+
+    monkeypatch.setattr(Accelerator, "save_state", killed_while_saving_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli("pretrain", args)
+    folder = out / "checkpoints"
+    assert (folder / "step_00000006.tmp").exists() and not (folder / "step_00000006.tmp" / "trainer_state.json").exists()
+    assert latest_checkpoint(out) == folder / "step_00000004"
+    monkeypatch.setattr(Accelerator, "save_state", original_save)
+    assert run_cli("pretrain", [*args, "--resume_from_checkpoint", "latest"]) == 0
+    assert sorted(p.name for p in folder.glob("step_*")) == ["step_00000006", "step_00000008"]  # rotated to 2
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Tokenize once, reuse
 # ----------------------------------------------------------------------------------------------------------
@@ -299,11 +324,11 @@ def test_a_foreign_folder_is_not_taken_for_preprocessed_data(corpus_file, tmp_pa
 # One process vs two
 # ----------------------------------------------------------------------------------------------------------
 
-LOSS_TOLERANCE = 0.02  # relative; the two runs differ only in masks and dropout drawn per process
+LOSS_TOLERANCE = 0.03  # relative; the two runs differ only in masks and dropout drawn per process
 
 
 def test_two_processes_follow_the_one_process_loss_curve(corpus_file, tmp_path):
-    """Same global batch (1 x 16 vs 2 x 8), same seed: the validation loss curves agree within 2%."""
+    """Same global batch (1 x 16 vs 2 x 8), same seed: the validation loss curves agree within 3%."""
     curves = {}
     for processes, batch in ((1, "16"), (2, "8")):
         out = tmp_path / f"p{processes}"
