@@ -129,21 +129,12 @@ def truncated_safetensors_continued_pretraining(tmp: Path, model: Path):
     return "pretrain", [str(tmp / "corpus.txt"), "--model_name_or_path", str(tmp / "broken_model")], message
 
 
-def yaml_unknown_key(stage: str):
+def yaml_config(stage: str, text: str, message: str):
     def build(tmp: Path, model: Path):
-        (tmp / "run.yaml").write_text("learning_rte: 0.1\n")
+        (tmp / "run.yaml").write_text(text)
         data = tmp / "data.csv"
         write_labeled(data, labeled_rows())
-        return stage, [str(data), "--config", str(tmp / "run.yaml")], "unknown option(s) learning_rte"
-    return build
-
-
-def yaml_wrong_type(stage: str):
-    def build(tmp: Path, model: Path):
-        (tmp / "run.yaml").write_text("num_train_epochs: three\n")
-        data = tmp / "data.csv"
-        write_labeled(data, labeled_rows())
-        return stage, [str(data), "--config", str(tmp / "run.yaml")], "num_train_epochs"
+        return stage, [str(data), "--config", str(tmp / "run.yaml")], message
     return build
 
 
@@ -169,8 +160,9 @@ BAD_INPUTS = {
     "tokenizer of another model (smaller)": tokenizer_of_another_model(120),
     "truncated safetensors (finetune)": truncated_safetensors,
     "truncated safetensors (pretrain)": truncated_safetensors_continued_pretraining,
-    **{f"YAML unknown key ({s})": yaml_unknown_key(s) for s in STAGES},
-    **{f"YAML wrong type ({s})": yaml_wrong_type(s) for s in STAGES},
+    **{f"YAML unknown key ({s})": yaml_config(s, "learning_rte: 0.1\n", "unknown option(s) learning_rte")
+       for s in STAGES},
+    **{f"YAML wrong type ({s})": yaml_config(s, "num_train_epochs: three\n", "num_train_epochs") for s in STAGES},
     **{f"{option} {value} ({s})": bad_number(s, option, value, f"{option} must be greater than 0")
        for s in STAGES for option, value in (("--per_device_train_batch_size", "0"), ("--learning_rate", "-0.001"),
                                               ("--max_train_steps", "0"))},
