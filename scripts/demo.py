@@ -3,7 +3,7 @@
 1. Stage 1: MLM pretraining from scratch on `wiki-leads` (a WordPiece tokenizer is trained on it).
 2. Stage 2: fine-tune on 1,000 stratified `wiki-topics` labels from five starting points: the stage 1
    encoder and its from-scratch twin; the MiniLM encoder, MiniLM with its bottom 4 layers frozen,
-   and MiniLM's architecture from scratch.
+   and MiniLM's architecture from scratch (`--stage1_only`: the first two alone).
 3. Baselines on the same 1,000 labels: TF-IDF + logistic regression, and logistic regression on
    frozen MiniLM sentence embeddings.
 4. Every model is tested on the 2,000 held-out test articles; results.json, report.md and plots are
@@ -24,6 +24,7 @@ from tlnlp import builtin
 from tlnlp.baselines import frozen_embedding_logistic_regression, tfidf_logistic_regression
 from tlnlp.study import Arm, run_study, write_report
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LABELS = 1000
 SEED = 42
 FINETUNE = ["--max_seq_length", "64", "--num_train_epochs", "3", "--per_device_train_batch_size", "16",
@@ -33,21 +34,21 @@ FINETUNE = ["--max_seq_length", "64", "--num_train_epochs", "3", "--per_device_t
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/demo")
-    parser.add_argument("--pretrain_epochs", type=float, default=4.0,
-                        help="Stage 1 epochs over wiki-leads (4: about 4 minutes on 2 CPU cores).")
-    parser.add_argument("--pretrain_size", default="tiny", help="Stage 1 architecture preset.")
+    parser.add_argument("--stage1_config", default=str(CONFIGS / "demo_stage1.yaml"),
+                        help="Stage 1 settings (a pretraining YAML). configs/stage1_budget.yaml is the longer run.")
+    parser.add_argument("--stage1_only", action="store_true",
+                        help="Only the stage 1 encoder and its from-scratch twin: no MiniLM arms, no baselines.")
+    parser.add_argument("--seeds", default=str(SEED), help="Comma-separated fine-tuning seeds.")
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
 
     stage1 = out / "stage1"
     if not (stage1 / "all_results.json").exists():
-        logging.info("=== Stage 1: MLM pretraining from scratch on wiki-leads ===")
-        command = [sys.executable, "-m", "tlnlp.pretrain", "--dataset_name", "wiki-leads", "--model_size",
-                   args.pretrain_size, "--vocab_size", "8000", "--max_seq_length", "128",
-                   "--per_device_train_batch_size", "32", "--learning_rate", "1e-3", "--num_warmup_steps", "100",
-                   "--num_train_epochs", str(args.pretrain_epochs), "--logging_steps", "50",
+        logging.info("=== Stage 1: MLM pretraining from scratch on wiki-leads (%s) ===", args.stage1_config)
+        command = [sys.executable, "-m", "tlnlp.pretrain", "--config", args.stage1_config,
                    "--output_dir", str(stage1), "--overwrite_output_dir"]
         if subprocess.run(command).returncode != 0:
             return 1
@@ -57,16 +58,21 @@ def main() -> int:
     arms = [
         Arm("scratch", str(stage1), name="stage1-size from scratch", finetune_args=small_lr),
         Arm("pretrained", str(stage1), name="stage1 encoder (wiki-leads MLM)", finetune_args=small_lr),
-        Arm("scratch", "minilm-l6", name="MiniLM-size from scratch", finetune_args=minilm_lr),
-        Arm("pretrained", "minilm-l6", name="MiniLM encoder", finetune_args=minilm_lr),
-        Arm("frozen", "minilm-l6", freeze_layers=4, name="MiniLM, bottom 4 layers frozen",
-            finetune_args=[*minilm_lr, "--cache_frozen_features"]),
     ]
-    rows = run_study(arms=arms, dataset="wiki-topics", label_counts=[LABELS], seeds=[SEED], output_dir=out,
+    if not args.stage1_only:
+        arms += [
+            Arm("scratch", "minilm-l6", name="MiniLM-size from scratch", finetune_args=minilm_lr),
+            Arm("pretrained", "minilm-l6", name="MiniLM encoder", finetune_args=minilm_lr),
+            Arm("frozen", "minilm-l6", freeze_layers=4, name="MiniLM, bottom 4 layers frozen",
+                finetune_args=[*minilm_lr, "--cache_frozen_features"]),
+        ]
+    rows = run_study(arms=arms, dataset="wiki-topics", label_counts=[LABELS], seeds=seeds, output_dir=out,
                      finetune_args=FINETUNE)
 
     baselines_file = out / "baselines.json"
-    if baselines_file.exists():
+    if args.stage1_only:
+        baselines = {}
+    elif baselines_file.exists():
         baselines = json.loads(baselines_file.read_text())
     else:
         logging.info("=== Baselines on the same %d labels ===", LABELS)

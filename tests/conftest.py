@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import BertConfig, BertForMaskedLM
+from transformers import BertConfig, BertForMaskedLM, ModernBertConfig
 
 from tlnlp.modeling import train_wordpiece
 
@@ -75,6 +75,12 @@ def tiny_tokenizer(tmp_path_factory):
 def tiny_bert_config(vocab_size: int, layers: int = 2) -> BertConfig:
     return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                       intermediate_size=37, max_position_embeddings=128)
+
+
+def tiny_modernbert_config(vocab_size: int, layers: int = 2) -> ModernBertConfig:
+    return ModernBertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                            intermediate_size=24, max_position_embeddings=128, pad_token_id=0, cls_token_id=2,
+                            sep_token_id=3, bos_token_id=None, eos_token_id=None)
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, pipeline
 
 from tlnlp.classifier import TlnlpForSequenceClassification
-from tlnlp.config import FinetuneConfig, parse_config
+from tlnlp.config import FinetuneConfig, PretrainConfig, parse_config
 from tlnlp.data import LengthGroupedSampler
 from tlnlp.errors import UserInputError
 from tlnlp.finetune import main
+from tlnlp.pretrain import main as pretrain_main
 from tlnlp.transfer import (
     CachedFeatureClassifier,
     HeadSpec,
@@ -306,3 +307,31 @@ def test_two_process_run_with_frozen_layers(tiny_mlm_dir, labeled_files, tmp_pat
     assert ranks[0]["trainable_in_optimizer"] == trainable  # the optimizer holds only what trains
     results = json.loads((out / "all_results.json").read_text())
     assert results["num_processes"] == 2 and ("feature_cache_s" in results) == bool(cache)
+
+
+def test_modernbert_from_scratch_through_both_stages(corpus_file, labeled_files, tmp_path, cache_dir):
+    """`--architecture modernbert`: stage 1 learns, and stage 2's freezing and feature cache find its layers."""
+    stage1 = tmp_path / "stage1"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    pretrain_main(parse_config(PretrainConfig, [
+        "--train_file", str(corpus_file), "--output_dir", str(stage1), "--cache_dir", str(cache_dir),
+        "--architecture", "modernbert", "--model_size", "tiny", "--hidden_size", "32", "--num_attention_heads", "2",
+        "--intermediate_size", "48", "--vocab_size", "200", "--max_seq_length", "32",
+        "--per_device_train_batch_size", "8", "--learning_rate", "2e-3", "--num_train_epochs", "3", "--seed", "3"]))
+    assert json.loads((stage1 / "config.json").read_text())["model_type"] == "modernbert"
+    history = json.loads((stage1 / "eval_history.json").read_text())
+    vocab = len(json.loads((stage1 / "tokenizer.json").read_text())["model"]["vocab"])
+    assert history[-1]["loss"] < history[0]["loss"] < math.log(vocab) - 0.5, history  # untrained: about ln(vocab)
+    assert history[-1]["loss"] < math.log(vocab) - 1.0, history
+
+    out = tmp_path / "classifier"
+    results = run_main(ft_args(stage1, labeled_files, out, cache_dir, "--freeze_embeddings", "--freeze_layers", "1",
+                               "--cache_frozen_features", "--num_train_epochs", "5"))
+    assert results["test_accuracy"] > 0.6  # three clearly separable topics
+    checkpoint = load_file(stage1 / "model.safetensors")
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert type(model).__name__ == "ModernBertForSequenceClassification"
+    frozen = [n for n in checkpoint if n.startswith(("model.embeddings.", "model.layers.0."))]
+    assert frozen and all(torch.equal(model.state_dict()[n], checkpoint[n]) for n in frozen)
+    trained = [n for n in checkpoint if n.startswith("model.layers.1.")]
+    assert any(not torch.equal(model.state_dict()[n], checkpoint[n]) for n in trained)

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from conftest import tiny_bert_config
-from transformers import AutoModelForMaskedLM, BertForMaskedLM, BertModel
+from conftest import tiny_bert_config, tiny_modernbert_config
+from transformers import AutoModelForMaskedLM, BertForMaskedLM, BertModel, ModernBertForMaskedLM
 
 from tlnlp.errors import UserInputError
 from tlnlp.modeling import MaskedLMLoss, check_tokenizer_and_length, load_mlm_model
@@ -19,11 +19,17 @@ def masked_batch(vocab_size: int, seed: int = 0):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def test_sparse_head_loss_equals_full_loss():
+@pytest.mark.parametrize("architecture", ["bert", "modernbert"])
+def test_sparse_head_loss_equals_full_loss(architecture):
     torch.manual_seed(0)
-    model = BertForMaskedLM(tiny_bert_config(300)).eval()
+    if architecture == "bert":
+        model = BertForMaskedLM(tiny_bert_config(300)).eval()
+    else:
+        model = ModernBertForMaskedLM(tiny_modernbert_config(300)).eval()
     batch = masked_batch(300)
-    sparse = MaskedLMLoss(model, sparse=True)(**batch)
+    wrapper = MaskedLMLoss(model, sparse=True)
+    assert wrapper.sparse  # the head was found: the sparse path is the one tested
+    sparse = wrapper(**batch)
     full = MaskedLMLoss(model, sparse=False)(**batch)
     stock = model(**batch).loss
     assert torch.allclose(sparse.loss, stock, atol=1e-5)

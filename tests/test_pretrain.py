@@ -103,6 +103,8 @@ def test_bad_inputs_fail_before_training_and_write_nothing(corpus_file, tmp_path
         run_main(args + ["--max_seq_length", "512"])
     with pytest.raises(UserInputError, match="belongs to another model"):
         run_main(args + ["--tokenizer_name", "minilm-l6"])
+    with pytest.raises(UserInputError, match="--architecture modernbert applies to the --model_size presets"):
+        run_main(args + ["--architecture", "modernbert"])
     assert not out.exists()
 
 

@@ -67,8 +67,10 @@ def _body(name: str, stage: str, cfg: dict, results: dict, metrics: dict, split:
     table = "\n".join(f"| {split} {k} | {v:.4f} |" for k, v in metrics.items())
     lines = [f"# {name}", ""]
     if stage == "pretrain":
+        shape = ("architecture from " + cfg["config_name"] if cfg.get("config_name")
+                 else f"{cfg.get('architecture', 'bert')} {cfg.get('model_size') or 'tiny'}")
         start = f"continued (domain-adaptive) pretraining of `{source}`" if source else (
-            f"pretraining from scratch ({cfg.get('model_size') or 'custom'} size, WordPiece tokenizer trained on the corpus)")
+            f"pretraining from scratch ({shape}, WordPiece tokenizer trained on the corpus)")
         lines += [
             "A BERT-style encoder trained with masked-language modelling by [tlnlp](https://pypi.org/project/tlnlp/): "
             f"{start}. Use it as the starting point for fine-tuning on a small labeled set.", "",

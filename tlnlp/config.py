@@ -186,6 +186,12 @@ class PretrainConfig(TrainingConfig):
     model_size: ModelSize | None = _help(
         "Architecture preset for training from scratch: tiny (2x128), mini (4x256), small (4x512), medium (8x512), base (12x768)."
     )
+    architecture: Literal["bert", "modernbert"] = _help(
+        "From scratch: the encoder family the --model_size preset builds. bert: learned absolute positions, as in "
+        "BERT. modernbert: rotary positions and pre-layer-norm (ModernBERT); at small budgets it leaves the "
+        "unigram plateau of MLM training far sooner (see README, 'Stage 1 budget').",
+        "bert",
+    )
     config_name: str | None = _help("A config.json folder or Hub id giving the architecture to train from scratch.")
     num_hidden_layers: int | None = _help("From scratch: encoder layers (overrides the preset).")
     hidden_size: int | None = _help("From scratch: hidden size (overrides the preset).")
@@ -204,6 +210,11 @@ class PretrainConfig(TrainingConfig):
         if self.streaming and self.max_train_steps is None:
             raise UserInputError(
                 "--streaming needs --max_train_steps: a streamed corpus has no known length to count epochs by."
+            )
+        if self.architecture != "bert" and (self.model_name_or_path or self.config_name):
+            raise UserInputError(
+                f"--architecture {self.architecture} applies to the --model_size presets; the checkpoint or "
+                "--config_name already fixes the architecture. Drop one of them."
             )
         if self.model_name_or_path and (self.model_size or self.config_name):
             raise UserInputError(

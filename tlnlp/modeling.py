@@ -20,6 +20,7 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertTokenizerFast,
+    ModernBertConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -111,6 +112,7 @@ def scratch_config(
     *,
     model_size: str | None,
     config_name: str | None,
+    architecture: str = "bert",
     overrides: dict[str, int | None],
     max_seq_length: int,
     trust_remote_code: bool = False,
@@ -124,15 +126,17 @@ def scratch_config(
         config.vocab_size = len(tokenizer)
     else:
         layers, hidden, heads, ffn = MODEL_SIZES[model_size or "tiny"]
-        config = BertConfig(
-            vocab_size=len(tokenizer),
-            num_hidden_layers=layers,
-            hidden_size=hidden,
-            num_attention_heads=heads,
-            intermediate_size=ffn,
-            max_position_embeddings=max(512, max_seq_length),
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        shape = dict(vocab_size=len(tokenizer), num_hidden_layers=layers, hidden_size=hidden,
+                     num_attention_heads=heads, max_position_embeddings=max(512, max_seq_length),
+                     pad_token_id=tokenizer.pad_token_id)
+        if architecture == "modernbert":
+            # GeGLU has three feed-forward matrices to BERT's two: 2/3 of the width keeps the parameter count.
+            # Every layer attends globally: the sliding window only pays off on sequences far longer than ours.
+            config = ModernBertConfig(**shape, intermediate_size=ffn * 2 // 3, global_attn_every_n_layers=1,
+                                      cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+                                      bos_token_id=None, eos_token_id=None)
+        else:
+            config = BertConfig(**shape, intermediate_size=ffn)
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)
@@ -234,9 +238,13 @@ class MaskedLMLoss(nn.Module):
     def __init__(self, mlm: PreTrainedModel, sparse: bool = True):
         super().__init__()
         self.mlm = mlm
-        # The head is looked up by name, not stored: a second reference would duplicate it in the state dict.
-        self.head_name = next((name for name in ("cls", "lm_head") if hasattr(mlm, name)), None)
-        self.sparse = sparse and self.head_name is not None
+        # The head's modules are looked up by name, not stored: a second reference would duplicate them in
+        # the state dict. BERT and RoBERTa have one head module; ModernBERT a transform then a decoder.
+        self.head_names = next(
+            (names for names in (("cls",), ("lm_head",), ("head", "decoder")) if all(hasattr(mlm, n) for n in names)),
+            None,
+        )
+        self.sparse = sparse and self.head_names is not None
 
     def forward(self, input_ids, labels, attention_mask=None, token_type_ids=None, **_unused) -> ModelOutput:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -245,8 +253,9 @@ class MaskedLMLoss(nn.Module):
         selected = labels.view(-1) != -100
         if self.sparse:
             hidden = self.mlm.base_model(**inputs).last_hidden_state
-            head = getattr(self.mlm, self.head_name)
-            logits = head(hidden.reshape(-1, hidden.size(-1))[selected])
+            logits = hidden.reshape(-1, hidden.size(-1))[selected]
+            for name in self.head_names:
+                logits = getattr(self.mlm, name)(logits)
         else:
             logits = self.mlm(**inputs).logits.view(-1, self.mlm.config.vocab_size)[selected]
         token_loss = F.cross_entropy(logits.float(), labels.view(-1)[selected], reduction="none")

@@ -121,7 +121,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     else:
         max_seq_length = cfg.max_seq_length or DEFAULT_SCRATCH_SEQ_LEN
         config = scratch_config(
-            tokenizer, model_size=cfg.model_size, config_name=cfg.config_name, max_seq_length=max_seq_length,
+            tokenizer, model_size=cfg.model_size, config_name=cfg.config_name, architecture=cfg.architecture,
+            max_seq_length=max_seq_length,
             trust_remote_code=cfg.trust_remote_code,
             overrides={name: getattr(cfg, name) for name in
                        ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")},
@@ -173,7 +174,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         evaluate=evaluate_mlm,
         save=save,
         summary={
-            "start": cfg.model_name_or_path or f"from scratch ({cfg.model_size or 'custom'} size)",
+            "start": cfg.model_name_or_path or f"from scratch ({model.config.model_type}, {cfg.model_size or 'custom'} size)",
             "tokenizer": f"{len(tokenizer)} tokens" + (" (trained on this corpus)" if trained_tokenizer else ""),
             "sequence length": f"{max_seq_length} ({'line by line' if cfg.line_by_line else 'packed'})",
             "masking": f"{cfg.mlm_probability:.0%}" + (" whole words" if cfg.whole_word_mask else ""),

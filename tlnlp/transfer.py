@@ -139,18 +139,29 @@ def build_classifier(
     return model, SurgeryReport(source, sorted(prefix + k for k in usable), new_base + head_keys, dropped)
 
 
+def _layer_stack(base: nn.Module) -> tuple[nn.Module, str] | None:
+    """(module, attribute) holding the encoder's layer list: `encoder.layer` in the BERT family
+    (`transformer.layer` in DistilBERT), `layers` in ModernBERT."""
+    for owner in (getattr(base, "encoder", None), getattr(base, "transformer", None)):
+        if isinstance(getattr(owner, "layer", None), nn.ModuleList):
+            return owner, "layer"
+    if isinstance(getattr(base, "layers", None), nn.ModuleList):
+        return base, "layers"
+    return None
+
+
 def encoder_parts(model: PreTrainedModel) -> tuple[nn.Module, list[nn.Module]]:
-    """(embeddings, layers bottom to top) of a BERT-family encoder."""
+    """(embeddings, layers bottom to top) of a BERT-family or ModernBERT encoder."""
     base = model.base_model
     embeddings = getattr(base, "embeddings", None)
-    stack = getattr(base, "encoder", None) or getattr(base, "transformer", None)
-    layers = getattr(stack, "layer", None)
-    if embeddings is None or layers is None:
+    stack = _layer_stack(base)
+    if embeddings is None or stack is None:
         raise UserInputError(
-            f"Freezing and layer-wise learning rates need a BERT-style encoder (embeddings + encoder.layer); "
-            f"{type(base).__name__} has a different layout."
+            f"Freezing and layer-wise learning rates need an encoder with embeddings and a layer list "
+            f"(BERT family or ModernBERT); {type(base).__name__} has a different layout."
         )
-    return embeddings, list(layers)
+    owner, name = stack
+    return embeddings, list(getattr(owner, name))
 
 
 def freeze(model: PreTrainedModel, *, embeddings: bool, layers: int) -> None:
@@ -254,21 +265,22 @@ class CachedFeatureClassifier(nn.Module):
             module.eval()
         return self
 
-    def _swap(self, embeddings: nn.Module | None, layers: list[nn.Module]):
+    def _run(self, embeddings: nn.Module | None, layers: list[nn.Module], call, final_norm: bool = True):
         base = self.model.base_model
-        stack = getattr(base, "encoder", None) or base.transformer
-        saved = (base.embeddings, stack.layer)
+        owner, name = _layer_stack(base)
+        saved = (base.embeddings, getattr(owner, name), getattr(base, "final_norm", None))
         if embeddings is not None:
             base.embeddings = embeddings
-        stack.layer = nn.ModuleList(layers)
-        return base, stack, saved
-
-    def _run(self, embeddings: nn.Module | None, layers: list[nn.Module], call):
-        base, stack, saved = self._swap(embeddings, layers)
+        setattr(owner, name, nn.ModuleList(layers))
+        if not final_norm and saved[2] is not None:  # ModernBERT normalizes after its last layer, not between
+            base.final_norm = nn.Identity()
         try:
             return call()
         finally:
-            base.embeddings, stack.layer = saved
+            base.embeddings = saved[0]
+            setattr(owner, name, saved[1])
+            if saved[2] is not None:
+                base.final_norm = saved[2]
 
     @torch.no_grad()
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs) -> torch.Tensor:
@@ -276,7 +288,7 @@ class CachedFeatureClassifier(nn.Module):
         for module in self._frozen_modules:
             module.eval()
         return self._run(None, self._bottom, lambda: self.model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state)
+            input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state, final_norm=False)
 
     def forward(self, features: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
         return self._run(_CachedInput(), self._top, lambda: self.model(
