@@ -174,7 +174,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         evaluate=evaluate_mlm,
         save=save,
         summary={
-            "start": cfg.model_name_or_path or f"from scratch ({model.config.model_type}, {cfg.model_size or 'custom'} size)",
+            "start": cfg.model_name_or_path or (f"from scratch ({cfg.config_name})" if cfg.config_name else
+                                                f"from scratch ({cfg.architecture}, {cfg.model_size or 'tiny'} size)"),
             "tokenizer": f"{len(tokenizer)} tokens" + (" (trained on this corpus)" if trained_tokenizer else ""),
             "sequence length": f"{max_seq_length} ({'line by line' if cfg.line_by_line else 'packed'})",
             "masking": f"{cfg.mlm_probability:.0%}" + (" whole words" if cfg.whole_word_mask else ""),
