@@ -268,19 +268,20 @@ class CachedFeatureClassifier(nn.Module):
     def _run(self, embeddings: nn.Module | None, layers: list[nn.Module], call, final_norm: bool = True):
         base = self.model.base_model
         owner, name = _layer_stack(base)
-        saved = (base.embeddings, getattr(owner, name), getattr(base, "final_norm", None))
+        saved_embeddings, saved_layers = base.embeddings, getattr(owner, name)
+        saved_norm = getattr(base, "final_norm", None)  # ModernBERT normalizes after its last layer only
         if embeddings is not None:
             base.embeddings = embeddings
         setattr(owner, name, nn.ModuleList(layers))
-        if not final_norm and saved[2] is not None:  # ModernBERT normalizes after its last layer, not between
+        if not final_norm and saved_norm is not None:
             base.final_norm = nn.Identity()
         try:
             return call()
         finally:
-            base.embeddings = saved[0]
-            setattr(owner, name, saved[1])
-            if saved[2] is not None:
-                base.final_norm = saved[2]
+            base.embeddings = saved_embeddings
+            setattr(owner, name, saved_layers)
+            if saved_norm is not None:
+                base.final_norm = saved_norm
 
     @torch.no_grad()
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs) -> torch.Tensor:
