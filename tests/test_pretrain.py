@@ -134,6 +134,10 @@ def test_two_process_data_parallel_run(corpus_file, tmp_path, cache_dir):
     ranks = [json.loads((reports / f"rank{i}.json").read_text()) for i in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["digest"] == ranks[1]["digest"]  # data parallel: identical parameters on both ranks
+    # Each rank draws its own masks: with one seed for all, equal-shaped packed batches got equal masks.
+    masks = [json.loads((reports / f"masks{i}.json").read_text()) for i in range(2)]
+    assert len(masks[0]) == len(masks[1]) == 6
+    assert all(a != b for a, b in zip(masks[0], masks[1]))
     results = json.loads((out / "all_results.json").read_text())
     assert results["num_processes"] == 2 and results["global_batch_size"] == 16
 

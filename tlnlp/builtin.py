@@ -67,6 +67,7 @@ WIKI_VALIDATION_SIZE = 500
 
 
 def cache_root() -> Path:
+    """Where built-ins, trained tokenizers and tokenized data are cached: $TLNLP_HOME or ~/.cache/tlnlp."""
     return Path(os.environ.get("TLNLP_HOME", Path.home() / ".cache" / "tlnlp"))
 
 

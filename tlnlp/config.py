@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser
 
+from tlnlp import builtin
 from tlnlp.errors import UserInputError
 
 
@@ -156,6 +157,11 @@ class TrainingConfig:
             raise UserInputError(f"--csv_delimiter must be one character, got {self.csv_delimiter!r}.")
         if self.train_file and self.dataset_name:
             raise UserInputError("Give either --train_file or --dataset_name, not both.")
+
+    @property
+    def cache_path(self) -> Path:
+        """--cache_dir, or the package's cache root."""
+        return Path(self.cache_dir) if self.cache_dir else builtin.cache_root()
 
     @property
     def checkpoint_every(self) -> int | None:

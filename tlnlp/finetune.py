@@ -14,7 +14,7 @@ from datasets import DatasetDict
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
-from tlnlp import builtin
+from tlnlp import builtin, engines
 from tlnlp.config import FinetuneConfig
 from tlnlp.data import (
     cached_map,
@@ -28,11 +28,11 @@ from tlnlp.data import (
     tokenize_labeled,
     tokenizer_fingerprint,
 )
+from tlnlp.engines import first_on_each_node
 from tlnlp.errors import TrainingError, UserInputError
 from tlnlp.metrics import DEFAULT_BEST, LOWER_IS_BETTER, load_metric
 from tlnlp.modeling import check_tokenizer_and_length, count_parameters, load_model_tokenizer
-from tlnlp.outputs import default_cache_dir
-from tlnlp.trainer import Task, default_param_groups, end_run, preprocessing_done, start_run, train
+from tlnlp.trainer import Task, default_param_groups, end_run, preprocessing_done, start_run, sub_state_dict, train
 from tlnlp.transfer import (
     CachedFeatureClassifier,
     HeadSpec,
@@ -101,7 +101,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     accelerator, hub_repo = start_run(cfg)
     source = builtin.resolve_model(cfg.model_name_or_path)
 
-    with accelerator.main_process_first():
+    with first_on_each_node(accelerator):
         raw = load_raw_datasets(
             train_file=cfg.train_file, validation_file=cfg.validation_file, test_file=cfg.test_file,
             dataset_name=cfg.dataset_name, dataset_config_name=cfg.dataset_config_name,
@@ -155,10 +155,10 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
             label_column=cfg.label_column, max_seq_length=max_seq_length, task_type=task_type, label2id=label2id,
         ) for k, v in splits.items()})
 
-    with accelerator.main_process_first():
+    with first_on_each_node(accelerator):
         key = {"tokenizer": tokenizer_fingerprint(tokenizer), "text": text_column, "pair": cfg.text_pair_column,
                "label": cfg.label_column, "len": max_seq_length, "task": task_type, "labels": names, "stage": "cls"}
-        tokenized = cached_map(raw, build, key, Path(cfg.cache_dir or default_cache_dir()),
+        tokenized = cached_map(raw, build, key, cfg.cache_path,
                                cfg.preprocessed_dataset_dir and Path(cfg.preprocessed_dataset_dir))
 
     if cfg.preprocess_only:
@@ -171,10 +171,10 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         logits, labels = predict(accelerator, model, dataloader)
         return compute_metrics(logits, labels, task_type)
 
-    def save(unwrapped, folder: Path, _state_dict: dict) -> None:
+    def save(unwrapped, folder: Path, state_dict: dict) -> None:
         if isinstance(unwrapped, CachedFeatureClassifier):
-            unwrapped = unwrapped.model
-        unwrapped.save_pretrained(folder, safe_serialization=True)
+            unwrapped, state_dict = unwrapped.model, sub_state_dict(state_dict, "model.")
+        unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
 
     train_data, eval_data = tokenized["train"], sorted_by_length(tokenized["validation"])
@@ -212,13 +212,16 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         summary={"task": f"{task_type} ({len(names)} labels)" if task_type != "regression" else "regression",
                  "start": report.source, "sequence length": max_seq_length},
     )
-    results = train(cfg, task, accelerator)
+    results, trained = train(cfg, task, accelerator)
     if cache_seconds:  # the caching is part of the training cost
         results["feature_cache_s"] = cache_seconds
         results["train_runtime_s"] += cache_seconds
         results["train_examples_per_s"] = results["train_examples"] / results["train_runtime_s"]
     if "test" in tokenized:
-        results.update(_test(cfg, accelerator, model, tokenized["test"], raw["test"], collator, task_type, names))
+        # The prepared model (FSDP gathers its shards in forward); the cached-feature wrapper reads features,
+        # so the test split, which has none cached, goes through the plain classifier inside it.
+        test_model = engines.unwrap(accelerator, trained).model if cfg.cache_frozen_features else trained
+        results.update(_test(cfg, accelerator, test_model, tokenized["test"], raw["test"], collator, task_type, names))
     results.update(task_type=task_type, label_names=names, train_set_size=len(raw["train"]),
                    trainable_parameters=trainable, total_parameters=total)
     end_run(cfg, accelerator, results, "finetune", hub_repo)

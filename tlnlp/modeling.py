@@ -66,8 +66,13 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool = Tru
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )
+    return tokenizer_from_json(tokenizer.to_str(), lowercase)
+
+
+def tokenizer_from_json(content: str, lowercase: bool = True) -> BertTokenizerFast:
+    """A WordPiece tokenizer made by `train_wordpiece`, from its tokenizer.json text."""
     return BertTokenizerFast(
-        tokenizer_object=tokenizer,
+        tokenizer_object=Tokenizer.from_str(content),
         do_lower_case=lowercase,
         unk_token="[UNK]",
         sep_token="[SEP]",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,6 @@ from tlnlp.config import config_to_dict
 
 RESULTS_FILE = "all_results.json"
 CONFIG_FILE = "training_config.yaml"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("TLNLP_HOME", Path.home() / ".cache" / "tlnlp"))
 
 
 def setup_logging(accelerator: Accelerator) -> None:

@@ -29,6 +29,7 @@ from tlnlp.data import (
     resolve_text_column,
     tokenizer_fingerprint,
 )
+from tlnlp.engines import first_on_each_node, from_main_process
 from tlnlp.modeling import (
     MaskedLMLoss,
     check_tokenizer_and_length,
@@ -36,10 +37,10 @@ from tlnlp.modeling import (
     load_model_tokenizer,
     load_tokenizer,
     scratch_config,
+    tokenizer_from_json,
     train_wordpiece,
 )
-from tlnlp.outputs import default_cache_dir
-from tlnlp.trainer import Task, end_run, preprocessing_done, start_run, train
+from tlnlp.trainer import Task, end_run, preprocessing_done, start_run, sub_state_dict, train
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,8 @@ def evaluate_mlm(accelerator, model, dataloader) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "masked_tokens": masked.item()}
 
 
-def corpus_tokenizer(train, text_column: str, cfg: PretrainConfig):
-    """A WordPiece tokenizer trained on the corpus, cached by corpus and settings.
+def corpus_tokenizer(train, text_column: str, cfg: PretrainConfig) -> str:
+    """A WordPiece tokenizer trained on the corpus (as tokenizers' JSON), cached by corpus and settings.
 
     WordPiece training breaks ties differently from run to run, so the cache is also what makes a
     second run with the same corpus reuse the same vocabulary (and the same tokenized data).
@@ -71,10 +72,10 @@ def corpus_tokenizer(train, text_column: str, cfg: PretrainConfig):
     # A streamed corpus has no fingerprint: it is named by its source instead.
     fingerprint = getattr(train, "_fingerprint", None) or f"{cfg.train_file}/{cfg.dataset_name}/{cfg.dataset_config_name}"
     key = hashlib.sha256(f"{fingerprint}/{text_column}/{cfg.vocab_size}/{cfg.lowercase}".encode()).hexdigest()
-    folder = Path(cfg.cache_dir or default_cache_dir()) / "tokenizers" / key[:20]
+    folder = cfg.cache_path / "tokenizers" / key[:20]
     if (folder / "tokenizer.json").exists():
         logger.info("Reusing the WordPiece tokenizer trained earlier on this corpus: %s", folder)
-        return load_tokenizer(str(folder))
+        return (folder / "tokenizer.json").read_text(encoding="utf-8")
     texts = (row[text_column] for row in itertools.islice(iter(train), TOKENIZER_TRAINING_DOCS))
     tokenizer = train_wordpiece((t for t in texts if isinstance(t, str)), cfg.vocab_size, cfg.lowercase)
     logger.info("Trained a WordPiece tokenizer on the training corpus: %d tokens.", len(tokenizer))
@@ -82,16 +83,16 @@ def corpus_tokenizer(train, text_column: str, cfg: PretrainConfig):
     tokenizer.save_pretrained(tmp)
     try:
         os.replace(tmp, folder)
-    except OSError:  # another process saved one first: use that, so everyone agrees
+    except OSError:  # another run saved one first: use that
         shutil.rmtree(tmp, ignore_errors=True)
-    return load_tokenizer(str(folder))
+    return (folder / "tokenizer.json").read_text(encoding="utf-8")
 
 
 def main(cfg: PretrainConfig) -> dict[str, Any]:
     accelerator, hub_repo = start_run(cfg)
     model_source = builtin.resolve_model(cfg.model_name_or_path)
 
-    with accelerator.main_process_first():
+    with first_on_each_node(accelerator):
         raw = load_raw_datasets(
             train_file=cfg.train_file, validation_file=cfg.validation_file, dataset_name=cfg.dataset_name,
             dataset_config_name=cfg.dataset_config_name, streaming=cfg.streaming, csv_delimiter=cfg.csv_delimiter,
@@ -106,8 +107,10 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     elif cfg.config_name:
         tokenizer = load_tokenizer(cfg.config_name, cfg.trust_remote_code)
     else:
-        with accelerator.main_process_first():  # trained once; the other ranks load the same vocabulary
-            tokenizer = corpus_tokenizer(raw["train"], text_column, cfg)
+        # Trained (or read from its cache) by the main process alone, then sent to every rank: WordPiece
+        # training is not deterministic, so machines with their own caches would otherwise disagree.
+        tokenizer_json = corpus_tokenizer(raw["train"], text_column, cfg) if accelerator.is_main_process else None
+        tokenizer = tokenizer_from_json(from_main_process(accelerator, tokenizer_json), cfg.lowercase)
         trained_tokenizer = True
 
     if model_source:
@@ -149,17 +152,17 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         # The held-out head of the stream is small: materialize it, so it is masked and evaluated like any split.
         eval_data = build(DatasetDict({"validation": Dataset.from_list(list(raw["validation"]))}))["validation"]
     else:
-        with accelerator.main_process_first():
+        with first_on_each_node(accelerator):
             key = {"tokenizer": tokenizer_fingerprint(tokenizer), **prepare, "mlm_probability": cfg.mlm_probability,
                    "seed": cfg.seed, "stage": "mlm"}
-            tokenized = cached_map(raw, build, key, Path(cfg.cache_dir or default_cache_dir()),
+            tokenized = cached_map(raw, build, key, cfg.cache_path,
                                    cfg.preprocessed_dataset_dir and Path(cfg.preprocessed_dataset_dir))
         if cfg.preprocess_only:
             return preprocessing_done(accelerator, tokenized)
         train_data, eval_data = tokenized["train"], tokenized["validation"]
 
-    def save(unwrapped: MaskedLMLoss, folder: Path, _state_dict: dict) -> None:
-        unwrapped.mlm.save_pretrained(folder, safe_serialization=True)
+    def save(unwrapped: MaskedLMLoss, folder: Path, state_dict: dict) -> None:
+        unwrapped.mlm.save_pretrained(folder, state_dict=sub_state_dict(state_dict, "mlm."), safe_serialization=True)
         tokenizer.save_pretrained(folder)
 
     task = Task(
@@ -181,12 +184,10 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
             "masking": f"{cfg.mlm_probability:.0%}" + (" whole words" if cfg.whole_word_mask else ""),
         },
     )
-    results = train(cfg, task, accelerator)
+    results, _ = train(cfg, task, accelerator)
     results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50.0))
     end_run(cfg, accelerator, results, "pretrain", hub_repo)
     return results
-
-
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from tlnlp import hub
+from tlnlp import engines, hub
 from tlnlp.config import TrainingConfig, config_to_dict
 from tlnlp.data import STREAMING_VALIDATION_DOCS, LengthGroupedSampler
 from tlnlp.errors import TrainingError, UserInputError
@@ -219,259 +219,338 @@ def _is_better(value: float, best: float | None, greater: bool) -> bool:
     return best is None or (value > best if greater else value < best)
 
 
-def train(cfg: TrainingConfig, task: Task, accelerator: Accelerator) -> dict[str, Any]:
-    """Train `task.model` as configured; return the results also written to all_results.json."""
-    output_dir = Path(cfg.output_dir)
-    start_time = time.time()
+def sub_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a wrapper's state dict that belong to its submodule `prefix` ('mlm.', 'model.')."""
+    return {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
 
-    grouped = cfg.group_by_length and task.train_lengths is not None
-    train_dl = DataLoader(
-        task.train_dataset,
-        batch_size=cfg.per_device_train_batch_size,
-        shuffle=not grouped and not isinstance(task.train_dataset, IterableDataset),
-        sampler=LengthGroupedSampler(task.train_lengths, cfg.per_device_train_batch_size, cfg.seed) if grouped else None,
-        collate_fn=task.train_collator,
-        # Its own generator: creating a data-loader iterator then draws nothing from the global RNG, so a
-        # resumed run (which creates a fresh iterator) continues the same random stream as an unbroken one.
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    eval_dl = DataLoader(task.eval_dataset, batch_size=cfg.per_device_eval_batch_size, collate_fn=task.eval_collator)
 
-    groups = task.param_groups(task.model) if task.param_groups else default_param_groups(
-        task.model, cfg.learning_rate, cfg.weight_decay
-    )
-    fused = accelerator.device.type == "cuda"  # one kernel for all parameters: faster on GPUs, absent on CPU
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused)
-    model, optimizer, train_dl, eval_dl = accelerator.prepare(
-        task.model, optimizer, train_dl, eval_dl, device_placement=[True, True, False, True]
-    )
+class Trainer:
+    """One run of the training loop over a `Task`. `fit` reads top to bottom; each side concern (one
+    training step, evaluation with best-model tracking, logging, the final save) is a named method."""
 
-    # Counted after `prepare`, which splits the batches between processes: one optimizer step consumes
-    # `gradient_accumulation_steps` batches on every process. The scheduler is stepped by hand once per
-    # optimizer step, so its length is in optimizer steps whatever the number of processes.
-    try:
-        steps_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)
-    except TypeError:  # streaming: no length
-        steps_per_epoch = None
-    if cfg.max_train_steps:
-        max_steps = cfg.max_train_steps
-        num_epochs = math.ceil(max_steps / steps_per_epoch) if steps_per_epoch else 1 << 30
-    else:
-        max_steps = math.ceil(cfg.num_train_epochs * steps_per_epoch)
-        num_epochs = math.ceil(cfg.num_train_epochs)
-    if max_steps < 1:
-        raise UserInputError("The run would take 0 optimizer steps: give more training data or --max_train_steps.")
-    scheduler = get_scheduler(
-        cfg.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=cfg.num_warmup_steps,
-        num_training_steps=max_steps,
-    )
-    scheduler = accelerator.prepare_scheduler(scheduler)
+    def __init__(self, cfg: TrainingConfig, task: Task, accelerator: Accelerator):
+        self.cfg, self.task, self.accelerator = cfg, task, accelerator
+        self.output_dir = Path(cfg.output_dir)
+        self.start_time = time.time()
+        self.grouped = cfg.group_by_length and task.train_lengths is not None
+        train_dl = DataLoader(
+            task.train_dataset,
+            batch_size=cfg.per_device_train_batch_size,
+            shuffle=not self.grouped and not isinstance(task.train_dataset, IterableDataset),
+            sampler=LengthGroupedSampler(task.train_lengths, cfg.per_device_train_batch_size, cfg.seed)
+            if self.grouped else None,
+            collate_fn=task.train_collator,
+            # Its own generator: creating a data-loader iterator then draws nothing from the global RNG, so a
+            # resumed run (which creates a fresh iterator) continues the same random stream as an unbroken one.
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        eval_dl = DataLoader(task.eval_dataset, batch_size=cfg.per_device_eval_batch_size,
+                             collate_fn=task.eval_collator)
+        groups = task.param_groups(task.model) if task.param_groups else default_param_groups(
+            task.model, cfg.learning_rate, cfg.weight_decay
+        )
+        fused = accelerator.device.type == "cuda"  # one kernel for all parameters: faster on GPUs, absent on CPU
+        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused)
+        engines.prepare_for_engine(accelerator, task.model)
+        # Training batches stay on the CPU until `task.on_batch` (MLM masking) has run; the loop moves them.
+        # Prepared first and on its own, because DeepSpeed refuses per-object device placement.
+        self.train_dl = accelerator.prepare_data_loader(train_dl, device_placement=False)
+        self.model, self.optimizer, self.eval_dl = accelerator.prepare(task.model, optimizer, eval_dl)
 
-    global_batch = cfg.per_device_train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    summary = {
-        "processes": accelerator.num_processes,
-        "device": str(accelerator.device),
-        "mixed_precision": accelerator.mixed_precision,
-        "per-device batch": cfg.per_device_train_batch_size,
-        "gradient accumulation": cfg.gradient_accumulation_steps,
-        "global batch": global_batch,
-        "optimizer steps": max_steps,
-        "epochs": num_epochs if steps_per_epoch else "streaming",
-        "training examples": len(task.train_dataset) if hasattr(task.train_dataset, "__len__") else "streaming",
-        "batches": "grouped by length" if grouped else "random",
-        "parameters": f"{trainable:,} trainable of {total:,}",
-        **task.summary,
-    }
-    logger.info("***** Running training *****\n%s", "\n".join(f"  {k:>22}: {v}" for k, v in summary.items()))
+        # Counted after `prepare`, which splits the batches between processes: one optimizer step consumes
+        # `gradient_accumulation_steps` batches on every process. The scheduler is stepped by hand once per
+        # optimizer step, so its length is in optimizer steps whatever the number of processes.
+        try:
+            self.steps_per_epoch = math.ceil(len(self.train_dl) / cfg.gradient_accumulation_steps)
+        except TypeError:  # streaming: no length
+            self.steps_per_epoch = None
+        if cfg.max_train_steps:
+            self.max_steps = cfg.max_train_steps
+            self.num_epochs = math.ceil(self.max_steps / self.steps_per_epoch) if self.steps_per_epoch else 1 << 30
+        else:
+            self.max_steps = math.ceil(cfg.num_train_epochs * self.steps_per_epoch)
+            self.num_epochs = math.ceil(cfg.num_train_epochs)
+        if self.max_steps < 1:
+            raise UserInputError("The run would take 0 optimizer steps: give more training data or --max_train_steps.")
+        self.scheduler = accelerator.prepare_scheduler(get_scheduler(
+            cfg.lr_scheduler_type, optimizer=self.optimizer, num_warmup_steps=cfg.num_warmup_steps,
+            num_training_steps=self.max_steps,
+        ))
+        self.global_batch = cfg.per_device_train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+        self.state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "best_metric": None,
+                      "best_step": None, "evals_without_improvement": 0, "history": [], "units_seen": 0,
+                      "train_loss_sum": 0.0, "train_loss_count": 0}
+        self.checkpoints = _Checkpoints(accelerator, self.output_dir, cfg.save_total_limit)
+        self.best_file = self.output_dir / CHECKPOINTS / BEST / "model.safetensors"
+        self.stop = False
+        if accelerator.num_processes > 1:
+            # Every rank draws its own masks and dropout (one process keeps the stream it always had). Model
+            # initialisation, above, used the common seed, so all ranks start from the same weights.
+            set_seed(cfg.seed + accelerator.process_index)
 
-    if cfg.with_tracking:
-        flat = {k: v for k, v in config_to_dict(cfg).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("tlnlp", config=flat)
+    # -- the loop ------------------------------------------------------------------------------------
 
-    state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "best_metric": None, "best_step": None,
-             "evals_without_improvement": 0, "history": [], "units_seen": 0, "train_loss_sum": 0.0,
-             "train_loss_count": 0}
-    if cfg.resume_from_checkpoint:
-        path = latest_checkpoint(output_dir) if cfg.resume_from_checkpoint == "latest" else Path(
-            cfg.resume_from_checkpoint)
-        load_checkpoint(accelerator, path)
-        state.update(json.loads((path / STATE_FILE).read_text()))
-        logger.info("Resumed from %s at optimizer step %d (epoch %d, batch %d)", path, state["completed_steps"],
-                    state["epoch"], state["batches_in_epoch"])
+    def fit(self) -> dict[str, Any]:
+        """Train as configured; return the results also written to all_results.json."""
+        self._log_summary()
+        self._resume_if_asked()
+        self.progress = tqdm(total=self.max_steps, initial=self.state["completed_steps"], unit="step",
+                             disable=not self.accelerator.is_local_main_process, desc="Training", dynamic_ncols=True)
+        self.model.train()
+        self._reset_window()
+        while self.state["epoch"] < self.num_epochs and not self.stop:
+            for batch in self._epoch_batches():
+                self._train_step(batch)
+                if self.accelerator.sync_gradients:
+                    self._after_optimizer_step()
+                    if self.stop:
+                        break
+            else:  # the epoch ran to its end
+                self._end_epoch()
+        self.progress.close()
+        if self.window["micro"]:
+            self._log_window()
+        if not self.state["history"] or self.state["history"][-1]["step"] != self.state["completed_steps"]:
+            self._evaluate_and_track()  # the final model, if its step was not evaluated yet
+        self._restore_best()
+        results = self._results()
+        self._save_final()
+        return results
 
-    checkpoints = _Checkpoints(accelerator, output_dir, cfg.save_total_limit)
-    best_dir = output_dir / CHECKPOINTS / BEST
-    progress = tqdm(total=max_steps, initial=state["completed_steps"], disable=not accelerator.is_local_main_process,
-                    desc="Training", unit="step", dynamic_ncols=True)
+    def _epoch_batches(self):
+        """This epoch's batches, on the CPU; after a resume, the first epoch skips the batches already seen."""
+        epoch = self.state["epoch"]
+        if hasattr(self.train_dl, "set_epoch"):
+            self.train_dl.set_epoch(epoch)
+        batches = self.train_dl
+        if self.state["batches_in_epoch"]:
+            batches = self.accelerator.skip_first_batches(self.train_dl, self.state["batches_in_epoch"])
+        wait_start = time.time()
+        for batch in batches:
+            self.window["data_wait"] += time.time() - wait_start
+            self.state["batches_in_epoch"] += 1
+            yield batch
+            wait_start = time.time()
 
-    def run_evaluation() -> bool:
-        """Evaluate, track the best model; True when early stopping says stop."""
-        metrics = task.evaluate(accelerator, model, eval_dl)
-        model.train()
+    def _train_step(self, batch: dict) -> None:
+        """Forward and backward on one micro-batch; an optimizer step when the accumulation is complete."""
+        accelerator, cfg = self.accelerator, self.cfg
+        if self.task.on_batch:
+            batch = self.task.on_batch(batch)
+        units = self.task.count(batch)
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+        with accelerator.accumulate(self.model):
+            loss = self.model(**batch).loss
+            if self._loss_is_finite(loss):
+                accelerator.backward(loss)
+                self.window["loss"] += loss.detach()
+                self.window["micro"] += 1
+            if accelerator.sync_gradients:
+                if self.task.before_optimizer_step:
+                    self.task.before_optimizer_step(self.state["completed_steps"], self.state["epoch"])
+                if cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.window["units"] += units
+
+    def _loss_is_finite(self, loss: torch.Tensor) -> bool:
+        """False: skip this batch (--on_nonfinite_loss skip); stop: raise. Every rank takes the same branch."""
+        finite = torch.isfinite(loss.detach())
+        if self.accelerator.num_processes > 1:
+            finite = self.accelerator.reduce(finite.float(), "sum") == self.accelerator.num_processes
+        if bool(finite):
+            return True
+        step = self.state["completed_steps"] + 1
+        if self.cfg.on_nonfinite_loss == "stop":
+            raise TrainingError(
+                f"The loss became {loss.item()} at optimizer step {step} (epoch {self.state['epoch']}). "
+                "The last saved checkpoint is intact. Lower --learning_rate, check the data, or pass "
+                "--on_nonfinite_loss skip to skip such batches."
+            )
+        logger.warning("Skipping a batch with a non-finite loss at step %d.", step)
+        self.optimizer.zero_grad(set_to_none=True)
+        return False
+
+    def _after_optimizer_step(self) -> None:
+        """Schedule, progress, logging, evaluation and checkpoints: what happens once per optimizer step."""
+        cfg, state = self.cfg, self.state
+        if not self.accelerator.optimizer_step_was_skipped:
+            self.scheduler.step()
+        state["completed_steps"] += 1
+        self.progress.update(1)
+        step = state["completed_steps"]
+        if step % cfg.logging_steps == 0 or step == self.max_steps:
+            self._log_window()
+        if cfg.eval_steps and step % cfg.eval_steps == 0:
+            self.stop = self._evaluate_and_track()
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            self.checkpoints.save(step, state)
+        if step >= self.max_steps:
+            self.stop = True
+
+    def _end_epoch(self) -> None:
+        if self.state["batches_in_epoch"] == 0:  # an endless loop over an empty stream otherwise
+            raise UserInputError(
+                "The training data yielded no batch. A streamed corpus must hold more than the "
+                f"{STREAMING_VALIDATION_DOCS} documents held out for validation (or give --validation_file)."
+            )
+        self.state.update(epoch=self.state["epoch"] + 1, batches_in_epoch=0)
+        if not self.cfg.eval_steps:
+            self.stop = self._evaluate_and_track() or self.stop
+        if self.cfg.checkpointing_steps == "epoch":
+            self.checkpoints.save(self.state["completed_steps"], self.state)
+
+    # -- evaluation and the best model ---------------------------------------------------------------
+
+    def _evaluate_and_track(self) -> bool:
+        """Evaluate, keep the best model on disk; True when early stopping says stop."""
+        accelerator, state, name = self.accelerator, self.state, self.task.metric_for_best_model
+        metrics = self.task.evaluate(accelerator, self.model, self.eval_dl)
+        self.model.train()
         step = state["completed_steps"]
         state["history"].append({"step": step, "epoch": state["epoch"], **metrics})
         logger.info("eval at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if cfg.with_tracking:
+        if self.cfg.with_tracking:
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        name = task.metric_for_best_model
         if name is None:
             return False
         if name not in metrics:
             raise UserInputError(f"--metric_for_best_model {name!r} is not computed; choose one of {', '.join(metrics)}.")
-        if _is_better(metrics[name], state["best_metric"], task.greater_is_better):
+        if _is_better(metrics[name], state["best_metric"], self.task.greater_is_better):
             state.update(best_metric=metrics[name], best_step=step, evals_without_improvement=0)
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                best_dir.mkdir(parents=True, exist_ok=True)
-                safetensors.torch.save_model(accelerator.unwrap_model(model), str(best_dir / "model.safetensors"))
-            accelerator.wait_for_everyone()
+            self._save_best()
             return False
         state["evals_without_improvement"] += 1
-        patience = getattr(cfg, "early_stopping_patience", None)
+        patience = getattr(self.cfg, "early_stopping_patience", None)
         if patience and state["evals_without_improvement"] >= patience:
             logger.info("Early stopping: %s did not improve for %d evaluations (best %.4f at step %d).", name,
                         patience, state["best_metric"], state["best_step"])
             return True
         return False
 
-    model.train()
-    window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0, "units": 0, "time": time.time()}
-    data_wait = 0.0
-    stop = False
-    while state["epoch"] < num_epochs and not stop:
-        epoch = state["epoch"]
-        if hasattr(train_dl, "set_epoch"):
-            train_dl.set_epoch(epoch)
-        batches = train_dl
-        if state["batches_in_epoch"]:
-            batches = accelerator.skip_first_batches(train_dl, state["batches_in_epoch"])
-        wait_start = time.time()
-        for batch in batches:
-            data_wait += time.time() - wait_start
-            state["batches_in_epoch"] += 1
-            if task.on_batch:
-                batch = task.on_batch(batch)
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                finite = torch.isfinite(loss.detach())
-                if accelerator.num_processes > 1:  # every rank must take the same branch
-                    finite = accelerator.reduce(finite.float(), "sum") == accelerator.num_processes
-                if not bool(finite):
-                    step = state["completed_steps"] + 1
-                    if cfg.on_nonfinite_loss == "stop":
-                        raise TrainingError(
-                            f"The loss became {loss.item()} at optimizer step {step} (epoch {epoch}). "
-                            "The last saved checkpoint is intact. Lower --learning_rate, check the data, or pass "
-                            "--on_nonfinite_loss skip to skip such batches."
-                        )
-                    logger.warning("Skipping a batch with a non-finite loss at step %d.", step)
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    accelerator.backward(loss)
-                    window["loss"] += loss.detach()
-                    window["micro"] += 1
-                if accelerator.sync_gradients:
-                    if task.before_optimizer_step:
-                        task.before_optimizer_step(state["completed_steps"], epoch)
-                    if cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window["units"] += task.count(batch)
+    def _save_best(self) -> None:
+        # Every rank takes part: FSDP gathers the shards; only the main process writes.
+        state_dict = engines.gather_state_dict(self.accelerator, self.model)
+        if self.accelerator.is_main_process:
+            self.best_file.parent.mkdir(parents=True, exist_ok=True)
+            # Cloned: tied weights (an MLM decoder and its embeddings) would otherwise share storage.
+            safetensors.torch.save_file({k: v.detach().cpu().clone().contiguous() for k, v in state_dict.items()},
+                                        str(self.best_file))
+        self.accelerator.wait_for_everyone()
 
-            if accelerator.sync_gradients:
-                if not accelerator.optimizer_step_was_skipped:
-                    scheduler.step()
-                state["completed_steps"] += 1
-                progress.update(1)
-                step = state["completed_steps"]
-                if step % cfg.logging_steps == 0 or step == max_steps:
-                    _log_window(accelerator, cfg, task, state, window, scheduler, progress, data_wait)
-                    data_wait = 0.0
-                if cfg.eval_steps and step % cfg.eval_steps == 0:
-                    stop = run_evaluation()
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    checkpoints.save(step, state)
-                if stop or step >= max_steps:
-                    stop = True
-                    break
-            wait_start = time.time()
-        else:  # the epoch ran to its end
-            if state["batches_in_epoch"] == 0:  # an endless loop over an empty stream otherwise
-                raise UserInputError(
-                    "The training data yielded no batch. A streamed corpus must hold more than the "
-                    f"{STREAMING_VALIDATION_DOCS} documents held out for validation (or give --validation_file)."
-                )
-            state.update(epoch=epoch + 1, batches_in_epoch=0)
-            if not cfg.eval_steps:
-                stop = run_evaluation() or stop
-            if cfg.checkpointing_steps == "epoch":
-                checkpoints.save(state["completed_steps"], state)
-    progress.close()
-    if window["micro"]:
-        _log_window(accelerator, cfg, task, state, window, scheduler, progress, data_wait)
-
-    # Evaluate the final model if the last step was not evaluated yet.
-    if not state["history"] or state["history"][-1]["step"] != state["completed_steps"]:
-        run_evaluation()
-
-    unwrapped = accelerator.unwrap_model(model)
-    if task.metric_for_best_model and state["best_step"] is not None and state["best_step"] != state["completed_steps"]:
-        # Restore the best weights (every rank loads them, so later evaluation agrees everywhere).
-        accelerator.wait_for_everyone()
-        safetensors.torch.load_model(unwrapped, str(best_dir / "model.safetensors"), device=str(accelerator.device))
-        logger.info("Restored the best model (%s=%.4f at step %d).", task.metric_for_best_model,
+    def _restore_best(self) -> None:
+        """Every rank loads the best weights, so later evaluation (the test split) agrees everywhere."""
+        state = self.state
+        if not self.task.metric_for_best_model or state["best_step"] in (None, state["completed_steps"]):
+            return
+        self.accelerator.wait_for_everyone()
+        engines.load_full_state_dict(self.accelerator, self.model, safetensors.torch.load_file(str(self.best_file)))
+        logger.info("Restored the best model (%s=%.4f at step %d).", self.task.metric_for_best_model,
                     state["best_metric"], state["best_step"])
-    final_metrics = next(h for h in reversed(state["history"]) if h["step"] == (state["best_step"] or
-                                                                                  state["completed_steps"]))
 
-    runtime = time.time() - start_time
-    results = {
-        "train_loss": state["train_loss_sum"] / max(state["train_loss_count"], 1),
-        **{f"eval_{k}": v for k, v in final_metrics.items() if k not in ("step", "epoch")},
-        "optimizer_steps": state["completed_steps"],
-        "epochs": round(state["completed_steps"] / steps_per_epoch, 3) if steps_per_epoch else None,
-        f"train_{task.count_unit}": state["units_seen"],
-        "train_runtime_s": runtime,
-        f"train_{task.count_unit}_per_s": state["units_seen"] / runtime,
-        "num_processes": accelerator.num_processes,
-        "global_batch_size": global_batch,
-        "best_step": state["best_step"],
-    }
-    state["results"] = results
+    # -- bookkeeping ---------------------------------------------------------------------------------
 
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        task.save(unwrapped, output_dir, state_dict)
-        (output_dir / "eval_history.json").write_text(json.dumps(state["history"], indent=2))
-    accelerator.wait_for_everyone()
-    return results
+    def _log_summary(self) -> None:
+        cfg, task, accelerator = self.cfg, self.task, self.accelerator
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        summary = {
+            "processes": accelerator.num_processes,
+            "machines": engines.machines(accelerator),
+            "engine": str(accelerator.distributed_type).split(".")[-1],
+            "device": str(accelerator.device),
+            "mixed_precision": accelerator.mixed_precision,
+            "per-device batch": cfg.per_device_train_batch_size,
+            "gradient accumulation": cfg.gradient_accumulation_steps,
+            "global batch": self.global_batch,
+            "optimizer steps": self.max_steps,
+            "epochs": self.num_epochs if self.steps_per_epoch else "streaming",
+            "training examples": len(task.train_dataset) if hasattr(task.train_dataset, "__len__") else "streaming",
+            "batches": "grouped by length" if self.grouped else "random",
+            "parameters": f"{trainable:,} trainable of {total:,}" + (" (this rank's shard)" if
+                                                                     engines.uses_fsdp(accelerator) else ""),
+            **task.summary,
+        }
+        logger.info("***** Running training *****\n%s", "\n".join(f"  {k:>22}: {v}" for k, v in summary.items()))
+        if cfg.with_tracking:
+            flat = {k: v for k, v in config_to_dict(cfg).items() if isinstance(v, (int, float, str, bool))}
+            accelerator.init_trackers("tlnlp", config=flat)
+
+    def _resume_if_asked(self) -> None:
+        cfg = self.cfg
+        if not cfg.resume_from_checkpoint:
+            return
+        path = latest_checkpoint(self.output_dir) if cfg.resume_from_checkpoint == "latest" else Path(
+            cfg.resume_from_checkpoint)
+        load_checkpoint(self.accelerator, path)
+        self.state.update(json.loads((path / STATE_FILE).read_text()))
+        logger.info("Resumed from %s at optimizer step %d (epoch %d, batch %d)", path, self.state["completed_steps"],
+                    self.state["epoch"], self.state["batches_in_epoch"])
+
+    def _reset_window(self) -> None:
+        self.window = {"loss": torch.zeros((), device=self.accelerator.device), "micro": 0, "units": 0,
+                       "time": time.time(), "data_wait": 0.0}
+
+    def _log_window(self) -> None:
+        """Average the loss and sum the throughput over the window, across processes (every rank calls this)."""
+        accelerator, state, window = self.accelerator, self.state, self.window
+        stats = torch.stack([window["loss"], torch.tensor(float(window["micro"]), device=accelerator.device),
+                             torch.tensor(float(window["units"]), device=accelerator.device)])
+        stats = accelerator.reduce(stats, "sum")
+        loss = (stats[0] / stats[1].clamp(min=1)).item()
+        units = int(stats[2].item())
+        elapsed = time.time() - window["time"]
+        state["units_seen"] += units
+        state["train_loss_sum"] += stats[0].item()
+        state["train_loss_count"] += int(stats[1].item())
+        lr = self.scheduler.get_last_lr()[0]
+        unit = self.task.count_unit
+        self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        logger.info("step %d: loss %.4f, lr %.3e, %.0f %s/s, waited %.1f%% for data", state["completed_steps"], loss,
+                    lr, units / elapsed, unit, 100 * window["data_wait"] / max(elapsed, 1e-9))
+        if self.cfg.with_tracking:
+            accelerator.log({"train/loss": loss, "train/lr": lr, f"train/{unit}_per_s": units / elapsed},
+                            step=state["completed_steps"])
+        self._reset_window()
+
+    def _results(self) -> dict[str, Any]:
+        state = self.state
+        final = next(h for h in reversed(state["history"]) if h["step"] == (state["best_step"] or
+                                                                             state["completed_steps"]))
+        runtime = time.time() - self.start_time
+        unit = self.task.count_unit
+        results = {
+            "train_loss": state["train_loss_sum"] / max(state["train_loss_count"], 1),
+            **{f"eval_{k}": v for k, v in final.items() if k not in ("step", "epoch")},
+            "optimizer_steps": state["completed_steps"],
+            "epochs": round(state["completed_steps"] / self.steps_per_epoch, 3) if self.steps_per_epoch else None,
+            f"train_{unit}": state["units_seen"],
+            "train_runtime_s": runtime,
+            f"train_{unit}_per_s": state["units_seen"] / runtime,
+            "num_processes": self.accelerator.num_processes,
+            "global_batch_size": self.global_batch,
+            "best_step": state["best_step"],
+        }
+        state["results"] = results
+        return results
+
+    def _save_final(self) -> None:
+        """The model the run ends with (the best one, if tracked), saved by the main process from the full
+        state dict that every rank helps gather."""
+        state_dict = engines.gather_state_dict(self.accelerator, self.model)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.task.save(engines.unwrap(self.accelerator, self.model), self.output_dir, state_dict)
+            (self.output_dir / "eval_history.json").write_text(json.dumps(self.state["history"], indent=2))
+        self.accelerator.wait_for_everyone()
 
 
-def _log_window(accelerator, cfg, task, state, window, scheduler, progress, data_wait) -> None:
-    """Average the loss and sum the throughput over the window, across processes (every rank calls this)."""
-    stats = torch.stack([window["loss"], torch.tensor(float(window["micro"]), device=accelerator.device),
-                         torch.tensor(float(window["units"]), device=accelerator.device)])
-    stats = accelerator.reduce(stats, "sum")
-    loss = (stats[0] / stats[1].clamp(min=1)).item()
-    units = int(stats[2].item())
-    elapsed = time.time() - window["time"]
-    state["units_seen"] += units
-    state["train_loss_sum"] += stats[0].item()
-    state["train_loss_count"] += int(stats[1].item())
-    lr = scheduler.get_last_lr()[0]
-    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-    logger.info("step %d: loss %.4f, lr %.3e, %.0f %s/s, waited %.1f%% for data", state["completed_steps"], loss,
-                lr, units / elapsed, task.count_unit, 100 * data_wait / max(elapsed, 1e-9))
-    if cfg.with_tracking:
-        accelerator.log({"train/loss": loss, "train/lr": lr, f"train/{task.count_unit}_per_s": units / elapsed},
-                        step=state["completed_steps"])
-    window.update(loss=torch.zeros((), device=accelerator.device), micro=0, units=0, time=time.time())
+def train(cfg: TrainingConfig, task: Task, accelerator: Accelerator) -> tuple[dict[str, Any], nn.Module]:
+    """Train `task.model` as configured; return the results (also written to all_results.json) and the
+    prepared model, ready for evaluation on every rank."""
+    trainer = Trainer(cfg, task, accelerator)
+    return trainer.fit(), trainer.model
 
 
 def start_run(cfg: TrainingConfig) -> tuple[Accelerator, str | None]:
@@ -480,8 +559,12 @@ def start_run(cfg: TrainingConfig) -> tuple[Accelerator, str | None]:
     check_output_dir(cfg)
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator)
+    engines.set_cpu_threads(accelerator)
+    engines.check_engine(cfg, accelerator)
+    if not cfg.preprocess_only:
+        engines.check_shared_output_dir(accelerator, Path(cfg.output_dir))
     hub_repo = None if cfg.preprocess_only else hub.preflight(cfg, accelerator)
-    set_seed(cfg.seed)
+    set_seed(cfg.seed)  # the same on every rank: model initialisation must agree
     return accelerator, hub_repo
 
 
@@ -506,7 +589,7 @@ def end_run(cfg: TrainingConfig, accelerator: Accelerator, results: dict, stage:
 def finish(accelerator: Accelerator) -> None:
     """Clean teardown, so no rank aborts at exit under multi-process CPU runs."""
     accelerator.wait_for_everyone()
-    accelerator.end_training()
-    accelerator.free_memory()
+    accelerator.free_memory()  # first: DeepSpeed's engine needs the process group to tear itself down
+    accelerator.end_training()  # finishes the trackers (and, in recent Accelerate, the process group)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

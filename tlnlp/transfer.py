@@ -292,6 +292,9 @@ class CachedFeatureClassifier(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state, final_norm=False)
 
     def forward(self, features: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
+        # Features are cached in fp32; an engine that casts the weights themselves (DeepSpeed bf16) needs
+        # inputs of the weights' type. Under autocast the weights stay fp32 and this changes nothing.
+        features = features.to(self.model.dtype)
         return self._run(_CachedInput(), self._top, lambda: self.model(
             inputs_embeds=features, attention_mask=attention_mask, labels=labels))
 
