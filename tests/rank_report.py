@@ -7,6 +7,7 @@ Usage: rank_report.py REPORT_DIR pretrain|finetune [script args...]
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ report_dir, stage, args = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 module = tlnlp.pretrain if stage == "pretrain" else tlnlp.finetune
 original_finish = tlnlp.trainer.finish
 original_mask_batch = tlnlp.pretrain.mask_batch
+original_mlm_rows = tlnlp.pretrain.mlm_rows
 seen_rows: list[list[int]] = []
 masked_positions: list[list[list[int]]] = []  # per batch, per row: the positions chosen for the MLM loss
 
@@ -32,6 +34,13 @@ def recording_mask_batch(batch, masker):
     masked = original_mask_batch(batch, masker)
     masked_positions.append([row.nonzero().flatten().tolist() for row in masked["labels"] != -100])
     return masked
+
+
+def recording_mlm_rows(texts, *args, **kwargs):
+    """Streaming: which documents this process (or loader worker, a forked child) tokenized."""
+    with (report_dir / f"tokenized-{os.getpid()}.txt").open("a") as f:
+        f.write("".join(text.replace("\n", " ") + "\n" for text in texts))
+    return original_mlm_rows(texts, *args, **kwargs)
 
 
 def finish_with_report(accelerator):
@@ -55,4 +64,5 @@ def finish_with_report(accelerator):
 
 tlnlp.trainer.finish = finish_with_report  # end_run calls it last, on every rank
 tlnlp.pretrain.mask_batch = recording_mask_batch  # called by the training loop on every batch
+tlnlp.pretrain.mlm_rows = recording_mlm_rows  # called by the stream's workers on each group of documents
 sys.exit(run(module.main, PretrainConfig if stage == "pretrain" else FinetuneConfig, args))

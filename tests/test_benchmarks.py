@@ -2,7 +2,11 @@
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -51,3 +55,38 @@ def test_streaming_memory_harness_drains_the_whole_corpus(tmp_path):
     # Every block of the corpus went through the pipeline: twice the text, about twice the tokens.
     assert 1.8 < runs[1]["tokens_streamed"] / runs[0]["tokens_streamed"] < 2.2
     assert all(r["data_peak_rss_mb"] > 50 and r["train_peak_rss_mb"] > 50 for r in runs)
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_input_pipeline_benchmark_measures_both_paths(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    bench = load_benchmark("input_pipeline")
+    output = tmp_path / "pipeline.json"
+    report = bench.main(["--megabytes", "0.3", "--tokens", "20000", "--max_cores", "1", "--output", str(output)])
+    assert json.loads(output.read_text()) == json.loads(json.dumps(report))
+    assert set(report["stream"]) == {"1 core(s)"}
+    assert {"tokenize, 1 core(s)", "read, 1 core(s)"} <= set(report["preprocessed"])
+    for entry in [*report["stream"].values(), *report["preprocessed"].values()]:
+        assert entry["tokens_per_s"] > 0 and entry["bert_base_gpus_fed"] > 0
+    assert 300_000 < report["bert_base_gpu_tokens_per_s_at_40pct_mfu"] < 2_000_000
+
+
+@pytest.mark.heavy
+def test_gpu_check_dry_run_writes_every_figure(tmp_path):
+    output = tmp_path / "gpu_check.json"
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry", "--output", str(output)],
+                          capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["dry"] and report["step_vs_stock"]["speedup"] > 0
+    for run in ("eager", "compiled"):
+        assert report["stage1"][run]["tokens_per_s_steady"] > 0 and report["stage1"][run]["steps"] == 6
+        assert report["stage1"][run]["mfu"] is None or 0 < report["stage1"][run]["mfu"] < 1  # None: unknown peak
+    assert 0 <= report["stage2"]["test_accuracy"] <= 1 and report["stage2"]["train_examples_per_s"] > 0

@@ -335,3 +335,55 @@ def test_modernbert_from_scratch_through_both_stages(corpus_file, labeled_files,
     assert frozen and all(torch.equal(model.state_dict()[n], checkpoint[n]) for n in frozen)
     trained = [n for n in checkpoint if n.startswith("model.layers.1.")]
     assert any(not torch.equal(model.state_dict()[n], checkpoint[n]) for n in trained)
+
+
+def test_copies_of_training_rows_and_a_constant_classifier_are_reported(tiny_mlm_dir, tmp_path, cache_dir, caplog):
+    """Test rows copied from training are counted per split; a model that predicts one class for the whole
+    validation set gets a warning naming the fixes, and a flag in all_results.json."""
+    rows = [{"text": text, "label": topic} for topic, text in make_documents(120, seed=4)]
+    files = {"train": write_labeled(tmp_path / "train.csv", rows[:80]),
+             "validation": write_labeled(tmp_path / "validation.csv", rows[80:100] + rows[:3]),
+             "test": write_labeled(tmp_path / "test.csv", rows[100:] + rows[:5])}
+    out = tmp_path / "constant"
+    # A learning rate too small to move anything: the random head predicts the same class for everyone.
+    run_main(ft_args(tiny_mlm_dir, files, out, cache_dir, "--learning_rate", "1e-9", "--num_train_epochs", "1",
+                     "--max_length", "40"))
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["copies_of_training_rows"] == {"validation": 3, "test": 5}
+    assert "5 of the 25 test rows are exact copies of training rows" in caplog.text
+    assert results["eval_predicted_classes"] == 1
+    assert "predicts one class for every validation example" in results["underfitting_warning"]
+    assert "--head_learning_rate" in caplog.text
+    assert json.loads(json.dumps(results))["underfitting_warning"]
+    config = (out / "training_config.yaml").read_text()
+    assert "max_seq_length: 40" in config  # --max_length is the same option
+
+    healthy = tmp_path / "healthy"
+    run_main(ft_args(tiny_mlm_dir, {"train": files["train"], "validation": files["validation"]}, healthy, cache_dir,
+                     "--num_train_epochs", "6"))
+    results = json.loads((healthy / "all_results.json").read_text())
+    assert results["eval_predicted_classes"] > 1 and "underfitting_warning" not in results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["tlnlp.pretrain", "tlnlp.finetune"])
+def test_accelerate_launch_runs_the_installed_modules(module, corpus_file, labeled_files, tiny_mlm_dir, tmp_path):
+    """`scripts/` is not in the wheel: a pip user runs `accelerate launch -m tlnlp.pretrain` / `-m tlnlp.finetune`."""
+    import os
+    import subprocess
+    import sys
+
+    if module == "tlnlp.pretrain":
+        args = ["--train_file", str(corpus_file), "--model_size", "tiny", "--hidden_size", "32", "--num_attention_heads",
+                "2", "--intermediate_size", "64", "--vocab_size", "200", "--max_seq_length", "32", "--max_train_steps", "2"]
+    else:
+        args = ["--model_name_or_path", str(tiny_mlm_dir), "--train_file", str(labeled_files["train"]),
+                "--max_length", "32", "--max_train_steps", "2"]
+    out = tmp_path / "out"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module]
+    done = subprocess.run([*launch, *args, "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "model.safetensors").exists() and (out / "all_results.json").exists()

@@ -63,8 +63,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus_file, tmp_
 
     original_save = tlnlp.trainer._Checkpoints.save
 
-    def save_then_die(self, step, state):
-        original_save(self, step, state)
+    def save_then_die(self, step, state, stream_state=None):
+        original_save(self, step, state, stream_state)
         if step == 8:
             raise KeyboardInterrupt("simulated kill after the step-8 checkpoint")
 
@@ -178,7 +178,7 @@ def test_masking_and_data_variants_train(corpus_file, tmp_path, cache_dir, extra
 
 
 def test_streaming_with_too_few_documents_is_an_error(corpus_file, tmp_path, cache_dir):
-    with pytest.raises(UserInputError, match="The training data yielded no batch"):
+    with pytest.raises(UserInputError, match=r"holds 400 document\(s\); it needs at least 501"):
         run_main(tiny_args(corpus_file, tmp_path / "run", cache_dir, "--max_train_steps", "6", "--streaming"))
 
 

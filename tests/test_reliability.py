@@ -129,6 +129,18 @@ def truncated_safetensors_continued_pretraining(tmp: Path, model: Path):
     return "pretrain", [str(tmp / "corpus.txt"), "--model_name_or_path", str(tmp / "broken_model")], message
 
 
+def header_only_test_file(tmp: Path, model: Path):
+    train = write_labeled(tmp / "train.csv", labeled_rows())
+    (tmp / "test.csv").write_text("text,label\n")
+    return "finetune", [str(train), "--test_file", str(tmp / "test.csv")], "test.csv holds a header but no rows"
+
+
+def output_dir_is_a_file(tmp: Path, model: Path):
+    train = write_labeled(tmp / "train.csv", labeled_rows())
+    (tmp / "results.txt").write_text("not a folder")
+    return "finetune", [str(train), "--output_dir", str(tmp / "results.txt")], "results.txt is a file, not a folder"
+
+
 def yaml_config(stage: str, text: str, message: str):
     def build(tmp: Path, model: Path):
         (tmp / "run.yaml").write_text(text)
@@ -160,6 +172,8 @@ BAD_INPUTS = {
     "tokenizer of another model (smaller)": tokenizer_of_another_model(120),
     "truncated safetensors (finetune)": truncated_safetensors,
     "truncated safetensors (pretrain)": truncated_safetensors_continued_pretraining,
+    "header-only test file": header_only_test_file,
+    "output_dir is a file": output_dir_is_a_file,
     **{f"YAML unknown key ({s})": yaml_config(s, "learning_rte: 0.1\n", "unknown option(s) learning_rte")
        for s in STAGES},
     **{f"YAML wrong type ({s})": yaml_config(s, "num_train_epochs: three\n", "num_train_epochs") for s in STAGES},

@@ -20,8 +20,9 @@ from tlnlp import builtin
 from tlnlp.errors import UserInputError
 
 
-def _help(text: str, default: Any = None, **kwargs: Any) -> Any:
-    return field(default=default, metadata={"help": text}, **kwargs)
+def _help(text: str, default: Any = None, aliases: list[str] | None = None, **kwargs: Any) -> Any:
+    metadata = {"help": text, **({"aliases": aliases} if aliases else {})}
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 SchedulerName = Literal[
@@ -51,9 +52,16 @@ class TrainingConfig:
         "Percent of the training data held out for validation when no validation data is given.", 5.0
     )
     max_seq_length: int | None = _help(
-        "Tokens per sequence (default: min(512, the model's position embeddings)); longer texts are truncated or packed."
+        "Tokens per sequence (default: min(512, the model's position embeddings)); longer texts are truncated or "
+        "packed. Also --max_length, as Hugging Face's no_trainer scripts spell it.", aliases=["--max_length"]
     )
-    preprocessing_num_workers: int | None = _help("Processes used for tokenization.")
+    preprocessing_num_workers: int | None = _help(
+        "Processes used for tokenization (default: every core for a corpus of 20,000 documents or more, else 1)."
+    )
+    dataloader_num_workers: int | None = _help(
+        "Data-loader worker processes per training process (default: 0 on a CPU, where they would take cores from "
+        "training; 2 on a GPU). With --streaming the workers also tokenize: each document once, by one worker."
+    )
     cache_dir: str | None = _help("Where tokenized data sets are cached (default: ~/.cache/tlnlp).")
 
     # Model and tokenizer
@@ -137,6 +145,8 @@ class TrainingConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise UserInputError(f"--{name} must be greater than 0, got {value}.")
+        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
+            raise UserInputError(f"--dataloader_num_workers must be 0 or more, got {self.dataloader_num_workers}.")
         for name in ("weight_decay", "num_warmup_steps", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise UserInputError(f"--{name} must be 0 or more, got {getattr(self, name)}.")

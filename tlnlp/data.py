@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,9 @@ def _check_file(option: str, path: str, csv_delimiter: str | None = None) -> str
             ) from None
     if file.suffix.lower() == ".csv":
         _check_csv_header(option, path, head, csv_delimiter)
+    if file.suffix.lower() == ".csv" and len(head) == file.stat().st_size:  # the whole file was read
+        if len([line for line in head.splitlines() if line.strip()]) <= 1:
+            raise UserInputError(f"{option} {path} holds a header but no rows. Give a file with at least one example.")
     return str(file)
 
 
@@ -120,10 +124,9 @@ def ensure_validation(raw, validation_split_percentage: float, seed: int, stream
     """Carve a validation split out of train (seeded) when the data has none."""
     if "validation" in raw:
         return raw
-    if streaming:
+    if streaming:  # the head of the stream; the training stream leaves it out by position (ShardedStream)
         rest = {k: v for k, v in raw.items() if k != "train"}
-        return {"train": raw["train"].skip(STREAMING_VALIDATION_DOCS),
-                "validation": raw["train"].take(STREAMING_VALIDATION_DOCS), **rest}
+        return {"train": raw["train"], "validation": raw["train"].take(STREAMING_VALIDATION_DOCS), **rest}
     if len(raw["train"]) < 2:
         raise UserInputError(
             "The training data holds a single example: at least 2 documents (lines, rows) are needed, one to "
@@ -290,6 +293,28 @@ def tokenize_lines(
     )
 
 
+def mlm_rows(texts: list[str], tokenizer: PreTrainedTokenizerBase, *, max_seq_length: int, line_by_line: bool,
+             whole_word_mask: bool) -> dict[str, list]:
+    """MLM training rows from a batch of documents: packed blocks, or one sequence per line."""
+    texts = [t if isinstance(t, str) else "" for t in texts]
+    if line_by_line:
+        return tokenize_lines(texts, tokenizer, max_seq_length, whole_word_mask)
+    return pack_texts(texts, tokenizer, max_seq_length, whole_word_mask)
+
+
+def sequence_lengths(dataset: Dataset, column: str = "input_ids") -> list[int]:
+    """Token count of every row, read from the Arrow column (no Python lists of ids are built)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")[column]).to_pylist()
+
+
+def tokenizing_processes(rows: int) -> int | None:
+    """Every core for a large corpus (tokenizing is the slow part of preparing it); one process for a small
+    one, where starting the others costs more than they save."""
+    return len(os.sched_getaffinity(0)) if rows >= 20_000 else None
+
+
 def prepare_mlm_dataset(
     split: Dataset | IterableDataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -301,10 +326,8 @@ def prepare_mlm_dataset(
     num_proc: int | None = None,
 ) -> Dataset | IterableDataset:
     def tokenize(batch):
-        texts = [t if isinstance(t, str) else "" for t in batch[text_column]]
-        if line_by_line:
-            return tokenize_lines(texts, tokenizer, max_seq_length, whole_word_mask)
-        return pack_texts(texts, tokenizer, max_seq_length, whole_word_mask)
+        return mlm_rows(batch[text_column], tokenizer, max_seq_length=max_seq_length, line_by_line=line_by_line,
+                        whole_word_mask=whole_word_mask)
 
     kwargs: dict[str, Any] = {"batched": True, "remove_columns": column_names(split)}
     if isinstance(split, Dataset):

@@ -121,6 +121,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     names = label_names(train_labels, task_type)
     check_label_sets(raw, cfg.label_column, names, task_type)
     label2id = {name: i for i, name in enumerate(names)}
+    leaked = copies_of_training_rows(raw, text_column, cfg.text_pair_column)
 
     tokenizer = load_model_tokenizer(source, builtin.resolve_model(cfg.tokenizer_name), cfg.trust_remote_code)
     head = HeadSpec(cfg.head_hidden_sizes_list, cfg.head_dropout, cfg.head_activation, cfg.pooling)
@@ -169,7 +170,10 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
 
     def evaluate_split(accelerator, model, dataloader) -> dict[str, float]:
         logits, labels = predict(accelerator, model, dataloader)
-        return compute_metrics(logits, labels, task_type)
+        metrics = compute_metrics(logits, labels, task_type)
+        if task_type == "single_label":  # a constant classifier is the usual failure on small data: watch for it
+            metrics["predicted_classes"] = len(np.unique(to_predictions(logits, task_type)))
+        return metrics
 
     def save(unwrapped, folder: Path, state_dict: dict) -> None:
         if isinstance(unwrapped, CachedFeatureClassifier):
@@ -222,10 +226,48 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         # so the test split, which has none cached, goes through the plain classifier inside it.
         test_model = engines.unwrap(accelerator, trained).model if cfg.cache_frozen_features else trained
         results.update(_test(cfg, accelerator, test_model, tokenized["test"], raw["test"], collator, task_type, names))
+    if leaked:
+        results["copies_of_training_rows"] = leaked
+    warning = underfitting_warning(results, len(names), task_type)
+    if warning:
+        logger.warning(warning)
+        results["underfitting_warning"] = warning
     results.update(task_type=task_type, label_names=names, train_set_size=len(raw["train"]),
                    trainable_parameters=trainable, total_parameters=total)
     end_run(cfg, accelerator, results, "finetune", hub_repo)
     return results
+
+
+def copies_of_training_rows(raw: DatasetDict, text_column: str, pair_column: str | None) -> dict[str, int]:
+    """Validation and test rows whose text (and pair) is exactly a training row's. With 1k labels a few
+    such copies inflate every reported score; they are counted, warned about and kept in all_results.json."""
+    def keys(split):
+        pairs = split[pair_column] if pair_column else [None] * len(split)
+        return list(zip(split[text_column], pairs))
+
+    training = set(keys(raw["train"]))
+    found = {}
+    for name in ("validation", "test"):
+        if name in raw and text_column in raw[name].column_names:
+            copies = sum(key in training for key in keys(raw[name]))
+            if copies:
+                found[name] = copies
+                logger.warning("%d of the %d %s rows are exact copies of training rows: their scores measure memory, "
+                               "not generalisation. Remove them from one side.", copies, len(raw[name]), name)
+    return found
+
+
+def underfitting_warning(results: dict[str, Any], num_labels: int, task_type: str) -> str | None:
+    """A model that predicts one class for the whole validation set, or no better than chance (MCC <= 0)."""
+    if task_type != "single_label" or num_labels < 2:
+        return None
+    classes, mcc = results.get("eval_predicted_classes"), results.get("eval_mcc")
+    if classes != 1 and (mcc is None or mcc > 0):
+        return None
+    found = "predicts one class for every validation example" if classes == 1 else f"has MCC {mcc:.3f} (chance)"
+    return (f"The model {found}: it learned nothing usable from the labels. Likely fixes: a higher "
+            "--head_learning_rate (the new head starts from random weights), more --num_train_epochs, or fewer "
+            "--freeze_layers.")
 
 
 def sorted_by_length(split):

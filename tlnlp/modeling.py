@@ -228,6 +228,15 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+@dataclass
+class MaskedLMLossOutput(ModelOutput):
+    """A typed output: torch.compile rebuilds outputs by their class, and a bare ModelOutput loses `.loss`."""
+
+    loss: torch.Tensor | None = None
+    example_loss_sum: torch.Tensor | None = None
+    example_masked: torch.Tensor | None = None
+
+
 class MaskedLMLoss(nn.Module):
     """Wraps a stock `*ForMaskedLM` model; its forward returns the MLM loss.
 
@@ -251,7 +260,7 @@ class MaskedLMLoss(nn.Module):
         )
         self.sparse = sparse and self.head_names is not None
 
-    def forward(self, input_ids, labels, attention_mask=None, token_type_ids=None, **_unused) -> ModelOutput:
+    def forward(self, input_ids, labels, attention_mask=None, token_type_ids=None, **_unused) -> MaskedLMLossOutput:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
@@ -270,7 +279,7 @@ class MaskedLMLoss(nn.Module):
         masked = torch.bincount(example_of_token, minlength=labels.size(0))
         # A batch with no masked token still touches every parameter, so data-parallel gradient sync agrees.
         loss = token_loss.mean() if token_loss.numel() else logits.sum() * 0.0
-        return ModelOutput(loss=loss, example_loss_sum=loss_sum, example_masked=masked)
+        return MaskedLMLossOutput(loss=loss, example_loss_sum=loss_sum, example_masked=masked)
 
 
 def save_dir_has_model(path: Path) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -18,18 +19,23 @@ from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, 
 from tlnlp import builtin
 from tlnlp.config import PretrainConfig
 from tlnlp.data import (
+    STREAMING_VALIDATION_DOCS,
     cached_map,
     drop_blank_texts,
     ensure_validation,
     load_raw_datasets,
     mask_batch,
     mask_once,
+    mlm_rows,
     pad_for_masking,
     prepare_mlm_dataset,
     resolve_text_column,
+    sequence_lengths,
     tokenizer_fingerprint,
+    tokenizing_processes,
 )
 from tlnlp.engines import first_on_each_node, from_main_process
+from tlnlp.errors import UserInputError
 from tlnlp.modeling import (
     MaskedLMLoss,
     check_tokenizer_and_length,
@@ -40,7 +46,8 @@ from tlnlp.modeling import (
     tokenizer_from_json,
     train_wordpiece,
 )
-from tlnlp.trainer import Task, end_run, preprocessing_done, start_run, sub_state_dict, train
+from tlnlp.streaming import ShardedStream
+from tlnlp.trainer import Task, end_run, loader_workers, preprocessing_done, start_run, sub_state_dict, train
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +95,19 @@ def corpus_tokenizer(train, text_column: str, cfg: PretrainConfig) -> str:
     return (folder / "tokenizer.json").read_text(encoding="utf-8")
 
 
+def check_stream_size(train, held_out: int, slots: int) -> None:
+    """A stream needs one document per slot (process x loader worker) beyond its validation head; read
+    that many now, so a too-small corpus is named before any training (and not as a worker's error)."""
+    needed = held_out + slots
+    found = sum(1 for _ in itertools.islice(iter(train), needed))
+    if found < needed:
+        raise UserInputError(
+            f"The streamed corpus holds {found} document(s); it needs at least {needed}: {held_out} held out for "
+            f"validation (give --validation_file to hold none out) and one for each of the {slots} processes x "
+            "loader workers (--dataloader_num_workers)."
+        )
+
+
 def main(cfg: PretrainConfig) -> dict[str, Any]:
     accelerator, hub_repo = start_run(cfg)
     model_source = builtin.resolve_model(cfg.model_name_or_path)
@@ -99,6 +119,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         )
         text_column = resolve_text_column(raw["train"], cfg.text_column)
         raw = drop_blank_texts(raw, text_column)
+        held_out = 0 if "validation" in raw else STREAMING_VALIDATION_DOCS  # a stream's head, when it is the validation
         raw = ensure_validation(raw, cfg.validation_split_percentage, cfg.seed, cfg.streaming)
 
     trained_tokenizer = False
@@ -141,14 +162,20 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                    whole_word_mask=cfg.whole_word_mask)
 
     def build(splits: DatasetDict) -> DatasetDict:
-        tokenized = {k: prepare_mlm_dataset(v, tokenizer, num_proc=cfg.preprocessing_num_workers, **prepare)
+        tokenized = {k: prepare_mlm_dataset(v, tokenizer, num_proc=cfg.preprocessing_num_workers or
+                                            tokenizing_processes(len(v)), **prepare)
                      for k, v in splits.items() if k in ("train", "validation")}
         # Validation masks are drawn once from a fixed seed, so perplexity is comparable run to run.
         tokenized["validation"] = mask_once(tokenized["validation"], tokenizer, masker, cfg.seed)
         return DatasetDict(tokenized)
 
     if cfg.streaming:
-        train_data = prepare_mlm_dataset(raw["train"], tokenizer, **prepare)
+        slots = accelerator.num_processes * max(1, loader_workers(cfg, accelerator))
+        check_stream_size(raw["train"], held_out, slots)
+        rows = functools.partial(mlm_rows, tokenizer=tokenizer, max_seq_length=max_seq_length,
+                                 line_by_line=cfg.line_by_line, whole_word_mask=cfg.whole_word_mask)
+        train_data = ShardedStream(raw["train"], rows, text_column, rank=accelerator.process_index,
+                                   world_size=accelerator.num_processes, held_out=held_out)
         # The held-out head of the stream is small: materialize it, so it is masked and evaluated like any split.
         eval_data = build(DatasetDict({"validation": Dataset.from_list(list(raw["validation"]))}))["validation"]
     else:
@@ -172,7 +199,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         train_collator=pad_for_masking(tokenizer),
         on_batch=lambda batch: mask_batch(batch, masker),
         # Packed sequences all have the same length; lines vary, and grouping them saves padding.
-        train_lengths=[len(ids) for ids in train_data["input_ids"]] if cfg.line_by_line and not cfg.streaming else None,
+        train_lengths=sequence_lengths(train_data) if cfg.line_by_line and not cfg.streaming else None,
         eval_collator=DataCollatorForTokenClassification(tokenizer),  # pads labels with -100
         evaluate=evaluate_mlm,
         save=save,

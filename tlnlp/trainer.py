@@ -33,12 +33,14 @@ from tlnlp.config import TrainingConfig, config_to_dict
 from tlnlp.data import STREAMING_VALIDATION_DOCS, LengthGroupedSampler
 from tlnlp.errors import TrainingError, UserInputError
 from tlnlp.outputs import setup_logging, write_run_files
+from tlnlp.streaming import ShardedStream, stream_loader
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"
 STATE_FILE = "trainer_state.json"
+STREAM_STATE = "stream_state_{rank}.json"
 
 
 @dataclass
@@ -96,6 +98,13 @@ def make_accelerator(cfg: TrainingConfig) -> Accelerator:
     )
 
 
+def loader_workers(cfg: TrainingConfig, accelerator: Accelerator) -> int:
+    """--dataloader_num_workers, or 0 on a CPU (workers would take its cores from training) and 2 on a GPU."""
+    if cfg.dataloader_num_workers is not None:
+        return cfg.dataloader_num_workers
+    return 0 if accelerator.device.type == "cpu" else 2
+
+
 def default_param_groups(model: nn.Module, learning_rate: float, weight_decay: float,
                          lr_scale: Callable[[str], float] | None = None) -> list[dict]:
     """AdamW groups by (learning rate, decay). Biases and LayerNorm weights (1-D tensors) get no weight decay;
@@ -122,6 +131,12 @@ def check_output_dir(cfg: TrainingConfig) -> None:
     if cfg.preprocess_only:
         return  # writes only tokenized data
     output_dir = Path(cfg.output_dir)
+    existing = next((p for p in (output_dir, *output_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserInputError(
+            f"--output_dir {output_dir}: {existing} is a file, not a folder. Give a folder path (it is created if "
+            "missing), or move the file."
+        )
     if cfg.resume_from_checkpoint:
         if cfg.resume_from_checkpoint == "latest":
             if latest_checkpoint(output_dir) is None:
@@ -191,13 +206,16 @@ class _Checkpoints:
     def __init__(self, accelerator: Accelerator, output_dir: Path, limit: int | None):
         self.accelerator, self.folder, self.limit = accelerator, output_dir / CHECKPOINTS, limit
 
-    def save(self, step: int, state: dict) -> None:
+    def save(self, step: int, state: dict, stream_state: dict | None = None) -> None:
         final = self.folder / f"step_{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp), safe_serialization=True)
+        if stream_state is not None:  # each process's position in its share of the stream
+            tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / STREAM_STATE.format(rank=self.accelerator.process_index)).write_text(json.dumps(stream_state))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks the save complete
@@ -233,17 +251,29 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.start_time = time.time()
         self.grouped = cfg.group_by_length and task.train_lengths is not None
-        train_dl = DataLoader(
-            task.train_dataset,
-            batch_size=cfg.per_device_train_batch_size,
-            shuffle=not self.grouped and not isinstance(task.train_dataset, IterableDataset),
-            sampler=LengthGroupedSampler(task.train_lengths, cfg.per_device_train_batch_size, cfg.seed)
-            if self.grouped else None,
-            collate_fn=task.train_collator,
-            # Its own generator: creating a data-loader iterator then draws nothing from the global RNG, so a
-            # resumed run (which creates a fresh iterator) continues the same random stream as an unbroken one.
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
+        self.streamed = isinstance(task.train_dataset, ShardedStream)
+        workers, pin = loader_workers(cfg, accelerator), accelerator.device.type == "cuda"
+        if self.streamed:
+            # Already split over processes and workers; Accelerate's preparation would split it again. Its
+            # position is saved with each checkpoint, so a resume does not replay the batches before it.
+            self.train_dl = stream_loader(task.train_dataset, cfg.per_device_train_batch_size, task.train_collator,
+                                          workers, pin)
+        else:
+            train_dl = DataLoader(
+                task.train_dataset,
+                batch_size=cfg.per_device_train_batch_size,
+                shuffle=not self.grouped and not isinstance(task.train_dataset, IterableDataset),
+                sampler=LengthGroupedSampler(task.train_lengths, cfg.per_device_train_batch_size, cfg.seed)
+                if self.grouped else None,
+                collate_fn=task.train_collator,
+                # Its own generator: creating a data-loader iterator then draws nothing from the global RNG, so a
+                # resumed run (which creates a fresh iterator) continues the same random stream as an unbroken one.
+                generator=torch.Generator().manual_seed(cfg.seed),
+                num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
+            )
+            # Training batches stay on the CPU until `task.on_batch` (MLM masking) has run; the loop moves them.
+            # Prepared on its own, because DeepSpeed refuses per-object device placement.
+            self.train_dl = accelerator.prepare_data_loader(train_dl, device_placement=False)
         eval_dl = DataLoader(task.eval_dataset, batch_size=cfg.per_device_eval_batch_size,
                              collate_fn=task.eval_collator)
         groups = task.param_groups(task.model) if task.param_groups else default_param_groups(
@@ -252,9 +282,6 @@ class Trainer:
         fused = accelerator.device.type == "cuda"  # one kernel for all parameters: faster on GPUs, absent on CPU
         optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused)
         engines.prepare_for_engine(accelerator, task.model)
-        # Training batches stay on the CPU until `task.on_batch` (MLM masking) has run; the loop moves them.
-        # Prepared first and on its own, because DeepSpeed refuses per-object device placement.
-        self.train_dl = accelerator.prepare_data_loader(train_dl, device_placement=False)
         self.model, self.optimizer, self.eval_dl = accelerator.prepare(task.model, optimizer, eval_dl)
 
         # Counted after `prepare`, which splits the batches between processes: one optimizer step consumes
@@ -298,6 +325,9 @@ class Trainer:
                              disable=not self.accelerator.is_local_main_process, desc="Training", dynamic_ncols=True)
         self.model.train()
         self._reset_window()
+        # The optimizer step and the first non-finite loss (step, value), kept on the device: no host sync.
+        self.device_step = torch.tensor(float(self.state["completed_steps"]), device=self.accelerator.device)
+        self.nonfinite = torch.zeros(2, device=self.accelerator.device)
         while self.state["epoch"] < self.num_epochs and not self.stop:
             for batch in self._epoch_batches():
                 self._train_step(batch)
@@ -323,7 +353,7 @@ class Trainer:
         if hasattr(self.train_dl, "set_epoch"):
             self.train_dl.set_epoch(epoch)
         batches = self.train_dl
-        if self.state["batches_in_epoch"]:
+        if self.state["batches_in_epoch"] and not self.streamed:  # a stream resumes from its saved position
             batches = self.accelerator.skip_first_batches(self.train_dl, self.state["batches_in_epoch"])
         wait_start = time.time()
         for batch in batches:
@@ -341,7 +371,10 @@ class Trainer:
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         with accelerator.accumulate(self.model):
             loss = self.model(**batch).loss
-            if self._loss_is_finite(loss):
+            # Skipping a batch must be decided before backward, so --on_nonfinite_loss skip waits for the loss
+            # on every micro-batch. The default (stop) only notes it on the device, checked once per log window.
+            if cfg.on_nonfinite_loss != "skip" or self._loss_is_finite(loss):
+                self._note_if_not_finite(loss)
                 accelerator.backward(loss)
                 self.window["loss"] += loss.detach()
                 self.window["micro"] += 1
@@ -355,22 +388,32 @@ class Trainer:
         self.window["units"] += units
 
     def _loss_is_finite(self, loss: torch.Tensor) -> bool:
-        """False: skip this batch (--on_nonfinite_loss skip); stop: raise. Every rank takes the same branch."""
+        """--on_nonfinite_loss skip: False (and the gradients dropped) when any rank's loss is not finite."""
         finite = torch.isfinite(loss.detach())
-        if self.accelerator.num_processes > 1:
+        if self.accelerator.num_processes > 1:  # every rank must take the same branch
             finite = self.accelerator.reduce(finite.float(), "sum") == self.accelerator.num_processes
         if bool(finite):
             return True
-        step = self.state["completed_steps"] + 1
-        if self.cfg.on_nonfinite_loss == "stop":
-            raise TrainingError(
-                f"The loss became {loss.item()} at optimizer step {step} (epoch {self.state['epoch']}). "
-                "The last saved checkpoint is intact. Lower --learning_rate, check the data, or pass "
-                "--on_nonfinite_loss skip to skip such batches."
-            )
-        logger.warning("Skipping a batch with a non-finite loss at step %d.", step)
+        logger.warning("Skipping a batch with a non-finite loss at step %d.", self.state["completed_steps"] + 1)
         self.optimizer.zero_grad(set_to_none=True)
         return False
+
+    def _note_if_not_finite(self, loss: torch.Tensor) -> None:
+        """Keep, on the device and without waiting for it, the first optimizer step whose loss was not finite."""
+        first = ~torch.isfinite(loss.detach()) & (self.nonfinite[0] == 0)
+        self.nonfinite = torch.where(first, torch.stack([self.device_step + 1, loss.detach().float()]), self.nonfinite)
+
+    def _stop_if_loss_was_not_finite(self) -> None:
+        """Before anything is logged, evaluated or saved: stop if a non-finite loss was noted on any rank."""
+        noted = self.accelerator.gather(self.nonfinite.unsqueeze(0))
+        noted = noted[noted[:, 0] > 0]
+        if len(noted):
+            step, value = noted[noted[:, 0].argmin()].tolist()
+            raise TrainingError(
+                f"The loss became {value} at optimizer step {int(step)} (noticed at step "
+                f"{self.state['completed_steps']}). The last saved checkpoint is intact. Lower --learning_rate, "
+                "check the data, or pass --on_nonfinite_loss skip to skip such batches."
+            )
 
     def _after_optimizer_step(self) -> None:
         """Schedule, progress, logging, evaluation and checkpoints: what happens once per optimizer step."""
@@ -378,6 +421,7 @@ class Trainer:
         if not self.accelerator.optimizer_step_was_skipped:
             self.scheduler.step()
         state["completed_steps"] += 1
+        self.device_step += 1
         self.progress.update(1)
         step = state["completed_steps"]
         if step % cfg.logging_steps == 0 or step == self.max_steps:
@@ -385,7 +429,7 @@ class Trainer:
         if cfg.eval_steps and step % cfg.eval_steps == 0:
             self.stop = self._evaluate_and_track()
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            self.checkpoints.save(step, state)
+            self._save_checkpoint()
         if step >= self.max_steps:
             self.stop = True
 
@@ -399,13 +443,19 @@ class Trainer:
         if not self.cfg.eval_steps:
             self.stop = self._evaluate_and_track() or self.stop
         if self.cfg.checkpointing_steps == "epoch":
-            self.checkpoints.save(self.state["completed_steps"], self.state)
+            self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
+        self._stop_if_loss_was_not_finite()  # never checkpoint weights a non-finite loss has touched
+        self.checkpoints.save(self.state["completed_steps"], self.state,
+                              self.train_dl.state_dict() if self.streamed else None)
 
     # -- evaluation and the best model ---------------------------------------------------------------
 
     def _evaluate_and_track(self) -> bool:
         """Evaluate, keep the best model on disk; True when early stopping says stop."""
         accelerator, state, name = self.accelerator, self.state, self.task.metric_for_best_model
+        self._stop_if_loss_was_not_finite()
         metrics = self.task.evaluate(accelerator, self.model, self.eval_dl)
         self.model.train()
         step = state["completed_steps"]
@@ -485,6 +535,13 @@ class Trainer:
             cfg.resume_from_checkpoint)
         load_checkpoint(self.accelerator, path)
         self.state.update(json.loads((path / STATE_FILE).read_text()))
+        if self.streamed:
+            stream_file = path / STREAM_STATE.format(rank=self.accelerator.process_index)
+            if not stream_file.exists():
+                raise UserInputError(f"{path} holds no stream position for process {self.accelerator.process_index} "
+                                     f"({stream_file.name}): it was not written by a --streaming run with as many "
+                                     "processes. Resume with the same launch settings, or start afresh.")
+            self.train_dl.load_state_dict(json.loads(stream_file.read_text()))
         logger.info("Resumed from %s at optimizer step %d (epoch %d, batch %d)", path, self.state["completed_steps"],
                     self.state["epoch"], self.state["batches_in_epoch"])
 
@@ -495,6 +552,7 @@ class Trainer:
     def _log_window(self) -> None:
         """Average the loss and sum the throughput over the window, across processes (every rank calls this)."""
         accelerator, state, window = self.accelerator, self.state, self.window
+        self._stop_if_loss_was_not_finite()
         stats = torch.stack([window["loss"], torch.tensor(float(window["micro"]), device=accelerator.device),
                              torch.tensor(float(window["units"]), device=accelerator.device)])
         stats = accelerator.reduce(stats, "sum")
