@@ -291,6 +291,20 @@ class FinetuneConfig(TrainingConfig):
     metric_for_best_model: str | None = _help(
         "Validation metric that picks the best checkpoint (default: accuracy, micro_f1 or neg_mse by task)."
     )
+    restore_best_model: bool = _help(
+        "At the end, go back to the best evaluated model (off: keep the model of the last step).", True
+    )
+    search_trials: int | None = _help(
+        "Search the recipe first: N Optuna trials (TPE) over learning rate, epochs, batch size, warm-up, weight "
+        "decay, pooling, frozen layers, layer-wise decay and head dropout, each scored by --search_folds-fold "
+        "cross-validation on the training labels (or on --validation_file); then train the final model with the "
+        "best recipe on all the labels. Writes search/ (trials.csv, best_config.yaml, search.png); a killed "
+        "search resumes when run again."
+    )
+    search_folds: int = _help("Cross-validation folds that score each search trial (without --validation_file).", 3)
+    search_space: str | None = _help(
+        "A YAML file that narrows or widens the search: option: {low, high, log} | [choices] | value | null."
+    )
     early_stopping_patience: int | None = _help("Stop after N evaluations without improvement of the best metric.")
 
     def __post_init__(self) -> None:
@@ -303,6 +317,10 @@ class FinetuneConfig(TrainingConfig):
             raise UserInputError(f"--head_dropout must be in [0, 1), got {self.head_dropout}.")
         if self.head_learning_rate is not None and self.head_learning_rate <= 0:
             raise UserInputError(f"--head_learning_rate must be greater than 0, got {self.head_learning_rate}.")
+        if self.search_trials is not None and self.search_trials <= 0:
+            raise UserInputError(f"--search_trials must be greater than 0, got {self.search_trials}.")
+        if not 2 <= self.search_folds <= 20:
+            raise UserInputError(f"--search_folds must be between 2 and 20, got {self.search_folds}.")
         if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
             raise UserInputError(
                 f"--early_stopping_patience must be greater than 0, got {self.early_stopping_patience}."

@@ -14,7 +14,7 @@ from datasets import DatasetDict
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
-from tlnlp import builtin, engines
+from tlnlp import builtin, engines, search
 from tlnlp.config import FinetuneConfig
 from tlnlp.data import (
     cached_map,
@@ -98,6 +98,8 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
             "--model_name_or_path is required: a stage 1 output folder, a local encoder, a built-in model "
             f"({', '.join(builtin.MODELS)}) or a Hub id. Add --from_scratch for the no-transfer baseline."
         )
+    if cfg.search_trials:
+        return search.run_search(cfg, main)
     accelerator, hub_repo = start_run(cfg)
     source = builtin.resolve_model(cfg.model_name_or_path)
 
@@ -121,7 +123,8 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     names = label_names(train_labels, task_type)
     check_label_sets(raw, cfg.label_column, names, task_type)
     label2id = {name: i for i, name in enumerate(names)}
-    leaked = copies_of_training_rows(raw, text_column, cfg.text_pair_column)
+    # (A validation file that is the training file is a progress report by choice, as in the search's final run.)
+    leaked = copies_of_training_rows(raw, text_column, cfg.text_pair_column) if cfg.validation_file != cfg.train_file else {}
 
     tokenizer = load_model_tokenizer(source, builtin.resolve_model(cfg.tokenizer_name), cfg.trust_remote_code)
     head = HeadSpec(cfg.head_hidden_sizes_list, cfg.head_dropout, cfg.head_activation, cfg.pooling)

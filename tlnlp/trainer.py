@@ -310,6 +310,7 @@ class Trainer:
         self.checkpoints = _Checkpoints(accelerator, self.output_dir, cfg.save_total_limit)
         self.best_file = self.output_dir / CHECKPOINTS / BEST / "model.safetensors"
         self.stop = False
+        self.restore_best = getattr(cfg, "restore_best_model", True)  # (stage 1 tracks no best model)
         if accelerator.num_processes > 1:
             # Every rank draws its own masks and dropout (one process keeps the stream it always had). Model
             # initialisation, above, used the common seed, so all ranks start from the same weights.
@@ -469,7 +470,8 @@ class Trainer:
             raise UserInputError(f"--metric_for_best_model {name!r} is not computed; choose one of {', '.join(metrics)}.")
         if _is_better(metrics[name], state["best_metric"], self.task.greater_is_better):
             state.update(best_metric=metrics[name], best_step=step, evals_without_improvement=0)
-            self._save_best()
+            if self.restore_best:
+                self._save_best()
             return False
         state["evals_without_improvement"] += 1
         patience = getattr(self.cfg, "early_stopping_patience", None)
@@ -492,7 +494,8 @@ class Trainer:
     def _restore_best(self) -> None:
         """Every rank loads the best weights, so later evaluation (the test split) agrees everywhere."""
         state = self.state
-        if not self.task.metric_for_best_model or state["best_step"] in (None, state["completed_steps"]):
+        if not (self.restore_best and self.task.metric_for_best_model) or state["best_step"] in (
+                None, state["completed_steps"]):
             return
         self.accelerator.wait_for_everyone()
         engines.load_full_state_dict(self.accelerator, self.model, safetensors.torch.load_file(str(self.best_file)))
@@ -574,8 +577,8 @@ class Trainer:
 
     def _results(self) -> dict[str, Any]:
         state = self.state
-        final = next(h for h in reversed(state["history"]) if h["step"] == (state["best_step"] or
-                                                                             state["completed_steps"]))
+        kept = state["best_step"] if self.restore_best and state["best_step"] else state["completed_steps"]
+        final = next(h for h in reversed(state["history"]) if h["step"] == kept)
         runtime = time.time() - self.start_time
         unit = self.task.count_unit
         results = {
