@@ -32,7 +32,7 @@ test: data
 	$(PY) -m pytest -q -m "not heavy"
 
 # Everything, as CI runs it: adds two "nodes" on one machine, FSDP2 and DeepSpeed ZeRO-2 on 2 CPU processes,
-# a rank killed mid-run, torch.compile (about 5 more minutes).
+# a rank killed mid-run, torch.compile, the dry GPU check (about 6 more minutes).
 test-all: data deepspeed
 	$(PY) -m pytest -q
 
