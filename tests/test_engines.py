@@ -323,3 +323,14 @@ def test_accelerate_launch_on_cpu_uses_every_core(tiny_mlm_dir, labeled_files, t
                             text=True, env={**env, "OMP_NUM_THREADS": "1"}, cwd=REPO, timeout=300)
     assert chosen.returncode == 0, chosen.stderr[-3000:]
     assert "CPU threads per process" not in chosen.stderr  # the user's own OMP_NUM_THREADS=1 is kept
+
+
+def test_a_one_thread_choice_outside_a_launcher_is_kept():
+    """`OMP_NUM_THREADS=1 python scripts/...` is the user's own choice: only a launcher's default is undone."""
+    code = ("from accelerate import Accelerator; from tlnlp.engines import set_cpu_threads; import torch; "
+            "print(set_cpu_threads(Accelerator(cpu=True)), torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**env, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["None", "1"]

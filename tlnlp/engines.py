@@ -56,8 +56,9 @@ def set_cpu_threads(accelerator: Accelerator) -> int | None:
     if "TLNLP_NUM_THREADS" in os.environ:
         threads = int(os.environ["TLNLP_NUM_THREADS"])
     else:
-        if os.environ.get("OMP_NUM_THREADS") != "1":
-            return None
+        launched = "ACCELERATE_DYNAMO_BACKEND" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+        if os.environ.get("OMP_NUM_THREADS") != "1" or not launched:
+            return None  # (`OMP_NUM_THREADS=1 python ...` from a shell is the user's own choice)
         launcher = _launcher_environment()
         if launcher is None or "OMP_NUM_THREADS" in launcher:
             return None  # the user asked for one thread, or we cannot tell
