@@ -470,6 +470,18 @@ def check_labeled_splits(
                 )
 
 
+def stratified_subset(split,  label_column: str, n: int, task_type: str, stratify: bool, seed: int):
+    """--max_train_samples: `n` examples, in the class proportions of `split` when `stratify` (seeded)."""
+    if n > len(split):
+        raise UserInputError(
+            f"--max_train_samples {n} is more than the {len(split)} training examples available. "
+            f"Use at most {len(split)}."
+        )
+    if stratify and task_type == "single_label":
+        return split.select(builtin.stratified_indices(split[label_column], n, seed).tolist())
+    return split.shuffle(seed=seed).select(range(n))
+
+
 def infer_task_type(labels: list) -> str:
     kinds = {_label_kind(v) for v in labels}
     if kinds == {"list"}:

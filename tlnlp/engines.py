@@ -47,8 +47,8 @@ def _launcher_environment() -> dict[str, str] | None:
 def set_cpu_threads(accelerator: Accelerator) -> int | None:
     """On CPU, undo the launcher's one-thread default: cores / processes on this machine.
 
-    Without a GPU, `accelerate launch` gives every process OMP_NUM_THREADS=1, which made fine-tuning 23%
-    slower than plain `python` on 2 cores. An OMP_NUM_THREADS the user set (or TLNLP_NUM_THREADS) wins.
+    Without a GPU, `accelerate launch` gives every process OMP_NUM_THREADS=1: fine-tuning ran at 0.61x plain
+    `python` on 2 cores (benchmarks/launch_threads.py). An OMP_NUM_THREADS the user set (or TLNLP_NUM_THREADS) wins.
     Returns the thread count set, or None when nothing was changed.
     """
     if accelerator.device.type != "cpu":

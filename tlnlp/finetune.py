@@ -25,6 +25,7 @@ from tlnlp.data import (
     label_names,
     load_raw_datasets,
     resolve_text_column,
+    stratified_subset,
     tokenize_labeled,
     tokenizer_fingerprint,
 )
@@ -79,17 +80,6 @@ def compute_metrics(logits, labels, task_type: str) -> dict[str, float]:
     metric = load_metric(task_type)
     references = labels.astype(np.int64) if task_type == "multi_label" else labels
     return metric.compute(predictions=to_predictions(logits, task_type), references=references)
-
-
-def stratified_subset(split, label_column: str, n: int, task_type: str, stratify: bool, seed: int):
-    if n > len(split):
-        raise UserInputError(
-            f"--max_train_samples {n} is more than the {len(split)} training examples available. "
-            f"Use at most {len(split)}."
-        )
-    if stratify and task_type == "single_label":
-        return split.select(builtin.stratified_indices(split[label_column], n, seed).tolist())
-    return split.shuffle(seed=seed).select(range(n))
 
 
 def main(cfg: FinetuneConfig) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from tlnlp.data import (
     infer_task_type,
     load_raw_datasets,
     resolve_text_column,
+    stratified_subset,
 )
 from tlnlp.errors import TrainingError, UserInputError
 from tlnlp.metrics import DEFAULT_BEST, LOWER_IS_BETTER
@@ -136,8 +137,6 @@ def write_folds(cfg: FinetuneConfig, folder: Path) -> tuple[list[tuple[Path, Pat
     """The training labels (after --max_train_samples) as JSONL, and k stratified folds of them (or the one
     given split when --validation_file is set), and the test split if there is one. Returns (folds, all
     labels file, test file, task type, label count)."""
-    from tlnlp.finetune import stratified_subset
-
     raw = load_raw_datasets(train_file=cfg.train_file, validation_file=cfg.validation_file, test_file=cfg.test_file,
                             dataset_name=cfg.dataset_name, dataset_config_name=cfg.dataset_config_name,
                             csv_delimiter=cfg.csv_delimiter)
