@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import tiny_bert_config, tiny_modernbert_config
@@ -85,3 +88,33 @@ def test_sequence_length_must_fit_positions(tiny_tokenizer):
     config = tiny_bert_config(len(tiny_tokenizer))
     with pytest.raises(UserInputError, match="--max_seq_length 256 is longer than the model's 128 position"):
         check_tokenizer_and_length(config, tiny_tokenizer, 256)
+
+
+TRAIN_VOCABULARY = """
+import hashlib, json, sys
+from tlnlp import builtin
+from tlnlp.modeling import train_wordpiece
+with open(builtin.dataset_files("wiki-leads")["train"]) as f:
+    texts = [json.loads(line)["text"] for line, _ in zip(f, range(1500))]
+tokenizer = train_wordpiece(texts, vocab_size=3000)
+print(hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest())
+"""
+
+
+def test_tokenizer_training_gives_the_same_vocabulary_in_two_processes():
+    """The stock WordPiece trainer gives a different vocabulary in each process on this text (checked: 5 of 5
+    differed), because its hash maps are seeded per process; two processes must agree token for token and id
+    for id."""
+    digests = [subprocess.run([sys.executable, "-c", TRAIN_VOCABULARY], capture_output=True, text=True, check=True)
+               .stdout.strip() for _ in range(2)]
+    assert len(digests[0]) == 64 and digests[0] == digests[1]
+
+
+def test_trained_tokenizer_treats_only_the_five_special_tokens_as_special(tiny_tokenizer):
+    """The continuation tokens are given to the trainer as special tokens only to fix their ids."""
+    specials = sorted(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    assert sorted(tiny_tokenizer.all_special_tokens) == specials
+    assert sorted(token.content for token in tiny_tokenizer.added_tokens_decoder.values()) == specials
+    # A continuation token written out in text is split like any other word, not matched as one token.
+    assert len(tiny_tokenizer.tokenize("##a")) == 3
+    assert tiny_tokenizer.decode(tiny_tokenizer("the data")["input_ids"], skip_special_tokens=True) == "the data"

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,14 +55,42 @@ def quiet_transformers() -> Iterator[None]:
         transformers.logging.set_verbosity(previous)
 
 
-def train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool = True) -> BertTokenizerFast:
-    """Train a BERT WordPiece tokenizer on `texts` (seconds for megabytes of text)."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+def train_wordpiece(texts: Iterable[str] | Callable[[], Iterable[str]], vocab_size: int,
+                    lowercase: bool = True) -> BertTokenizerFast:
+    """Train a BERT WordPiece tokenizer on `texts` (seconds for megabytes of text), the same on every run.
+
+    `texts` is read twice: give a function that returns a fresh iterable (a list also works).
+
+    tokenizers' trainer numbers the "##x" continuation tokens in hash-map order, which changes from process
+    to process, and breaks ties between equally frequent merges by those numbers (tokenizers issue #1794):
+    two runs on the same text give different vocabularies. So a first, merge-free pass finds which
+    continuation tokens the corpus has; the real pass is given them up front, in sorted order, which fixes
+    their ids and with them every tie.
+    """
+    if not callable(texts):
+        texts = list(texts)
+    read = texts if callable(texts) else lambda: texts
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+
+    def wordpiece_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
+        tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]") if vocab else models.WordPiece(unk_token="[UNK]"))
+        tokenizer.normalizer = normalizer
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece(prefix="##")
+        return tokenizer
+
+    alphabet_pass = wordpiece_tokenizer()
+    alphabet_pass.train_from_iterator(read(), trainer=trainers.WordPieceTrainer(vocab_size=1, show_progress=False))
+    continuations = sorted(token for token in alphabet_pass.get_vocab() if token.startswith("##"))
+
+    trained = wordpiece_tokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + continuations,
+                                        show_progress=False)
+    trained.train_from_iterator(read(), trainer=trainer)
+    # The continuations were passed as special tokens only to fix their ids: rebuild from the learned vocabulary
+    # so that only the five real special tokens are treated as such.
+    tokenizer = wordpiece_tokenizer(json.loads(trained.to_str())["model"]["vocab"])
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]

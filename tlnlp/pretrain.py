@@ -73,18 +73,23 @@ def evaluate_mlm(accelerator, model, dataloader) -> dict[str, float]:
 def corpus_tokenizer(train, text_column: str, cfg: PretrainConfig) -> str:
     """A WordPiece tokenizer trained on the corpus (as tokenizers' JSON), cached by corpus and settings.
 
-    WordPiece training breaks ties differently from run to run, so the cache is also what makes a
-    second run with the same corpus reuse the same vocabulary (and the same tokenized data).
+    Training gives the same vocabulary on every machine (see `train_wordpiece`); the cache saves a second
+    run the training and lets it reuse the tokenized data.
     """
     # A streamed corpus has no fingerprint: it is named by its source instead.
     fingerprint = getattr(train, "_fingerprint", None) or f"{cfg.train_file}/{cfg.dataset_name}/{cfg.dataset_config_name}"
-    key = hashlib.sha256(f"{fingerprint}/{text_column}/{cfg.vocab_size}/{cfg.lowercase}".encode()).hexdigest()
+    # "v2": vocabularies cached before training was made deterministic are not reused.
+    key = hashlib.sha256(f"v2/{fingerprint}/{text_column}/{cfg.vocab_size}/{cfg.lowercase}".encode()).hexdigest()
     folder = cfg.cache_path / "tokenizers" / key[:20]
     if (folder / "tokenizer.json").exists():
         logger.info("Reusing the WordPiece tokenizer trained earlier on this corpus: %s", folder)
         return (folder / "tokenizer.json").read_text(encoding="utf-8")
-    texts = (row[text_column] for row in itertools.islice(iter(train), TOKENIZER_TRAINING_DOCS))
-    tokenizer = train_wordpiece((t for t in texts if isinstance(t, str)), cfg.vocab_size, cfg.lowercase)
+
+    def texts():
+        rows = itertools.islice(iter(train), TOKENIZER_TRAINING_DOCS)
+        return (row[text_column] for row in rows if isinstance(row[text_column], str))
+
+    tokenizer = train_wordpiece(texts, cfg.vocab_size, cfg.lowercase)
     logger.info("Trained a WordPiece tokenizer on the training corpus: %d tokens.", len(tokenizer))
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tokenizer.save_pretrained(tmp)
@@ -128,8 +133,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     elif cfg.config_name:
         tokenizer = load_tokenizer(cfg.config_name, cfg.trust_remote_code)
     else:
-        # Trained (or read from its cache) by the main process alone, then sent to every rank: WordPiece
-        # training is not deterministic, so machines with their own caches would otherwise disagree.
+        # Trained (or read from its cache) by the main process alone, then sent to every rank: one training,
+        # not one per process, and a rank can never pick up another vocabulary from a stale node-local cache.
         tokenizer_json = corpus_tokenizer(raw["train"], text_column, cfg) if accelerator.is_main_process else None
         tokenizer = tokenizer_from_json(from_main_process(accelerator, tokenizer_json), cfg.lowercase)
         trained_tokenizer = True
