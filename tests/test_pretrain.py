@@ -57,8 +57,10 @@ def test_tokenization_is_cached(corpus_file, tmp_path, cache_dir, caplog):
     assert sorted(p.name for p in (cache_dir / "tokenized").iterdir()) == entries
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus_file, tmp_path, cache_dir, monkeypatch):
-    common = ["--max_train_steps", "12", "--checkpointing_steps", "4"]
+@pytest.mark.parametrize("objective", ["mlm", "electra"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(objective, corpus_file, tmp_path, cache_dir,
+                                                               monkeypatch):
+    common = ["--max_train_steps", "12", "--checkpointing_steps", "4", "--objective", objective]
     run_main(tiny_args(corpus_file, tmp_path / "straight", cache_dir, *common))
 
     original_save = tlnlp.trainer._Checkpoints.save
@@ -76,11 +78,15 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus_file, tmp_
     assert not (interrupted / "model.safetensors").exists()
     run_main(tiny_args(corpus_file, interrupted, cache_dir, *common, "--resume_from_checkpoint", "latest"))
 
-    straight = load_file(tmp_path / "straight" / "model.safetensors")
-    resumed = load_file(interrupted / "model.safetensors")
-    assert straight.keys() == resumed.keys()
-    for name in straight:
-        assert torch.equal(straight[name], resumed[name]), name
+    saved = ["model.safetensors"] + (["generator/model.safetensors"] if objective == "electra" else [])
+    for file in saved:
+        straight = load_file(tmp_path / "straight" / file)
+        resumed = load_file(interrupted / file)
+        assert straight.keys() == resumed.keys()
+        for name in straight:
+            assert torch.equal(straight[name], resumed[name]), (file, name)
+    history = [json.loads((folder / "eval_history.json").read_text()) for folder in (tmp_path / "straight", interrupted)]
+    assert history[0][-1] == history[1][-1]
 
 
 def test_output_dir_with_an_earlier_run_is_refused_and_untouched(corpus_file, tmp_path, cache_dir):

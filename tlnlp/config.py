@@ -195,8 +195,24 @@ class PretrainConfig(TrainingConfig):
     line_by_line: bool = _help(
         "One sequence per line/document, padded per batch, instead of packing texts into full blocks.", False
     )
-    mlm_probability: float = _help("Fraction of tokens masked for the MLM loss.", 0.15)
+    objective: Literal["mlm", "electra"] = _help(
+        "mlm: masked-language modelling (BERT). electra: replaced-token detection (ELECTRA, Clark et al. 2020): a "
+        "small generator fills the masked positions with its samples and the encoder learns to tell, at every "
+        "token, original from replaced; the encoder is saved, the generator in generator/. From scratch only.",
+        "mlm",
+    )
+    mlm_probability: float = _help(
+        "Fraction of tokens masked for the MLM loss (with --objective electra: the generator's).", 0.15
+    )
     whole_word_mask: bool = _help("Mask every sub-word of a chosen word together.", False)
+    generator_size_fraction: float | None = _help(
+        "--objective electra: the generator's share of the encoder's layers, at the same width so both share the "
+        "token embeddings (default 1/3, at least one layer).", None
+    )
+    discriminator_weight: float | None = _help(
+        "--objective electra: weight of the replaced-token loss against the generator's MLM loss (default 50, "
+        "the paper's).", None
+    )
 
     # From scratch
     model_size: ModelSize | None = _help(
@@ -243,6 +259,34 @@ class PretrainConfig(TrainingConfig):
                 raise UserInputError(f"--{name} must be greater than 0, got {value}.")
         if self.vocab_size < 100:
             raise UserInputError(f"--vocab_size must be at least 100, got {self.vocab_size}.")
+        self._check_objective()
+
+    def _check_objective(self) -> None:
+        electra_only = [f"--{name}" for name in ("generator_size_fraction", "discriminator_weight")
+                        if getattr(self, name) is not None]
+        if self.objective != "electra":
+            if electra_only:
+                raise UserInputError(f"{' and '.join(electra_only)} only apply to --objective electra (this run is "
+                                     f"--objective {self.objective}). Add --objective electra or drop them.")
+            return
+        if self.model_name_or_path:
+            raise UserInputError(
+                "--objective electra trains a generator and an encoder from scratch; --model_name_or_path continues a "
+                "checkpoint, which has no generator to pair it with. Use --objective mlm to continue a checkpoint, or "
+                "drop --model_name_or_path and give --model_size or --config_name."
+            )
+        if self.generator_size_fraction is None:
+            self.generator_size_fraction = 1 / 3
+        if not 0 < self.generator_size_fraction <= 1:
+            raise UserInputError(
+                f"--generator_size_fraction must be in (0, 1], got {self.generator_size_fraction}: ELECTRA needs a "
+                "generator to propose the replacements, and one no larger than the encoder (the paper finds 1/4-1/2 best)."
+            )
+        if self.discriminator_weight is None:
+            self.discriminator_weight = 50.0
+        if self.discriminator_weight <= 0:
+            raise UserInputError(f"--discriminator_weight must be greater than 0, got {self.discriminator_weight}: "
+                                 "without it the encoder would not be trained.")
 
 
 TaskType = Literal["auto", "single_label", "multi_label", "regression"]

@@ -40,6 +40,8 @@ MODEL_SIZES = {
     "base": (12, 768, 12, 3072),
 }
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# config.json of an `--objective electra` run marks its models "generator" or "discriminator" under this key.
+ELECTRA_ROLE = "tlnlp_electra_role"
 # RoBERTa-style position ids start after the padding index, so two positions are never usable.
 POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
 
@@ -289,26 +291,40 @@ class MaskedLMLoss(nn.Module):
         )
         self.sparse = sparse and self.head_names is not None
 
-    def forward(self, input_ids, labels, attention_mask=None, token_type_ids=None, **_unused) -> MaskedLMLossOutput:
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            inputs["token_type_ids"] = token_type_ids
-        selected = labels.view(-1) != -100
+    def masked_logits(self, inputs: dict, selected: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits at the `selected` (flattened) positions: (number selected, vocabulary)."""
         if self.sparse:
             hidden = self.mlm.base_model(**inputs).last_hidden_state
             logits = hidden.reshape(-1, hidden.size(-1))[selected]
             for name in self.head_names:
                 logits = getattr(self.mlm, name)(logits)
-        else:
-            logits = self.mlm(**inputs).logits.view(-1, self.mlm.config.vocab_size)[selected]
+            return logits
+        return self.mlm(**inputs).logits.view(-1, self.mlm.config.vocab_size)[selected]
+
+    def forward(self, input_ids, labels, attention_mask=None, token_type_ids=None, **_unused) -> MaskedLMLossOutput:
+        inputs = model_inputs(input_ids, attention_mask, token_type_ids)
+        selected = labels.view(-1) != -100
+        logits = self.masked_logits(inputs, selected)
         token_loss = F.cross_entropy(logits.float(), labels.view(-1)[selected], reduction="none")
-        example_of_token = torch.arange(labels.size(0), device=labels.device).repeat_interleave(labels.size(1))
-        example_of_token = example_of_token[selected]
-        loss_sum = torch.zeros(labels.size(0), device=labels.device).index_add_(0, example_of_token, token_loss)
-        masked = torch.bincount(example_of_token, minlength=labels.size(0))
+        loss_sum, masked = per_example_sums(token_loss, selected, labels.shape)
         # A batch with no masked token still touches every parameter, so data-parallel gradient sync agrees.
         loss = token_loss.mean() if token_loss.numel() else logits.sum() * 0.0
         return MaskedLMLossOutput(loss=loss, example_loss_sum=loss_sum, example_masked=masked)
+
+
+def model_inputs(input_ids, attention_mask=None, token_type_ids=None) -> dict:
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        inputs["token_type_ids"] = token_type_ids
+    return inputs
+
+
+def per_example_sums(values: torch.Tensor, selected: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """`values` (one per selected flattened position of a `shape` batch) summed per example, and the count per
+    example: what evaluation gathers, so no tail example counts twice across processes."""
+    example_of_position = torch.arange(shape[0], device=values.device).repeat_interleave(shape[1])[selected]
+    sums = torch.zeros(shape[0], device=values.device).index_add_(0, example_of_position, values.float())
+    return sums, torch.bincount(example_of_position, minlength=shape[0])
 
 
 def save_dir_has_model(path: Path) -> bool:

@@ -34,6 +34,7 @@ from tlnlp.data import (
     tokenizer_fingerprint,
     tokenizing_processes,
 )
+from tlnlp.electra import ReplacedTokenDetection, evaluate_electra
 from tlnlp.engines import first_on_each_node, from_main_process
 from tlnlp.errors import UserInputError
 from tlnlp.modeling import (
@@ -160,8 +161,12 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     check_tokenizer_and_length(model.config, tokenizer, max_seq_length)
 
     # Masks are drawn in the training loop from the global RNG, which checkpoints restore (see Task.on_batch).
+    # ELECTRA's generator sees every chosen token as [MASK]: its samples, not BERT's 10% random tokens, are
+    # the replacements the encoder learns to detect.
+    electra = cfg.objective == "electra"
     masker = DataCollatorForLanguageModeling(
-        tokenizer, mlm_probability=cfg.mlm_probability, whole_word_mask=cfg.whole_word_mask
+        tokenizer, mlm_probability=cfg.mlm_probability, whole_word_mask=cfg.whole_word_mask,
+        **({"mask_replace_prob": 1.0, "random_replace_prob": 0.0} if electra else {}),
     )
     prepare = dict(text_column=text_column, max_seq_length=max_seq_length, line_by_line=cfg.line_by_line,
                    whole_word_mask=cfg.whole_word_mask)
@@ -197,8 +202,23 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         unwrapped.mlm.save_pretrained(folder, state_dict=sub_state_dict(state_dict, "mlm."), safe_serialization=True)
         tokenizer.save_pretrained(folder)
 
+    if electra:
+        objective = dict(
+            model=ReplacedTokenDetection(model.config, cfg.generator_size_fraction, cfg.discriminator_weight,
+                                         sparse=cfg.sparse_mlm_head),
+            evaluate=functools.partial(evaluate_electra, discriminator_weight=cfg.discriminator_weight, seed=cfg.seed),
+            save=lambda unwrapped, folder, state_dict: unwrapped.save(folder, state_dict, tokenizer),
+        )
+        rtd = objective["model"]
+        objective_line = (f"electra (generator: {rtd.generator.mlm.config.num_hidden_layers} of "
+                          f"{rtd.discriminator.config.num_hidden_layers} layers, discriminator weight "
+                          f"{cfg.discriminator_weight:g})")
+        del model  # only its config was needed
+    else:
+        objective = dict(model=MaskedLMLoss(model, sparse=cfg.sparse_mlm_head), evaluate=evaluate_mlm, save=save)
+        objective_line = "mlm"
     task = Task(
-        model=MaskedLMLoss(model, sparse=cfg.sparse_mlm_head),
+        **objective,
         train_dataset=train_data,
         eval_dataset=eval_data,
         train_collator=pad_for_masking(tokenizer),
@@ -206,9 +226,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         # Packed sequences all have the same length; lines vary, and grouping them saves padding.
         train_lengths=sequence_lengths(train_data) if cfg.line_by_line and not cfg.streaming else None,
         eval_collator=DataCollatorForTokenClassification(tokenizer),  # pads labels with -100
-        evaluate=evaluate_mlm,
-        save=save,
         summary={
+            "objective": objective_line,
             "start": cfg.model_name_or_path or (f"from scratch ({cfg.config_name})" if cfg.config_name else
                                                 f"from scratch ({cfg.architecture}, {cfg.model_size or 'tiny'} size)"),
             "tokenizer": f"{len(tokenizer)} tokens" + (" (trained on this corpus)" if trained_tokenizer else ""),
@@ -217,7 +236,9 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         },
     )
     results, _ = train(cfg, task, accelerator)
-    results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50.0))
+    results["objective"] = cfg.objective
+    if not electra:
+        results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50.0))
     end_run(cfg, accelerator, results, "pretrain", hub_repo)
     return results
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
@@ -13,7 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from tlnlp.classifier import TlnlpClassifierConfig, TlnlpForSequenceClassification
 from tlnlp.errors import UserInputError
-from tlnlp.modeling import _preview, quiet_transformers
+from tlnlp.modeling import ELECTRA_ROLE, _preview, quiet_transformers
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,13 @@ def _encoder_config(source: str, trust_remote_code: bool) -> PretrainedConfig:
         ) from None
     if isinstance(config, TlnlpClassifierConfig):
         return config.encoder_config()
+    if getattr(config, ELECTRA_ROLE, None) == "generator":
+        parent = Path(source).parent if Path(source).exists() else "the folder above it"
+        raise UserInputError(
+            f"--model_name_or_path {source!r} is the generator of an --objective electra run: the small helper "
+            f"that proposed replacements, not the encoder stage 1 trained. Fine-tune the encoder instead: "
+            f"--model_name_or_path {parent}"
+        )
     return config
 
 
