@@ -11,11 +11,13 @@
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from datasets import load_dataset
@@ -29,6 +31,25 @@ LABELS = 1000
 SEED = 42
 FINETUNE = ["--max_seq_length", "64", "--num_train_epochs", "3", "--per_device_train_batch_size", "16",
             "--pooling", "mean", "--logging_steps", "20"]
+
+
+class Clock:
+    """Elapsed time per demo step and in total, logged as each step ends and kept for results.json."""
+
+    def __init__(self) -> None:
+        self.start = time.time()
+        self.steps: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        began = time.time()
+        yield
+        self.steps[name] = round(time.time() - began, 1)
+        logging.info("--- %s: %.0f s (demo so far: %.0f s) ---", name, self.steps[name], self.total)
+
+    @property
+    def total(self) -> float:
+        return round(time.time() - self.start, 1)
 
 
 def main() -> int:
@@ -45,13 +66,15 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(seed) for seed in args.seeds.split(",")]
 
+    clock = Clock()
     stage1 = out / "stage1"
     if not (stage1 / "all_results.json").exists():
-        logging.info("=== Stage 1: MLM pretraining from scratch on wiki-leads (%s) ===", args.stage1_config)
+        logging.info("=== Stage 1: pretraining from scratch on wiki-leads (%s) ===", args.stage1_config)
         command = [sys.executable, "-m", "tlnlp.pretrain", "--config", args.stage1_config,
                    "--output_dir", str(stage1), "--overwrite_output_dir"]
-        if subprocess.run(command).returncode != 0:
-            return 1
+        with clock.step("stage 1"):
+            if subprocess.run(command).returncode != 0:
+                return 1
 
     small_lr = ["--learning_rate", "1e-3"]
     minilm_lr = ["--learning_rate", "1e-4"]
@@ -66,8 +89,9 @@ def main() -> int:
             Arm("frozen", "minilm-l6", freeze_layers=4, name="MiniLM, bottom 4 layers frozen",
                 finetune_args=[*minilm_lr, "--cache_frozen_features"]),
         ]
-    rows = run_study(arms=arms, dataset="wiki-topics", label_counts=[LABELS], seeds=seeds, output_dir=out,
-                     finetune_args=FINETUNE)
+    with clock.step("stage 2: fine-tuning every arm"):
+        rows = run_study(arms=arms, dataset="wiki-topics", label_counts=[LABELS], seeds=seeds, output_dir=out,
+                         finetune_args=FINETUNE)
 
     baselines_file = out / "baselines.json"
     if args.stage1_only:
@@ -76,27 +100,39 @@ def main() -> int:
         baselines = json.loads(baselines_file.read_text())
     else:
         logging.info("=== Baselines on the same %d labels ===", LABELS)
-        splits = load_dataset("json", data_files=builtin.dataset_files("wiki-topics"))
-        chosen = builtin.stratified_indices(splits["train"]["label"], LABELS, SEED)
-        train = splits["train"].select(chosen.tolist())
-        data = (train["text"], train["label"], splits["test"]["text"], splits["test"]["label"])
-        baselines = {
-            "TF-IDF + logistic regression": {**tfidf_logistic_regression(*data), "labels": LABELS},
-            "frozen MiniLM embeddings + logistic regression": {
-                **frozen_embedding_logistic_regression(builtin.model_dir("minilm-l6"), *data), "labels": LABELS},
-        }
+        with clock.step("baselines"):
+            baselines = run_baselines()
         baselines_file.write_text(json.dumps(baselines, indent=2))
 
     stage1_results = json.loads((stage1 / "all_results.json").read_text())
     command = "python scripts/demo.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results = write_report(out, rows, baselines, f"wiki-topics, {LABELS} labels: transfer vs from scratch", command)
     results["stage1"] = stage1_results
+    # Steps skipped because an earlier run finished them are not in this run's times.
+    results["elapsed_s"] = {**clock.steps, "total": clock.total}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + (out / "report.md").read_text().split("\n![")[0])
-    print(f"Stage 1: {stage1_results['train_tokens']:,} tokens in {stage1_results['train_runtime_s']:.0f} s, "
-          f"validation perplexity {stage1_results['eval_perplexity']:.1f}")
+    quality = (f"validation perplexity {stage1_results['eval_perplexity']:.1f}" if "eval_perplexity" in stage1_results
+               else f"replaced-token detection accuracy {stage1_results['eval_discriminator_accuracy']:.3f}")
+    print(f"Stage 1 ({stage1_results.get('objective', 'mlm')}): {stage1_results['train_tokens']:,} tokens in "
+          f"{stage1_results['train_runtime_s']:.0f} s, {quality}")
+    print("Elapsed: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in clock.steps.items())
+          + f"; total {clock.total:.0f} s ({clock.total / 60:.1f} min)")
     print(f"Results, report and plots: {out}/results.json, report.md, accuracy.png")
     return 0
+
+
+def run_baselines() -> dict[str, dict]:
+    """TF-IDF and frozen-MiniLM-embedding logistic regressions on the demo's labels."""
+    splits = load_dataset("json", data_files=builtin.dataset_files("wiki-topics"))
+    chosen = builtin.stratified_indices(splits["train"]["label"], LABELS, SEED)
+    train = splits["train"].select(chosen.tolist())
+    data = (train["text"], train["label"], splits["test"]["text"], splits["test"]["label"])
+    return {
+        "TF-IDF + logistic regression": {**tfidf_logistic_regression(*data), "labels": LABELS},
+        "frozen MiniLM embeddings + logistic regression": {
+            **frozen_embedding_logistic_regression(builtin.model_dir("minilm-l6"), *data), "labels": LABELS},
+    }
 
 
 if __name__ == "__main__":

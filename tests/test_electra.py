@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_finetune import ft_args
+from test_finetune import ft_args, surgery
 from test_finetune import run_main as run_finetune
-from test_finetune import surgery
 from test_pretrain import run_main, tiny_args
 from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
