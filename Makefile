@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 
-.PHONY: install deepspeed data test test-all lint demo stage1-budget bench clean
+.PHONY: install deepspeed data test test-all lint demo stage1-budget bench bench-accuracy budget-curve clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,15 @@ bench: data
 	$(PY) benchmarks/bench_mlm.py --output benchmarks/results/mlm_cpu.json
 	$(PY) benchmarks/bench_finetune.py --output benchmarks/results/finetune_cpu.json
 	$(PY) benchmarks/streaming_memory.py --sizes_gb 0.1,1 --output benchmarks/results/streaming_memory.json
+
+# tlnlp's recipes against the stock recipe and SetFit on every built-in labeled set, 3 seeds (hours on 2 cores).
+bench-accuracy: data
+	$(VENV)/bin/pip install -q -e ".[bench,search]"
+	$(PY) benchmarks/bench_accuracy.py
+
+# Stage-1 budget curve: MLM vs ELECTRA vs the from-scratch twin at equal stage-1 wall time (about 45 minutes).
+budget-curve: data
+	$(PY) benchmarks/stage1_budget_curve.py --output_dir runs/budget-curve --minutes 2.5,5,7.5 --seeds 42,43,44
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -86,6 +86,7 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(output.read_text())
     assert report["dry"] and report["step_vs_stock"]["speedup"] > 0
+    assert report["graph_breaks"]["fixed_slot_head"] == 0 < report["graph_breaks"]["boolean_sparse_head"]
     for run in ("eager", "compiled"):
         assert report["stage1"][run]["tokens_per_s_steady"] > 0 and report["stage1"][run]["steps"] == 6
         assert report["stage1"][run]["mfu"] is None or 0 < report["stage1"][run]["mfu"] < 1  # None: unknown peak

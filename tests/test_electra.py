@@ -115,3 +115,14 @@ def test_electra_options_without_electra_are_refused(tmp_path):
     with pytest.raises(UserInputError, match="--discriminator_weight only apply to --objective electra"):
         parse_config(PretrainConfig, ["--train_file", "c.txt", "--output_dir", str(tmp_path), "--model_size", "tiny",
                                       "--discriminator_weight", "10"])
+
+
+def test_sampled_replacements_follow_the_generator_distribution():
+    from tlnlp.electra import sample_tokens
+
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3, 0.0]])).expand(20000, -1)
+    draws = sample_tokens(logits, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert torch.allclose(frequencies, torch.tensor([0.1, 0.6, 0.3, 0.0]), atol=0.01)
+    again = sample_tokens(logits, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)

@@ -34,11 +34,12 @@ def test_sparse_head_loss_equals_full_loss(architecture):
     assert wrapper.sparse  # the head was found: the sparse path is the one tested
     sparse = wrapper(**batch)
     full = MaskedLMLoss(model, sparse=False)(**batch)
+    fixed = MaskedLMLoss(model, sparse=True, fixed_slots_for=0.15)(**batch)
     stock = model(**batch).loss
-    assert torch.allclose(sparse.loss, stock, atol=1e-5)
-    assert torch.allclose(full.loss, stock, atol=1e-5)
-    assert torch.allclose(sparse.example_loss_sum, full.example_loss_sum, atol=1e-4)
-    assert sparse.example_masked.sum() == (batch["labels"] != -100).sum()
+    for output in (sparse, full, fixed):
+        assert torch.allclose(output.loss, stock, atol=1e-5)
+        assert torch.allclose(output.example_loss_sum, full.example_loss_sum, atol=1e-4)
+        assert torch.equal(output.example_masked, (batch["labels"] != -100).sum(1))
     # Gradients agree too, so training is the same computation.
     sparse.loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
@@ -118,3 +119,31 @@ def test_trained_tokenizer_treats_only_the_five_special_tokens_as_special(tiny_t
     # A continuation token written out in text is split like any other word, not matched as one token.
     assert len(tiny_tokenizer.tokenize("##a")) == 3
     assert tiny_tokenizer.decode(tiny_tokenizer("the data")["input_ids"], skip_special_tokens=True) == "the data"
+
+
+def test_fixed_slot_head_compiles_without_graph_breaks():
+    """The boolean-indexed sparse head has a data-dependent shape, which breaks torch.compile's graph; the
+    fixed-slot head (used with --torch_compile) must give one whole graph."""
+    torch.manual_seed(0)
+    model = ModernBertForMaskedLM(tiny_modernbert_config(300)).eval()
+    batch = masked_batch(300)
+    breaks = {}
+    for name, wrapper in (("boolean", MaskedLMLoss(model, sparse=True)),
+                          ("fixed", MaskedLMLoss(model, sparse=True, fixed_slots_for=0.15))):
+        torch._dynamo.reset()
+        breaks[name] = torch._dynamo.explain(wrapper)(**batch).graph_break_count
+    assert breaks["fixed"] == 0 and breaks["boolean"] > 0, breaks
+
+
+def test_fixed_slots_leave_out_only_the_excess_beyond_the_slots():
+    from tlnlp.modeling import prediction_slots
+
+    assert prediction_slots(128, 0.15) == 36 and prediction_slots(8, 0.9) == 8
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_bert_config(300)).eval()
+    batch = masked_batch(300)
+    batch["labels"][1] = batch["input_ids"][1]  # every token of row 1 masked: more than the slots
+    out = MaskedLMLoss(model, sparse=True, fixed_slots_for=0.15)(**batch)
+    slots = prediction_slots(24, 0.15)
+    assert out.example_masked[1] == slots
+    assert torch.equal(out.example_masked[[0, 2, 3]], (batch["labels"][[0, 2, 3]] != -100).sum(1))

@@ -109,6 +109,12 @@ def _body(name: str, stage: str, cfg: dict, results: dict, metrics: dict, split:
             f"- Head: pooling `{cfg['pooling']}`, hidden layers {head}; frozen: {', '.join(frozen) or 'nothing'}",
             f"- Trainable parameters: {results.get('trainable_parameters', 0):,} of {results.get('total_parameters', 0):,}",
         ]
+        if results.get("pseudo_labeled_rows"):
+            lines.append(
+                f"- Pseudo-labels: {results['pseudo_labeled_rows']} of the training rows were labeled by a model, not "
+                "people (self-training: a teacher fine-tuned on the labels predicted them on unlabeled text, keeping "
+                "only confident, class-balanced predictions). The test split was never used to choose them."
+            )
         remote = "" if cfg.get("pooling") == "cls" and not cfg.get("head_hidden_sizes") else (
             ", trust_remote_code=True  # or `import tlnlp` first and drop this")
         use = f'classify = pipeline("text-classification", model="{name}"{remote})\nprint(classify("Some text to classify."))'

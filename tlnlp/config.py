@@ -351,8 +351,32 @@ class FinetuneConfig(TrainingConfig):
     )
     early_stopping_patience: int | None = _help("Stop after N evaluations without improvement of the best metric.")
 
+    # Self-training on unlabeled text
+    unlabeled_file: str | None = _help(
+        "Unlabeled text for self-training (.txt one document per line, .csv, .json, .jsonl): a teacher trained on the "
+        "labels labels it, and its confident, class-balanced predictions join the labels to train a student."
+    )
+    unlabeled_dataset: str | None = _help("A built-in data set or Hub dataset id as the unlabeled text (its train split).")
+    unlabeled_text_column: str | None = _help("Text column of the unlabeled data (default: 'text', or the first string column).")
+    self_training_rounds: int | None = _help(
+        "Teacher -> pseudo-labels -> student rounds; each student teaches the next (default 1 with unlabeled data)."
+    )
+    pseudo_label_precision: float = _help(
+        "Keep a pseudo-label only above the confidence at which the teacher's predictions on the held-out labels "
+        "are this precise (the threshold is chosen on the validation split, never the test split).", 0.9
+    )
+    pseudo_labels_per_class: int | None = _help(
+        "At most this many pseudo-labels per class, the most confident (default: the labeled examples per class)."
+    )
+    max_unlabeled_samples: int = _help("Label at most this many unlabeled texts per round (the first N).", 20000)
+    pseudo_labeled_file: str | None = _help(
+        "Extra training rows whose labels a model predicted (self-training writes these): counted apart in "
+        "all_results.json and named in the model card. Same format and columns as --train_file."
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_self_training()
         if self.freeze_layers < 0:
             raise UserInputError(f"--freeze_layers must be 0 or more, got {self.freeze_layers}.")
         if not 0 < self.layerwise_lr_decay <= 1:
@@ -386,6 +410,31 @@ class FinetuneConfig(TrainingConfig):
                 "--cache_frozen_features cannot be combined with --unfreeze_schedule: thawed layers change their outputs."
             )
         _ = self.head_hidden_sizes_list  # validates the format before any work starts
+
+    def _check_self_training(self) -> None:
+        unlabeled = self.unlabeled_file or self.unlabeled_dataset
+        if self.unlabeled_file and self.unlabeled_dataset:
+            raise UserInputError("Give --unlabeled_file or --unlabeled_dataset, not both.")
+        if self.self_training_rounds is not None and self.self_training_rounds < 0:
+            raise UserInputError(f"--self_training_rounds must be 0 or more, got {self.self_training_rounds}.")
+        if self.self_training_rounds and not unlabeled:
+            raise UserInputError(
+                f"--self_training_rounds {self.self_training_rounds} needs unlabeled text to pseudo-label: add "
+                "--unlabeled_file FILE or --unlabeled_dataset NAME."
+            )
+        if unlabeled and self.self_training_rounds is None:
+            self.self_training_rounds = 1
+        if self.self_training_rounds and self.search_trials:
+            raise UserInputError(
+                "--search_trials and --self_training_rounds cannot be combined in one run: search first, then "
+                "self-train with --config search/best_config.yaml."
+            )
+        if not 0 < self.pseudo_label_precision <= 1:
+            raise UserInputError(f"--pseudo_label_precision must be in (0, 1], got {self.pseudo_label_precision}.")
+        if self.pseudo_labels_per_class is not None and self.pseudo_labels_per_class <= 0:
+            raise UserInputError(f"--pseudo_labels_per_class must be greater than 0, got {self.pseudo_labels_per_class}.")
+        if self.max_unlabeled_samples <= 0:
+            raise UserInputError(f"--max_unlabeled_samples must be greater than 0, got {self.max_unlabeled_samples}.")
 
     @property
     def head_hidden_sizes_list(self) -> list[int]:

@@ -75,8 +75,10 @@ def load_raw_datasets(
     dataset_config_name: str | None,
     streaming: bool = False,
     csv_delimiter: str | None = None,
+    train_option: str = "--train_file",
 ) -> DatasetDict | dict[str, IterableDataset]:
-    """Load the train (and validation, test) splits from files, a built-in set or the Hub."""
+    """Load the train (and validation, test) splits from files, a built-in set or the Hub. `train_option` is
+    the flag that named the training file, for messages."""
     if dataset_name is None and train_file is None:
         raise UserInputError(
             "No training data: give --train_file, or --dataset_name with a built-in set "
@@ -88,7 +90,7 @@ def load_raw_datasets(
         elif dataset_name is not None:
             raw = load_dataset(dataset_name, dataset_config_name, streaming=streaming)
         else:
-            files = {"train": _check_file("--train_file", train_file, csv_delimiter)}
+            files = {"train": _check_file(train_option, train_file, csv_delimiter)}
             if validation_file:
                 files["validation"] = _check_file("--validation_file", validation_file, csv_delimiter)
             if test_file:
@@ -134,6 +136,18 @@ def ensure_validation(raw, validation_split_percentage: float, seed: int, stream
         )
     split = raw["train"].train_test_split(test_size=validation_split_percentage / 100, seed=seed)
     return DatasetDict({**raw, "train": split["train"], "validation": split["test"]})
+
+
+def write_jsonl(path: Path, rows, columns: list[str]) -> Path:
+    """`rows` (dicts) as JSON lines with just `columns`, written whole or not at all (a temporary file, then
+    a rename), so processes that write the same file never leave a half-written one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps({c: row[c] for c in columns if c in row}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def drop_blank_texts(raw, text_column: str):

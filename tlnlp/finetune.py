@@ -14,7 +14,7 @@ from datasets import DatasetDict
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
-from tlnlp import builtin, engines, search
+from tlnlp import builtin, engines, search, self_training
 from tlnlp.config import FinetuneConfig
 from tlnlp.data import (
     cached_map,
@@ -90,6 +90,8 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         )
     if cfg.search_trials:
         return search.run_search(cfg, main)
+    if cfg.self_training_rounds:
+        return self_training.run_self_training(cfg, main)
     accelerator, hub_repo = start_run(cfg)
     source = builtin.resolve_model(cfg.model_name_or_path)
 
@@ -111,6 +113,9 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
                                          cfg.stratify, cfg.seed)
         train_labels = raw["train"][cfg.label_column]
     names = label_names(train_labels, task_type)
+    pseudo_rows = 0
+    if cfg.pseudo_labeled_file:  # after the subset: --max_train_samples counts people's labels only
+        raw["train"], pseudo_rows = with_pseudo_labels(raw["train"], cfg, text_column)
     check_label_sets(raw, cfg.label_column, names, task_type)
     label2id = {name: i for i, name in enumerate(names)}
     # (A validation file that is the training file is a progress report by choice, as in the search's final run.)
@@ -227,8 +232,28 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         results["underfitting_warning"] = warning
     results.update(task_type=task_type, label_names=names, train_set_size=len(raw["train"]),
                    trainable_parameters=trainable, total_parameters=total)
+    if pseudo_rows:
+        results["pseudo_labeled_rows"] = pseudo_rows
     end_run(cfg, accelerator, results, "finetune", hub_repo)
     return results
+
+
+def with_pseudo_labels(train, cfg: FinetuneConfig, text_column: str):
+    """The training split with --pseudo_labeled_file's rows appended; returns it and their count."""
+    from datasets import concatenate_datasets
+
+    pseudo = load_raw_datasets(train_file=cfg.pseudo_labeled_file, validation_file=None, dataset_name=None,
+                               dataset_config_name=None, csv_delimiter=cfg.csv_delimiter,
+                               train_option="--pseudo_labeled_file")["train"]
+    missing = [c for c in (text_column, cfg.label_column) if c not in pseudo.column_names]
+    if missing:
+        raise UserInputError(f"--pseudo_labeled_file {cfg.pseudo_labeled_file} lacks the column(s) {', '.join(missing)} "
+                             f"that the training data has. Columns found: {', '.join(pseudo.column_names)}.")
+    pseudo = pseudo.select_columns([text_column, cfg.label_column]).cast(
+        train.select_columns([text_column, cfg.label_column]).features)
+    kept = train.select_columns([c for c in train.column_names if c in (text_column, cfg.label_column,
+                                                                         cfg.text_pair_column)])
+    return concatenate_datasets([kept, pseudo]), len(pseudo)
 
 
 def copies_of_training_rows(raw: DatasetDict, text_column: str, pair_column: str | None) -> dict[str, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,7 +281,7 @@ class MaskedLMLoss(nn.Module):
     evaluation can weight by tokens and gather exactly across processes.
     """
 
-    def __init__(self, mlm: PreTrainedModel, sparse: bool = True):
+    def __init__(self, mlm: PreTrainedModel, sparse: bool = True, fixed_slots_for: float | None = None):
         super().__init__()
         self.mlm = mlm
         # The head's modules are looked up by name, not stored: a second reference would duplicate them in
@@ -290,6 +291,10 @@ class MaskedLMLoss(nn.Module):
             None,
         )
         self.sparse = sparse and self.head_names is not None
+        # Under torch.compile, boolean indexing (a data-dependent shape) breaks the graph. With the masking
+        # rate given here, the sparse head gathers a fixed number of positions per sequence instead (BERT's
+        # max_predictions_per_seq): the masked ones first, padded with unmasked ones that the loss ignores.
+        self.fixed_slots_for = fixed_slots_for if self.sparse else None
 
     def masked_logits(self, inputs: dict, selected: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits at the `selected` (flattened) positions: (number selected, vocabulary)."""
@@ -303,6 +308,8 @@ class MaskedLMLoss(nn.Module):
 
     def forward(self, input_ids, labels, attention_mask=None, token_type_ids=None, **_unused) -> MaskedLMLossOutput:
         inputs = model_inputs(input_ids, attention_mask, token_type_ids)
+        if self.fixed_slots_for is not None:
+            return self._fixed_slots_loss(inputs, labels)
         selected = labels.view(-1) != -100
         logits = self.masked_logits(inputs, selected)
         token_loss = F.cross_entropy(logits.float(), labels.view(-1)[selected], reduction="none")
@@ -310,6 +317,35 @@ class MaskedLMLoss(nn.Module):
         # A batch with no masked token still touches every parameter, so data-parallel gradient sync agrees.
         loss = token_loss.mean() if token_loss.numel() else logits.sum() * 0.0
         return MaskedLMLossOutput(loss=loss, example_loss_sum=loss_sum, example_masked=masked)
+
+
+    def _fixed_slots_loss(self, inputs: dict, labels: torch.Tensor) -> MaskedLMLossOutput:
+        """The sparse loss with static shapes: `prediction_slots` positions per sequence, masked ones first.
+
+        A sequence with more masked tokens than slots leaves the excess out of the loss, as BERT did; with
+        slots at 4 standard deviations above the expected count, about 1 sequence in 30,000 loses any."""
+        rows, length = labels.shape
+        slots = prediction_slots(length, self.fixed_slots_for)
+        masked = labels != -100
+        # Masked positions score above every unmasked one; within each group, earlier positions first.
+        order = masked.float() * 2 - torch.arange(length, device=labels.device) / length
+        positions = order.topk(slots, dim=1).indices
+        hidden = self.mlm.base_model(**inputs).last_hidden_state
+        logits = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
+        for name in self.head_names:
+            logits = getattr(self.mlm, name)(logits)
+        slot_labels = labels.gather(1, positions)
+        token_loss = F.cross_entropy(logits.float().transpose(1, 2), slot_labels, reduction="none")  # 0 where -100
+        counted = (slot_labels != -100).sum(1)
+        loss = token_loss.sum() / counted.sum().clamp(min=1)
+        return MaskedLMLossOutput(loss=loss, example_loss_sum=token_loss.sum(1), example_masked=counted)
+
+
+def prediction_slots(length: int, masking_rate: float) -> int:
+    """Positions per sequence the fixed-shape MLM head scores: the expected masked count plus 4 standard
+    deviations (for 128 tokens at 15%: 36 of 128)."""
+    mean = length * masking_rate
+    return min(length, math.ceil(mean + 4 * math.sqrt(mean * (1 - masking_rate))))
 
 
 def model_inputs(input_ids, attention_mask=None, token_type_ids=None) -> dict:

@@ -215,7 +215,11 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
                           f"{cfg.discriminator_weight:g})")
         del model  # only its config was needed
     else:
-        objective = dict(model=MaskedLMLoss(model, sparse=cfg.sparse_mlm_head), evaluate=evaluate_mlm, save=save)
+        # Compiled, the sparse head takes a fixed number of positions per sequence (no graph break); whole-word
+        # masking varies the masked count too much for that, so it keeps the boolean selection.
+        fixed_slots = cfg.mlm_probability if cfg.torch_compile and not cfg.whole_word_mask else None
+        objective = dict(model=MaskedLMLoss(model, sparse=cfg.sparse_mlm_head, fixed_slots_for=fixed_slots),
+                         evaluate=evaluate_mlm, save=save)
         objective_line = "mlm"
     task = Task(
         **objective,

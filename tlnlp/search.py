@@ -33,6 +33,7 @@ from tlnlp.data import (
     load_raw_datasets,
     resolve_text_column,
     stratified_subset,
+    write_jsonl,
 )
 from tlnlp.errors import TrainingError, UserInputError
 from tlnlp.metrics import DEFAULT_BEST, LOWER_IS_BETTER
@@ -148,15 +149,9 @@ def write_folds(cfg: FinetuneConfig, folder: Path) -> tuple[list[tuple[Path, Pat
     if cfg.max_train_samples is not None:
         train = stratified_subset(train, cfg.label_column, cfg.max_train_samples, task_type, cfg.stratify, cfg.seed)
     columns = [c for c in (text_column, cfg.text_pair_column, cfg.label_column) if c]
-    folder.mkdir(parents=True, exist_ok=True)
 
     def write(name: str, rows) -> Path:
-        path, tmp = folder / f"{name}.jsonl", folder / f"{name}.jsonl.{os.getpid()}"
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps({c: row[c] for c in columns if c in row}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)  # several searching processes may write the same file: whole, or not at all
-        return path
+        return write_jsonl(folder / f"{name}.jsonl", rows, columns)
 
     everything = write("labels", train)
     test = write("test", raw["test"]) if "test" in raw else None

@@ -1,0 +1,143 @@
+"""Accuracy on small labeled sets: tlnlp's recipes against the tools users would otherwise pick, side by side.
+
+On each built-in labeled set, with the same stratified labels (1,000 by default), the same MiniLM encoder
+and the full test split, over several seeds:
+
+stock          the `run_glue_no_trainer.py` recipe, rebuilt (benchmarks/bench_finetune.py: lr 1e-4, 3 epochs,
+               batch 16, [CLS] head).
+setfit         SetFit 1.2.0 (contrastive sentence-pair fine-tuning, then logistic regression), if installed
+               (`pip install -e .[bench]`); skipped otherwise, and the JSON says so.
+tlnlp          `python -m tlnlp.finetune` with its defaults (only --max_seq_length set, as for every recipe).
+tlnlp-self     tlnlp with self-training on the set's unlabeled text (--unlabeled_dataset, 1 round).
+tlnlp-search   tlnlp with --search_trials (Optuna, 3-fold cross-validation on the labels).
+
+Writes benchmarks/results/accuracy_cpu.json (every run, mean ± std and wall time per recipe and set) and
+prints a Markdown table. It takes hours on 2 CPU cores: `make bench-accuracy`, never part of the tests.
+
+    python benchmarks/bench_accuracy.py --sets wiki-topics,movie-sentences,wiki-uncertainty --seeds 42,43,44
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+RECIPES = ("stock", "setfit", "tlnlp", "tlnlp-self", "tlnlp-search")
+# Unlabeled text for self-training: the same kind of text as each labeled set, never its test split.
+UNLABELED = {"wiki-topics": "wiki-leads", "wiki-uncertainty": "wiki-leads", "movie-sentences": "movie-reviews"}
+
+
+def tlnlp_run(dataset: str, labels: int, seed: int, length: int, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "tlnlp.finetune", "--model_name_or_path", "minilm-l6", "--dataset_name", dataset,
+                   "--max_train_samples", str(labels), "--seed", str(seed), "--max_seq_length", str(length),
+                   "--output_dir", out, "--overwrite_output_dir", *extra]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        return json.loads((Path(out) / "all_results.json").read_text())["test_accuracy"]
+
+
+def stock_run(dataset: str, labels: int, seed: int, length: int) -> float:
+    import bench_finetune
+
+    from tlnlp import builtin
+
+    files = builtin.dataset_files(dataset)
+    args = argparse.Namespace(train_file=files["train"], validation_file=files["validation"], test_file=files["test"],
+                              labels=labels, seed=seed, model="minilm-l6", max_seq_length=length, batch_size=16,
+                              eval_batch_size=64, learning_rate=1e-4, epochs=3, frozen_epochs=3, freeze_layers=0,
+                              mixed_precision="no")
+    return bench_finetune.stock(args, frozen=False)["test_accuracy"]
+
+
+def setfit_run(dataset: str, labels: int, seed: int) -> float:
+    from datasets import load_dataset
+    from setfit import SetFitModel, Trainer, TrainingArguments
+
+    from tlnlp import builtin
+
+    splits = load_dataset("json", data_files=builtin.dataset_files(dataset))
+    train = splits["train"].select(builtin.stratified_indices(splits["train"]["label"], labels, seed).tolist())
+    model = SetFitModel.from_pretrained(builtin.model_dir("minilm-l6"))
+    arguments = TrainingArguments(num_iterations=2, batch_size=16, num_epochs=1, seed=seed)
+    trainer = Trainer(model=model, args=arguments, train_dataset=train.select_columns(["text", "label"]))
+    trainer.train()
+    predictions = model.predict(splits["test"]["text"])
+    truth = splits["test"]["label"]
+    return sum(str(p) == str(t) for p, t in zip(predictions, truth)) / len(truth)
+
+
+def run(recipe: str, dataset: str, labels: int, seed: int, length: int, trials: int) -> float | None:
+    if recipe == "stock":
+        return stock_run(dataset, labels, seed, length)
+    if recipe == "setfit":
+        try:
+            import setfit  # noqa: F401
+        except ImportError:
+            return None
+        return setfit_run(dataset, labels, seed)
+    extra = {"tlnlp": [], "tlnlp-self": ["--unlabeled_dataset", UNLABELED[dataset], "--self_training_rounds", "1"],
+             "tlnlp-search": ["--search_trials", str(trials)]}[recipe]
+    return tlnlp_run(dataset, labels, seed, length, extra)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", default="wiki-topics,movie-sentences,wiki-uncertainty")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--seeds", default="42,43,44")
+    parser.add_argument("--labels", type=int, default=1000)
+    parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--search_trials", type=int, default=12)
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "accuracy_cpu.json"))
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    command = "python benchmarks/bench_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report: dict = {"command": command, "labels": args.labels, "seeds": seeds, "encoder": "minilm-l6", "sets": {}}
+    for dataset in args.sets.split(","):
+        table = report["sets"].setdefault(dataset, {})
+        for recipe in args.recipes.split(","):
+            accuracies, started = [], time.time()
+            for seed in seeds:
+                accuracy = run(recipe, dataset, args.labels, seed, args.max_seq_length, args.search_trials)
+                if accuracy is None:
+                    break
+                accuracies.append(accuracy)
+                print(f"{dataset:17} {recipe:13} seed {seed}: {accuracy:.4f}", flush=True)
+            table[recipe] = {"skipped": "not installed"} if not accuracies else {
+                "per_seed": accuracies, "mean": statistics.mean(accuracies),
+                "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                "wall_time_s_per_seed": (time.time() - started) / len(accuracies)}
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(report, indent=2))  # after every recipe: a stop loses little
+    print(markdown(report))
+    return report
+
+
+def markdown(report: dict) -> str:
+    recipes = list(dict.fromkeys(r for table in report["sets"].values() for r in table))
+    lines = ["| recipe | " + " | ".join(report["sets"]) + " | wall time per seed |",
+             "|---|" + "---:|" * (len(report["sets"]) + 1)]
+    for recipe in recipes:
+        cells, times = [], []
+        for table in report["sets"].values():
+            result = table.get(recipe, {})
+            cells.append(f"{result['mean']:.3f} ± {result['std']:.3f}" if "mean" in result else "–")
+            times += [result["wall_time_s_per_seed"]] if "mean" in result else []
+        lines.append(f"| {recipe} | " + " | ".join(cells) + f" | {statistics.mean(times):.0f} s |" if times else
+                     f"| {recipe} | " + " | ".join(cells) + " | – |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Self-training: pseudo-labels from a teacher, chosen on held-out labels, class-balanced, never test texts."""
+
+import json
+
+import pytest
+from conftest import make_documents
+from test_finetune import ft_args, run_main
+
+from tlnlp.config import FinetuneConfig, parse_config
+from tlnlp.errors import UserInputError
+from tlnlp.self_training import confidence_threshold, select_pseudo_labels
+
+
+def test_threshold_is_the_lowest_confidence_that_keeps_the_held_out_precision():
+    confidences = [0.99, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5]
+    correct = [True, True, True, True, True, False, True, False]
+    threshold, precision = confidence_threshold(confidences, correct, 0.85)
+    assert threshold == 0.6 and precision == pytest.approx(6 / 7)
+    threshold, precision = confidence_threshold(confidences, correct, 1.0)
+    assert threshold == 0.8 and precision == 1.0
+    # Fewer than 5 held-out predictions never set a threshold on their own.
+    assert confidence_threshold([0.9, 0.8], [True, True], 0.5) == (float("inf"), 0.0)
+
+
+def test_selection_keeps_only_confident_rows_and_caps_each_class():
+    rows = [{"text": f"t{i}", "label": label, "probabilities": {label: p, "other": 1 - p}}
+            for i, (label, p) in enumerate([("a", 0.99), ("a", 0.97), ("a", 0.95), ("a", 0.5), ("b", 0.96),
+                                            ("b", 0.6)])]
+    chosen = select_pseudo_labels(rows, threshold=0.9, per_class=2)
+    assert [r["text"] for r in chosen] == ["t0", "t1", "t4"]  # a: the two most confident; b: the one above 0.9
+
+
+@pytest.fixture()
+def unlabeled_file(tmp_path, labeled_files):
+    """Unlabeled text of the same topics, plus every test text, which must never be pseudo-labeled."""
+    import csv
+
+    with open(labeled_files["test"], newline="") as f:
+        test_texts = [row["text"] for row in csv.DictReader(f)]
+    path = tmp_path / "unlabeled.txt"
+    path.write_text("\n".join([text for _, text in make_documents(300, seed=7)] + test_texts) + "\n")
+    return path, set(test_texts)
+
+
+def test_self_training_adds_confident_class_balanced_pseudo_labels(tiny_mlm_dir, labeled_files, unlabeled_file,
+                                                                   tmp_path, cache_dir):
+    path, test_texts = unlabeled_file
+    out = tmp_path / "student"
+    results = run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--num_train_epochs", "6", "--seed", "2",
+                               "--unlabeled_file", str(path), "--pseudo_labels_per_class", "40",
+                               "--pseudo_label_precision", "0.8"))
+    report = results["self_training"]
+    (round1,) = report["rounds"]
+    assert round1["held_out_precision"] >= 0.8 and round1["unlabeled_texts"] == 300  # the test texts were dropped
+    assert 0 < round1["pseudo_labels"] <= 3 * 40
+    assert all(0 < n <= 40 for n in round1["pseudo_labels_per_class"].values())
+    rows = [json.loads(line) for line in open(round1["file"])]
+    assert len(rows) == round1["pseudo_labels"] and not test_texts & {row["text"] for row in rows}
+    # Every kept row was at or above the threshold when the teacher labeled it.
+    from tlnlp.predict import predict_texts
+
+    teacher = out / "self_training" / "round0"
+    confidences = [max(p["probabilities"].values()) for p in predict_texts(str(teacher), [r["text"] for r in rows],
+                                                                           max_length=48, progress=False)]
+    assert min(confidences) >= round1["threshold"] - 1e-5
+    assert results["pseudo_labeled_rows"] == len(rows)
+    assert results["train_set_size"] == 180 + len(rows)
+    assert "Pseudo-labels" in (out / "README.md").read_text()
+    assert results["test_accuracy"] is not None and report["teacher_test_accuracy"] is not None
+
+
+def test_bad_self_training_input_is_refused_before_training(tiny_mlm_dir, labeled_files, tmp_path, cache_dir):
+    base = ft_args(tiny_mlm_dir, labeled_files, tmp_path / "never", cache_dir)
+    with pytest.raises(UserInputError, match="--self_training_rounds 2 needs unlabeled text"):
+        parse_config(FinetuneConfig, base + ["--self_training_rounds", "2"])
+    with pytest.raises(UserInputError, match="cannot be combined"):
+        parse_config(FinetuneConfig, base + ["--unlabeled_file", "u.txt", "--search_trials", "2"])
+    numbers = tmp_path / "numbers.csv"
+    numbers.write_text("id,score\n1,2\n3,4\n")
+    with pytest.raises(UserInputError, match=r"unlabeled data \(--unlabeled_file .*numbers.csv\)"):
+        run_main(base + ["--unlabeled_file", str(numbers)])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(UserInputError, match=r"unlabeled data \(--unlabeled_file .*empty.txt\)"):
+        run_main(base + ["--unlabeled_file", str(empty)])
+    assert not (tmp_path / "never").exists()

@@ -1,0 +1,222 @@
+"""Self-training on unlabeled text: a teacher trained on the labels labels the unlabeled texts; its confident,
+class-balanced predictions join the labels to train a student, which teaches the next round (He et al. 2020,
+"Revisiting Self-Training"; Du et al. 2021, "Self-training Improves Pre-training for NLU").
+
+    python -m tlnlp.finetune --model_name_or_path minilm-l6 --dataset_name wiki-topics --max_train_samples 1000 \\
+        --unlabeled_dataset wiki-leads --self_training_rounds 1 --output_dir runs/self-trained
+
+- Confidence threshold: the lowest teacher confidence at which the teacher's predictions on the held-out
+  labels (the validation split; never the test split) reach --pseudo_label_precision.
+- Class balance: at most --pseudo_labels_per_class per class (default: the labeled examples per class),
+  the most confident first, so a class the teacher favours cannot swamp the others.
+- Unlabeled texts that are exactly a validation or test text are never pseudo-labeled.
+- Each student starts from the same encoder as the teacher (not from the teacher's weights) and trains
+  on labels + pseudo-labels; the last student is the run's model, in --output_dir. Earlier rounds and the
+  pseudo-labels of each round are kept in `self_training/`; a finished round is not redone when the
+  command is run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlnlp.config import FinetuneConfig
+from tlnlp.data import (
+    check_labeled_splits,
+    drop_blank_texts,
+    ensure_validation,
+    infer_task_type,
+    load_raw_datasets,
+    resolve_text_column,
+    stratified_subset,
+    write_jsonl,
+)
+from tlnlp.errors import UserInputError
+from tlnlp.trainer import check_output_dir
+
+logger = logging.getLogger(__name__)
+
+FOLDER = "self_training"
+RESULTS = "all_results.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """The files every round trains and chooses on."""
+
+    labels: Path
+    validation: Path
+    test: Path | None
+    unlabeled: list[str]
+    text_column: str
+    label_column: str
+    classes: int
+
+
+def run_self_training(cfg: FinetuneConfig, finetune_main: Callable[[FinetuneConfig], dict]) -> dict[str, Any]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserInputError("Self-training runs its rounds one after another in one process: launch it with "
+                             "`python -m tlnlp.finetune` (or `accelerate launch --num_processes 1`).")
+    folder = Path(cfg.output_dir) / FOLDER
+    if not folder.exists():  # a first run, not the same command again after a stop
+        check_output_dir(cfg)
+    data = prepare(cfg, folder / "data")
+    per_class = cfg.pseudo_labels_per_class or max(1, round(count_lines(data.labels) / data.classes))
+    rounds: list[dict[str, Any]] = []
+    teacher = folder / "round0"
+    train_round(cfg, finetune_main, data, teacher, pseudo=None, final=False)
+    for round_number in range(1, cfg.self_training_rounds + 1):
+        pseudo_file, report = pseudo_label(cfg, data, teacher, per_class, folder / f"pseudo_labels_round{round_number}.jsonl")
+        final = round_number == cfg.self_training_rounds
+        student = Path(cfg.output_dir) if final else folder / f"round{round_number}"
+        results = train_round(cfg, finetune_main, data, student, pseudo=pseudo_file, final=final)
+        report.update(round=round_number, student_eval_accuracy=results.get("eval_accuracy"),
+                      student_test_accuracy=results.get("test_accuracy"))
+        rounds.append(report)
+        teacher = student
+    teacher_results = json.loads((folder / "round0" / RESULTS).read_text())
+    results = json.loads((Path(cfg.output_dir) / RESULTS).read_text())
+    results["self_training"] = {
+        "rounds": rounds, "pseudo_label_precision": cfg.pseudo_label_precision, "pseudo_labels_per_class": per_class,
+        "teacher_eval_accuracy": teacher_results.get("eval_accuracy"),
+        "teacher_test_accuracy": teacher_results.get("test_accuracy"),
+    }
+    (Path(cfg.output_dir) / RESULTS).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def prepare(cfg: FinetuneConfig, folder: Path) -> Data:
+    """The labels, validation and test splits as the plain run would make them, and the unlabeled texts:
+    all checked before any training."""
+    raw = load_raw_datasets(train_file=cfg.train_file, validation_file=cfg.validation_file, test_file=cfg.test_file,
+                            dataset_name=cfg.dataset_name, dataset_config_name=cfg.dataset_config_name,
+                            csv_delimiter=cfg.csv_delimiter)
+    text_column = resolve_text_column(raw["train"], cfg.text_column)
+    if cfg.text_pair_column:
+        raise UserInputError("Self-training labels single texts; --text_pair_column is not supported with it.")
+    check_labeled_splits({k: v for k, v in raw.items() if k in ("train", "validation", "test")},
+                         text_column=text_column, text_pair_column=None, label_column=cfg.label_column)
+    task_type = infer_task_type(raw["train"][cfg.label_column]) if cfg.task_type == "auto" else cfg.task_type
+    if task_type != "single_label":
+        raise UserInputError(f"Self-training picks one confident class per text: it needs a single-label task, "
+                             f"and this one is {task_type}.")
+    raw = ensure_validation(raw, cfg.validation_split_percentage, cfg.seed)
+    train = raw["train"]
+    if cfg.max_train_samples is not None:
+        train = stratified_subset(train, cfg.label_column, cfg.max_train_samples, task_type, cfg.stratify, cfg.seed)
+    source = f"--unlabeled_file {cfg.unlabeled_file}" if cfg.unlabeled_file else f"--unlabeled_dataset {cfg.unlabeled_dataset}"
+    try:
+        unlabeled = load_raw_datasets(train_file=cfg.unlabeled_file, validation_file=None,
+                                      dataset_name=cfg.unlabeled_dataset, dataset_config_name=None,
+                                      csv_delimiter=cfg.csv_delimiter, train_option="--unlabeled_file")["train"]
+        unlabeled = unlabeled.select(range(min(len(unlabeled), cfg.max_unlabeled_samples)))
+        unlabeled_column = resolve_text_column(unlabeled, cfg.unlabeled_text_column, "--unlabeled_text_column")
+        unlabeled = drop_blank_texts({"train": unlabeled}, unlabeled_column)["train"]
+    except UserInputError as error:
+        raise UserInputError(f"The unlabeled data ({source}): {error}") from None
+    texts = unlabeled[unlabeled_column]
+    held_out = set(raw["validation"][text_column]) | (set(raw["test"][text_column]) if "test" in raw else set())
+    kept = [text for text in dict.fromkeys(texts) if text not in held_out]  # also drops repeated texts
+    if len(kept) < len(texts):
+        logger.info("Unlabeled texts: %d of %d kept (%d repeated, or exactly a validation or test text).",
+                    len(kept), len(texts), len(texts) - len(kept))
+    if not kept:
+        raise UserInputError("The unlabeled data holds no text that is not already a validation or test text: "
+                             "nothing to pseudo-label. Give other unlabeled text.")
+    columns = [text_column, cfg.label_column]
+    labels = write_jsonl(folder / "labels.jsonl", train, columns)
+    validation = write_jsonl(folder / "validation.jsonl", raw["validation"], columns)
+    test = write_jsonl(folder / "test.jsonl", raw["test"], columns) if "test" in raw else None
+
+    classes = len(set(map(str, train[cfg.label_column])))
+    return Data(labels, validation, test, kept, text_column, cfg.label_column, classes)
+
+
+def train_round(cfg: FinetuneConfig, finetune_main, data: Data, output_dir: Path, pseudo: Path | None,
+                final: bool) -> dict[str, Any]:
+    """One ordinary fine-tuning run on the prepared files (skipped when an earlier command finished it)."""
+    if not final and (output_dir / RESULTS).exists():
+        logger.info("Self-training: %s was finished by an earlier run; reusing it.", output_dir)
+        return json.loads((output_dir / RESULTS).read_text())
+    logger.info("=== Self-training: %s ===", "student on labels + pseudo-labels" if pseudo else "teacher on the labels")
+    changes = dict(train_file=str(data.labels), validation_file=str(data.validation),
+                   test_file=str(data.test) if data.test else None, dataset_name=None, dataset_config_name=None,
+                   max_train_samples=None, text_column=data.text_column, unlabeled_file=None, unlabeled_dataset=None,
+                   self_training_rounds=0, pseudo_labeled_file=str(pseudo) if pseudo else None,
+                   output_dir=str(output_dir), overwrite_output_dir=True)
+    if not final:  # only the run's own model goes to the Hub
+        changes.update(push_to_hub=False)
+    return finetune_main(dataclasses.replace(cfg, **changes))
+
+
+def pseudo_label(cfg: FinetuneConfig, data: Data, teacher: Path, per_class: int, path: Path) -> tuple[Path, dict]:
+    """The teacher's confident, class-balanced predictions on the unlabeled texts, written as training rows."""
+    from tlnlp.predict import predict_texts
+
+    validation = [json.loads(line) for line in data.validation.read_text(encoding="utf-8").splitlines()]
+    length = cfg.max_seq_length
+    held_out = list(predict_texts(str(teacher), [row[data.text_column] for row in validation], max_length=length,
+                                  progress=False))
+    truth = [str(row[data.label_column]) for row in validation]
+    threshold, precision = confidence_threshold([max(p["probabilities"].values()) for p in held_out],
+                                                [p["label"] == t for p, t in zip(held_out, truth)],
+                                                cfg.pseudo_label_precision)
+    predicted = list(predict_texts(str(teacher), data.unlabeled, max_length=length))
+    chosen = select_pseudo_labels(predicted, threshold, per_class)
+    label_type = type(json.loads(data.labels.read_text(encoding="utf-8").splitlines()[0])[data.label_column])
+    rows = [{data.text_column: row["text"], data.label_column: label_type(row["label"])} for row in chosen]
+    write_jsonl(path, rows, [data.text_column, data.label_column])
+    counts = {}
+    for row in chosen:
+        counts[row["label"]] = counts.get(row["label"], 0) + 1
+    report = {"threshold": threshold, "held_out_precision": precision, "pseudo_labels": len(chosen),
+              "pseudo_labels_per_class": dict(sorted(counts.items())), "unlabeled_texts": len(data.unlabeled),
+              "file": str(path)}
+    logger.info("Pseudo-labels from %s: %d of %d unlabeled texts above confidence %.3f (held-out precision %.3f "
+                "there); per class: %s", teacher, len(chosen), len(data.unlabeled), threshold,
+                precision, ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none")
+    if not chosen:
+        logger.warning("No pseudo-labels this round: the teacher never reaches held-out precision %.2f, or no "
+                       "unlabeled text is that confident. The student trains on the labels alone; lower "
+                       "--pseudo_label_precision to admit more.", cfg.pseudo_label_precision)
+    return path, report
+
+
+def confidence_threshold(confidences: list[float], correct: list[bool], precision: float) -> tuple[float, float]:
+    """The lowest confidence t such that the held-out predictions at or above t are at least `precision`
+    correct (with at least 5 of them, so one lucky example cannot set it). Returns (t, that precision);
+    t = 1.0+ when no t qualifies, so nothing is kept."""
+    order = np.argsort(confidences)[::-1]
+    hits = np.cumsum(np.asarray(correct, dtype=float)[order])
+    counts = np.arange(1, len(order) + 1)
+    ok = (hits / counts >= precision) & (counts >= 5)
+    if not ok.any():
+        return float("inf"), 0.0
+    last = int(np.nonzero(ok)[0].max())  # the most predictions that still meet the precision
+    return float(np.asarray(confidences)[order][last]), float(hits[last] / counts[last])
+
+
+def select_pseudo_labels(predictions: list[dict], threshold: float, per_class: int) -> list[dict]:
+    """Predictions at or above `threshold`, at most `per_class` per class, the most confident first."""
+    by_class: dict[str, list[dict]] = {}
+    for row in predictions:
+        if max(row["probabilities"].values()) >= threshold:
+            by_class.setdefault(row["label"], []).append(row)
+    chosen = []
+    for label in sorted(by_class):
+        rows = sorted(by_class[label], key=lambda r: -r["probabilities"][label])
+        chosen += rows[:per_class]
+    return chosen
+
+
+def count_lines(path: Path) -> int:
+    with path.open(encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
