@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from accelerate import PartialState
 
 from tlnlp.config import FinetuneConfig
 from tlnlp.data import (
@@ -40,6 +41,7 @@ from tlnlp.data import (
     write_jsonl,
 )
 from tlnlp.errors import UserInputError
+from tlnlp.outputs import setup_logging
 from tlnlp.trainer import check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ def run_self_training(cfg: FinetuneConfig, finetune_main: Callable[[FinetuneConf
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserInputError("Self-training runs its rounds one after another in one process: launch it with "
                              "`python -m tlnlp.finetune` (or `accelerate launch --num_processes 1`).")
+    setup_logging(PartialState())  # the rounds' own runs set it up too late for what is logged before them
     folder = Path(cfg.output_dir) / FOLDER
     if not folder.exists():  # a first run, not the same command again after a stop
         check_output_dir(cfg)
