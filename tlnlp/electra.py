@@ -108,13 +108,12 @@ class ReplacedTokenDetection(nn.Module):
         token_logits = self.discriminator_head(hidden).squeeze(-1).float()
         counted = (attention_mask.bool() if attention_mask is not None else torch.ones_like(replaced, dtype=torch.bool))
         flat = counted.view(-1)
-        bce = F.binary_cross_entropy_with_logits(token_logits.view(-1)[flat], replaced.view(-1)[flat], reduction="none")
-        discriminator_loss_sum, tokens = per_example_sums(bce, flat, labels.shape)
-        correct = ((token_logits > 0).float() == replaced).float().view(-1)[flat]
-        discriminator_correct, _ = per_example_sums(correct, flat, labels.shape)
-        replaced_flat = replaced.view(-1)[flat]
-        replaced_correct, _ = per_example_sums(correct * replaced_flat, flat, labels.shape)
-        replaced_count, _ = per_example_sums(replaced_flat, flat, labels.shape)
+        is_replaced = replaced.view(-1)[flat]
+        bce = F.binary_cross_entropy_with_logits(token_logits.view(-1)[flat], is_replaced, reduction="none")
+        correct = ((token_logits.view(-1)[flat] > 0).float() == is_replaced).float()
+        sums, tokens = per_example_sums(torch.stack([bce.detach(), correct, correct * is_replaced, is_replaced], 1),
+                                        flat, labels.shape)
+        discriminator_loss_sum, discriminator_correct, replaced_correct, replaced_count = sums.unbind(1)
 
         # A batch with no masked token still touches every generator parameter, so gradient sync agrees.
         generator_loss = token_loss.mean() if token_loss.numel() else logits.sum() * 0.0

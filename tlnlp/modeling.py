@@ -356,10 +356,12 @@ def model_inputs(input_ids, attention_mask=None, token_type_ids=None) -> dict:
 
 
 def per_example_sums(values: torch.Tensor, selected: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-    """`values` (one per selected flattened position of a `shape` batch) summed per example, and the count per
-    example: what evaluation gathers, so no tail example counts twice across processes."""
+    """`values` (one row per selected flattened position of a `shape` batch; 1-D, or 2-D for several
+    quantities at once) summed per example, and the count per example: what evaluation gathers, so no tail
+    example counts twice across processes."""
     example_of_position = torch.arange(shape[0], device=values.device).repeat_interleave(shape[1])[selected]
-    sums = torch.zeros(shape[0], device=values.device).index_add_(0, example_of_position, values.float())
+    sums = values.new_zeros((shape[0], *values.shape[1:]), dtype=torch.float32)
+    sums.index_add_(0, example_of_position, values.float())
     return sums, torch.bincount(example_of_position, minlength=shape[0])
 
 
