@@ -484,6 +484,20 @@ def check_labeled_splits(
                 )
 
 
+def load_labeled(cfg: Any) -> tuple[DatasetDict, str, str]:
+    """The labeled splits named by a FinetuneConfig, checked as fine-tuning checks them: (splits, text
+    column, task type). For the runs that prepare files for fine-tuning runs (search, self-training)."""
+    raw = load_raw_datasets(train_file=cfg.train_file, validation_file=cfg.validation_file, test_file=cfg.test_file,
+                            dataset_name=cfg.dataset_name, dataset_config_name=cfg.dataset_config_name,
+                            csv_delimiter=cfg.csv_delimiter)
+    raw = DatasetDict({k: v for k, v in raw.items() if k in ("train", "validation", "test")})
+    text_column = resolve_text_column(raw["train"], cfg.text_column)
+    check_labeled_splits(raw, text_column=text_column, text_pair_column=cfg.text_pair_column,
+                         label_column=cfg.label_column)
+    task_type = infer_task_type(raw["train"][cfg.label_column]) if cfg.task_type == "auto" else cfg.task_type
+    return raw, text_column, task_type
+
+
 def stratified_subset(split,  label_column: str, n: int, task_type: str, stratify: bool, seed: int):
     """--max_train_samples: `n` examples, in the class proportions of `split` when `stratify` (seeded)."""
     if n > len(split):

@@ -27,14 +27,7 @@ from typing import Any
 import yaml
 
 from tlnlp.config import FinetuneConfig, config_to_dict
-from tlnlp.data import (
-    check_labeled_splits,
-    infer_task_type,
-    load_raw_datasets,
-    resolve_text_column,
-    stratified_subset,
-    write_jsonl,
-)
+from tlnlp.data import load_labeled, stratified_subset, write_jsonl
 from tlnlp.errors import TrainingError, UserInputError
 from tlnlp.metrics import DEFAULT_BEST, LOWER_IS_BETTER
 
@@ -138,14 +131,8 @@ def write_folds(cfg: FinetuneConfig, folder: Path) -> tuple[list[tuple[Path, Pat
     """The training labels (after --max_train_samples) as JSONL, and k stratified folds of them (or the one
     given split when --validation_file is set), and the test split if there is one. Returns (folds, all
     labels file, test file, task type, label count)."""
-    raw = load_raw_datasets(train_file=cfg.train_file, validation_file=cfg.validation_file, test_file=cfg.test_file,
-                            dataset_name=cfg.dataset_name, dataset_config_name=cfg.dataset_config_name,
-                            csv_delimiter=cfg.csv_delimiter)
-    text_column = resolve_text_column(raw["train"], cfg.text_column)
-    check_labeled_splits({k: v for k, v in raw.items() if k in ("train", "validation")}, text_column=text_column,
-                         text_pair_column=cfg.text_pair_column, label_column=cfg.label_column)
+    raw, text_column, task_type = load_labeled(cfg)
     train = raw["train"]
-    task_type = infer_task_type(train[cfg.label_column]) if cfg.task_type == "auto" else cfg.task_type
     if cfg.max_train_samples is not None:
         train = stratified_subset(train, cfg.label_column, cfg.max_train_samples, task_type, cfg.stratify, cfg.seed)
     columns = [c for c in (text_column, cfg.text_pair_column, cfg.label_column) if c]

@@ -31,10 +31,9 @@ from accelerate import PartialState
 
 from tlnlp.config import FinetuneConfig
 from tlnlp.data import (
-    check_labeled_splits,
     drop_blank_texts,
     ensure_validation,
-    infer_task_type,
+    load_labeled,
     load_raw_datasets,
     resolve_text_column,
     stratified_subset,
@@ -99,15 +98,9 @@ def run_self_training(cfg: FinetuneConfig, finetune_main: Callable[[FinetuneConf
 def prepare(cfg: FinetuneConfig, folder: Path) -> Data:
     """The labels, validation and test splits as the plain run would make them, and the unlabeled texts:
     all checked before any training."""
-    raw = load_raw_datasets(train_file=cfg.train_file, validation_file=cfg.validation_file, test_file=cfg.test_file,
-                            dataset_name=cfg.dataset_name, dataset_config_name=cfg.dataset_config_name,
-                            csv_delimiter=cfg.csv_delimiter)
-    text_column = resolve_text_column(raw["train"], cfg.text_column)
     if cfg.text_pair_column:
         raise UserInputError("Self-training labels single texts; --text_pair_column is not supported with it.")
-    check_labeled_splits({k: v for k, v in raw.items() if k in ("train", "validation", "test")},
-                         text_column=text_column, text_pair_column=None, label_column=cfg.label_column)
-    task_type = infer_task_type(raw["train"][cfg.label_column]) if cfg.task_type == "auto" else cfg.task_type
+    raw, text_column, task_type = load_labeled(cfg)
     if task_type != "single_label":
         raise UserInputError(f"Self-training picks one confident class per text: it needs a single-label task, "
                              f"and this one is {task_type}.")
