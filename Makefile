@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 
-.PHONY: install deepspeed data test test-all lint demo stage1-budget bench bench-accuracy budget-curve clean
+.PHONY: install deepspeed data test test-all lint demo stage1-budget bench bench-streaming-2ranks bench-accuracy budget-curve clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,11 +47,18 @@ stage1-budget: data
 	$(PY) scripts/demo.py --output_dir runs/stage1-budget --stage1_config configs/stage1_budget.yaml \
 		--stage1_only --seeds 42,43,44
 
-# Side-by-side benchmarks against the stock Hugging Face recipes (about 45 minutes on 2 CPU cores).
+# Side-by-side benchmarks against the stock Hugging Face recipes (about 80 minutes on 2 CPU cores).
 bench: data
 	$(PY) benchmarks/bench_mlm.py --output benchmarks/results/mlm_cpu.json
 	$(PY) benchmarks/bench_finetune.py --output benchmarks/results/finetune_cpu.json
+	$(PY) benchmarks/bench_finetune.py --variants stock,tlnlp@no,tlnlp@auto --launcher accelerate \
+		--output benchmarks/results/finetune_cpu_bf16.json
+	$(PY) benchmarks/input_pipeline.py --output benchmarks/results/input_pipeline_cpu.json
 	$(PY) benchmarks/streaming_memory.py --sizes_gb 0.1,1 --output benchmarks/results/streaming_memory.json
+
+# Streaming memory with 2 ranks up to a 4 GB corpus (about 30 minutes on 2 cores).
+bench-streaming-2ranks: data
+	$(PY) benchmarks/streaming_memory.py --sizes_gb 0.4,4 --ranks 2 --output benchmarks/results/streaming_memory_2ranks.json
 
 # tlnlp's recipes against the stock recipe and SetFit on every built-in labeled set, 3 seeds (hours on 2 cores).
 bench-accuracy: data

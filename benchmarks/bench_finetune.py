@@ -8,12 +8,18 @@ tlnlp         `python -m tlnlp.finetune` with its defaults (length-grouped batch
               head, data, labels, batch, sequence length, learning rate, epochs and precision.
 tlnlp-cached  tlnlp with the same layers frozen and --cache_frozen_features.
 
+A variant may name its own precision after an @ (`tlnlp@auto`, `stock@bf16`); otherwise --mixed_precision
+applies. `auto` is tlnlp's default: bf16 on a CPU with AVX512-BF16/AMX, else fp32. With --launcher accelerate
+the tlnlp variants run under `accelerate launch -m tlnlp.finetune`, as users run them.
+
 Every run is a fresh process; the variants alternate over several repetitions; medians and ratios are
 printed and written as JSON. Examples/s counts training examples over the whole training time: every
 epoch's validation pass included, and for tlnlp-cached the one-off feature caching too. Test accuracy is
 measured after training, outside the timing.
 
     python benchmarks/bench_finetune.py --output benchmarks/results/finetune_cpu.json
+    python benchmarks/bench_finetune.py --variants stock,tlnlp@no,tlnlp@auto --launcher accelerate \
+        --output benchmarks/results/finetune_cpu_bf16.json
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from pathlib import Path
 VARIANTS = ("stock", "tlnlp", "stock-frozen", "tlnlp-cached")
 
 
-def stock(args: argparse.Namespace, frozen: bool) -> dict:
+def stock(args: argparse.Namespace, frozen: bool, precision: str) -> dict:
     """The stock recipe, rebuilt: what a user of the Hugging Face example would run."""
     import torch
     from accelerate import Accelerator
@@ -76,7 +82,7 @@ def stock(args: argparse.Namespace, frozen: bool) -> dict:
     epochs = args.frozen_epochs if frozen else args.epochs
     scheduler = get_scheduler("linear", optimizer=optimizer, num_warmup_steps=0,
                               num_training_steps=epochs * len(train_dl))
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(mixed_precision=precision)
     model, optimizer, train_dl, eval_dl, test_dl, scheduler = accelerator.prepare(
         model, optimizer, train_dl, eval_dl, test_dl, scheduler)
 
@@ -105,18 +111,20 @@ def stock(args: argparse.Namespace, frozen: bool) -> dict:
             "test_accuracy": accuracy(test_dl), "epochs": epochs}
 
 
-def tlnlp(args: argparse.Namespace, cached: bool) -> dict:
-    """`python -m tlnlp.finetune`, as a user runs it."""
+def tlnlp(args: argparse.Namespace, cached: bool, precision: str) -> dict:
+    """`python -m tlnlp.finetune` or `accelerate launch -m tlnlp.finetune`, as a user runs it."""
     epochs = args.frozen_epochs if cached else args.epochs
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+              "--dynamo_backend", "no", "-m"] if args.launcher == "accelerate" else [sys.executable, "-m"]
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, "-m", "tlnlp.finetune", "--model_name_or_path", args.model,
+        command = [*launch, "tlnlp.finetune", "--model_name_or_path", args.model,
                    "--train_file", args.train_file, "--validation_file", args.validation_file,
                    "--test_file", args.test_file, "--max_seq_length", str(args.max_seq_length),
                    "--per_device_train_batch_size", str(args.batch_size),
                    "--per_device_eval_batch_size", str(args.eval_batch_size),
                    "--learning_rate", str(args.learning_rate), "--num_train_epochs", str(epochs),
                    "--max_grad_norm", "0", "--seed", str(args.seed), "--logging_steps", "1000",
-                   "--mixed_precision", args.mixed_precision,
+                   "--mixed_precision", precision,
                    "--output_dir", out, "--overwrite_output_dir", "--cache_dir", str(Path(out) / "cache")]
         if args.labels:
             command += ["--max_train_samples", str(args.labels)]
@@ -128,13 +136,19 @@ def tlnlp(args: argparse.Namespace, cached: bool) -> dict:
         results = json.loads((Path(out) / "all_results.json").read_text())
     return {"train_time_s": results["train_runtime_s"], "examples_per_s": results["train_examples_per_s"],
             "test_accuracy": results["test_accuracy"], "epochs": epochs,
-            "feature_cache_s": results.get("feature_cache_s", 0.0)}
+            "feature_cache_s": results.get("feature_cache_s", 0.0), "precision": results["mixed_precision"]}
 
 
 def run_variant(variant: str, args: argparse.Namespace) -> dict:
-    if variant.startswith("stock"):
-        return stock(args, frozen=variant == "stock-frozen")
-    return tlnlp(args, cached=variant == "tlnlp-cached")
+    name, _, precision = variant.partition("@")
+    precision = precision or args.mixed_precision
+    if name not in VARIANTS:
+        raise SystemExit(f"Unknown variant {name!r} in --variants; expected one of {', '.join(VARIANTS)}.")
+    if name.startswith("stock"):
+        if precision == "auto":
+            raise SystemExit("The stock recipe has no 'auto' precision: give stock variants no, bf16 or fp16.")
+        return {**stock(args, frozen=name == "stock-frozen", precision=precision), "precision": precision}
+    return tlnlp(args, cached=name == "tlnlp-cached", precision=precision)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -154,8 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
-                        help="Autocast precision, the same for every variant (no: fp32).")
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16", "auto"],
+                        help="Autocast precision of every variant that names none (no: fp32; auto: tlnlp's default).")
+    parser.add_argument("--launcher", default="python", choices=["python", "accelerate"],
+                        help="How the tlnlp variants are started: `python -m` or `accelerate launch -m`.")
     parser.add_argument("--output", help="Write the results as JSON here.")
     parser.add_argument("--_variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     parser.add_argument("--_result", help=argparse.SUPPRESS)
@@ -184,24 +200,30 @@ def main(argv: list[str] | None = None) -> dict:
                 if done.returncode != 0:
                     raise RuntimeError(f"{variant} failed:\n{done.stderr[-3000:]}")
                 runs[variant].append(json.loads(Path(result.name).read_text()))
-            print(f"repeat {repeat + 1}/{args.repeats} {variant:13} {runs[variant][-1]['examples_per_s']:7.1f} "
+            print(f"repeat {repeat + 1}/{args.repeats} {variant:18} {runs[variant][-1]['examples_per_s']:7.1f} "
                   f"examples/s, test accuracy {runs[variant][-1]['test_accuracy']:.4f}", flush=True)
 
     median = {v: statistics.median(r["examples_per_s"] for r in rs) for v, rs in runs.items()}
     accuracy = {v: statistics.mean(r["test_accuracy"] for r in rs) for v, rs in runs.items()}
     speedups = {}
-    for fast, slow in (("tlnlp", "stock"), ("tlnlp-cached", "stock-frozen"), ("tlnlp-cached", "stock")):
-        if fast in median and slow in median:
+    baselines = [v for v in variants if v.startswith("stock")]
+    for fast in (v for v in variants if v.startswith("tlnlp")):
+        for slow in baselines:  # the cached variant against both stock recipes; the others against full stock
+            if slow.startswith("stock-frozen") and not fast.startswith("tlnlp-cached"):
+                continue
             speedups[f"{fast} / {slow}"] = median[fast] / median[slow]
     result = {
         "config": {k: getattr(args, k) for k in ("model", "labels", "max_seq_length", "batch_size", "learning_rate",
-                                                 "epochs", "frozen_epochs", "freeze_layers", "repeats", "seed")}
-        | {"precision": "fp32" if args.mixed_precision == "no" else args.mixed_precision, "data": args.train_file},
+                                                 "epochs", "frozen_epochs", "freeze_layers", "repeats", "seed",
+                                                 "launcher")}
+        | {"precision": {v: runs[v][0]["precision"] for v in variants}, "data": args.train_file,
+           "command": " ".join(["python", *sys.argv])},
         "examples_per_s_median": median, "test_accuracy_mean": accuracy, "speedup": speedups, "runs": runs,
     }
-    print(f"\n{'':13} {'examples/s (median)':>20} {'test accuracy':>14} {'epochs':>7}")
+    print(f"\n{'':18} {'precision':>9} {'examples/s (median)':>20} {'test accuracy':>14} {'epochs':>7}")
     for variant in variants:
-        print(f"{variant:13} {median[variant]:20.1f} {accuracy[variant]:14.4f} {runs[variant][0]['epochs']:7d}")
+        print(f"{variant:18} {runs[variant][0]['precision']:>9} {median[variant]:20.1f} {accuracy[variant]:14.4f} "
+              f"{runs[variant][0]['epochs']:7d}")
     for name, value in speedups.items():
         print(f"speed-up {name}: {value:.2f}x")
     if args.output:

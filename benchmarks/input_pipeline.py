@@ -5,6 +5,8 @@ collate, MLM-mask) with the MiniLM/BERT tokenizer (30,522 tokens), for 1, 2, ...
 
   stream        --streaming: `ShardedStream` through torchdata's StatefulDataLoader; W loader workers tokenize
                 (W = cores - 1 at most: the training process itself collates and masks), W = 0 is one core.
+  stream ranks  the same stream split over N processes (one core each), as the ranks of a multi-process
+                run split it: each tokenizes only its own documents; the rate is the sum over ranks.
   preprocessed  --preprocess_only once (`num_proc` = cores), then training reads the memory-mapped result:
                 the tokenizing rate of that step, and the rate at which training reads, collates and masks it.
 
@@ -53,9 +55,9 @@ def write_corpus(path: Path, megabytes: float) -> None:
                     break
 
 
-def drain(loader, masker, tokens: int, warmup_batches: int = 20) -> float:
-    """Tokens/s to pull `tokens` tokens through `loader`, collated and masked as the training loop does,
-    after `warmup_batches` (worker start-up is not throughput)."""
+def drain_span(loader, masker, tokens: int, warmup_batches: int = 20) -> tuple[int, float, float]:
+    """Pulls `tokens` tokens through `loader`, collated and masked as the training loop does, after
+    `warmup_batches` (worker start-up is not throughput): (tokens, wall-clock start, wall-clock end)."""
     def forever():  # a finite loader (the preprocessed data) is read again, epoch after epoch
         while True:
             yield from loader
@@ -64,11 +66,42 @@ def drain(loader, masker, tokens: int, warmup_batches: int = 20) -> float:
     for i, batch in enumerate(forever()):
         batch = mask_batch(batch, masker)
         if i == warmup_batches:
-            seen, start = 0, time.perf_counter()
+            seen, start = 0, time.time()
         seen += int(batch["attention_mask"].sum())
         if start is not None and seen >= tokens:
             break
-    return seen / (time.perf_counter() - start)
+    return seen, start, time.time()
+
+
+def drain(loader, masker, tokens: int) -> float:
+    """Tokens/s through `loader` (see drain_span)."""
+    seen, start, end = drain_span(loader, masker, tokens)
+    return seen / (end - start)
+
+
+def drain_rank(corpus: str, rank: int, ranks: int, tokens: int) -> tuple[int, float, float]:
+    """One rank of a multi-process stream, in its own process: (tokens drained, start, end) after warm-up."""
+    torch.set_num_threads(1)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tokenizer = load_tokenizer(builtin.model_dir("minilm-l6"))
+    rows = functools.partial(mlm_rows, tokenizer=tokenizer, max_seq_length=SEQ, line_by_line=False,
+                             whole_word_mask=False)
+    source = load_dataset("text", data_files={"train": corpus}, streaming=True)["train"]
+    stream = ShardedStream(source, rows, "text", rank=rank, world_size=ranks, held_out=0)
+    loader = stream_loader(stream, BATCH, pad_for_masking(tokenizer), 0, pin_memory=False)
+    return drain_span(loader, DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15), tokens)
+
+
+def stream_over_ranks(corpus: Path, ranks: int, tokens: int) -> float:
+    """Tokens/s of `ranks` processes draining their shares at once: all their tokens over the span from the
+    first one's start to the last one's end (worker start-up and warm-up excluded)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(ranks, mp_context=get_context("spawn")) as pool:
+        done = list(pool.map(drain_rank, [str(corpus)] * ranks, range(ranks), [ranks] * ranks,
+                             [tokens // ranks] * ranks))
+    return sum(t for t, _, _ in done) / (max(end for _, _, end in done) - min(start for _, start, _ in done))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -106,6 +139,11 @@ def main(argv: list[str] | None = None) -> dict:
             report["stream"][f"{workers + 1} core(s)"] = {"cores": workers + 1, "loader_workers": workers,
                                                           "tokens_per_s": max(rates)}
             print(f"stream, {workers} workers: {max(rates):,.0f} tokens/s", flush=True)
+        for ranks in range(2, cores + 1):
+            rate = max(stream_over_ranks(corpus, ranks, args.tokens) for _ in range(2))
+            report["stream"][f"{ranks} ranks"] = {"cores": ranks, "ranks": ranks, "loader_workers": 0,
+                                                  "tokens_per_s": rate}
+            print(f"stream over {ranks} ranks: {rate:,.0f} tokens/s", flush=True)
 
         raw = load_dataset("text", data_files={"train": str(corpus)})["train"]
         for processes in sorted({1, cores}):

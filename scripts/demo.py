@@ -116,6 +116,8 @@ def main() -> int:
                else f"replaced-token detection accuracy {stage1_results['eval_discriminator_accuracy']:.3f}")
     print(f"Stage 1 ({stage1_results.get('objective', 'mlm')}): {stage1_results['train_tokens']:,} tokens in "
           f"{stage1_results['train_runtime_s']:.0f} s, {quality}")
+    # `--mixed_precision auto` picks bf16 on CPUs with AVX512-BF16/AMX: the figures depend on that choice.
+    print(f"Training precision (--mixed_precision auto on this machine): {stage1_results.get('mixed_precision')}")
     print("Elapsed: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in clock.steps.items())
           + f"; total {clock.total:.0f} s ({clock.total / 60:.1f} min)")
     print(f"Results, report and plots: {out}/results.json, report.md, accuracy.png")

@@ -43,6 +43,24 @@ def test_finetune_benchmark_runs_every_variant(tiny_mlm_dir, labeled_files, tmp_
     assert saved["runs"]["tlnlp-cached"][0]["feature_cache_s"] > 0
 
 
+def test_finetune_benchmark_runs_tlnlp_default_precision_under_accelerate_launch(tiny_mlm_dir, labeled_files,
+                                                                                  tmp_path):
+    from tlnlp.trainer import cpu_has_fast_bf16
+
+    bench = load_benchmark("bench_finetune")
+    output = tmp_path / "finetune.json"
+    bench.main(["--model", str(tiny_mlm_dir), "--train_file", str(labeled_files["train"]),
+                "--validation_file", str(labeled_files["validation"]), "--test_file", str(labeled_files["test"]),
+                "--labels", "0", "--max_seq_length", "32", "--learning_rate", "5e-3", "--epochs", "2",
+                "--repeats", "1", "--variants", "stock,tlnlp@auto", "--launcher", "accelerate",
+                "--output", str(output)])
+    saved = json.loads(output.read_text())
+    # What `auto` chose inside the launched run, as the run itself reports it.
+    assert saved["config"]["precision"] == {"stock": "no", "tlnlp@auto": "bf16" if cpu_has_fast_bf16() else "no"}
+    assert set(saved["speedup"]) == {"tlnlp@auto / stock"}
+
+
+@pytest.mark.heavy
 def test_streaming_memory_harness_drains_the_whole_corpus(tmp_path):
     spec = importlib.util.spec_from_file_location("streaming_memory", REPO / "benchmarks" / "streaming_memory.py")
     bench = importlib.util.module_from_spec(spec)
@@ -55,6 +73,16 @@ def test_streaming_memory_harness_drains_the_whole_corpus(tmp_path):
     # Every block of the corpus went through the pipeline: twice the text, about twice the tokens.
     assert 1.8 < runs[1]["tokens_streamed"] / runs[0]["tokens_streamed"] < 2.2
     assert all(r["data_peak_rss_mb"] > 50 and r["train_peak_rss_mb"] > 50 for r in runs)
+
+    # Two ranks, as a 2-process run splits the stream: each drains its own half, and together the whole file.
+    bench.main(["--sizes_gb", "0.001", "--ranks", "2", "--train_steps", "2", "--seq", "32", "--batch", "4",
+                "--workdir", str(tmp_path), "--output", str(output)])
+    [two] = json.loads(output.read_text())["runs"]
+    assert two["ranks"] == 2 and len(two["data_peak_rss_mb_per_rank"]) == 2
+    halves = two["tokens_per_rank"]
+    assert min(halves) > 0.45 * sum(halves)
+    # Block boundaries move with the split, so the totals agree to within a few special tokens per block.
+    assert abs(sum(halves) - runs[1]["tokens_streamed"]) < 0.01 * runs[1]["tokens_streamed"]
 
 
 def load_benchmark(name: str):
@@ -75,6 +103,16 @@ def test_input_pipeline_benchmark_measures_both_paths(tmp_path, monkeypatch):
     for entry in [*report["stream"].values(), *report["preprocessed"].values()]:
         assert entry["tokens_per_s"] > 0 and entry["bert_base_gpus_fed"] > 0
     assert 300_000 < report["bert_base_gpu_tokens_per_s_at_40pct_mfu"] < 2_000_000
+
+
+@pytest.mark.heavy
+def test_input_pipeline_streams_over_two_rank_processes(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    bench = importlib.import_module("input_pipeline")  # by name: the spawned ranks unpickle its functions by name
+    corpus = tmp_path / "corpus.txt"
+    bench.write_corpus(corpus, 0.3)
+    # Two spawned processes, each draining its own share of the stream at the same time.
+    assert bench.stream_over_ranks(corpus, 2, 20_000) > 0
 
 
 @pytest.mark.heavy

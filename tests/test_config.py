@@ -77,10 +77,27 @@ def test_mixed_precision_auto_follows_the_launcher_then_the_hardware(monkeypatch
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    assert resolve_mixed_precision("auto") == "no"  # CPU: fp32
+    monkeypatch.setattr("torch.backends.mps.is_available", lambda: False)
+    monkeypatch.setattr("torch.cpu._is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr("torch.cpu._is_amx_tile_supported", lambda: False)
+    assert resolve_mixed_precision("auto") == "no"  # a CPU that would emulate bf16: fp32
+    monkeypatch.setattr("torch.cpu._is_avx512_bf16_supported", lambda: True)
+    assert resolve_mixed_precision("auto") == "bf16"  # AVX512-BF16: bf16 autocast
+    monkeypatch.setattr("torch.cpu._is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr("torch.cpu._is_amx_tile_supported", lambda: True)
+    assert resolve_mixed_precision("auto") == "bf16"  # AMX: the same
+    monkeypatch.setattr("torch.cpu._is_amx_tile_supported", lambda: False)
+    monkeypatch.delattr("torch.cpu._is_avx512_bf16_supported")
+    assert resolve_mixed_precision("auto") == "no"  # a torch without the probe: assume emulation
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda: False)
+    assert resolve_mixed_precision("auto") == "no"  # a GPU without bf16: fp32
     monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda: True)
     assert resolve_mixed_precision("auto") == "bf16"  # a GPU with bf16: on by default
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    monkeypatch.setattr("torch.cpu._is_avx512_bf16_supported", lambda: False, raising=False)
+    assert resolve_mixed_precision("auto") == "no"  # the GPU is not used: the CPU's own answer
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     assert resolve_mixed_precision("auto") == "fp16"  # the launcher's explicit choice wins
     assert resolve_mixed_precision("no") == "no"  # and the script's own option wins over both

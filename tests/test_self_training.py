@@ -68,6 +68,16 @@ def test_self_training_adds_confident_class_balanced_pseudo_labels(tiny_mlm_dir,
     assert "Pseudo-labels" in (out / "README.md").read_text()
     assert results["test_accuracy"] is not None and report["teacher_test_accuracy"] is not None
 
+    # The same command again (after a stop, say): the finished teacher is reused, not trained again, and it
+    # labels the same rows.
+    teacher_weights = teacher / "model.safetensors"
+    written = teacher_weights.stat().st_mtime_ns
+    again = run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--num_train_epochs", "6", "--seed", "2",
+                             "--unlabeled_file", str(path), "--pseudo_labels_per_class", "40",
+                             "--pseudo_label_precision", "0.8"))
+    assert teacher_weights.stat().st_mtime_ns == written
+    assert again["self_training"]["rounds"][0]["pseudo_labels_per_class"] == round1["pseudo_labels_per_class"]
+
 
 def test_bad_self_training_input_is_refused_before_training(tiny_mlm_dir, labeled_files, tmp_path, cache_dir):
     base = ft_args(tiny_mlm_dir, labeled_files, tmp_path / "never", cache_dir)

@@ -81,8 +81,9 @@ class TrainingConfig:
     num_warmup_steps: int = _help("Optimizer steps of linear warm-up.", 0)
     max_grad_norm: float = _help("Clip the global gradient norm to this (0 turns clipping off).", 1.0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _help(
-        "Autocast precision. auto: what `accelerate launch`/its config says, else bf16 on GPUs that support it, "
-        "else fp32 ('no').", "auto"
+        "Autocast precision. auto: what `accelerate launch`/its config says, else bf16 where the hardware computes "
+        "it natively (GPUs that support it; CPUs with AVX512-BF16 or AMX), else fp32 ('no'). The test split is "
+        "always evaluated in fp32.", "auto"
     )
     group_by_length: bool = _help(
         "Batch examples of similar length together (batches still come in random order), so less padding is "

@@ -315,9 +315,16 @@ def check_cached_outputs(model, cached: CachedFeatureClassifier, eval_data, cach
 
 
 def _test(cfg, accelerator, model, tokenized_test, raw_test, collator, task_type, names) -> dict[str, Any]:
-    """Evaluate the final (best) model on the test split and write one prediction per line."""
+    """Evaluate the final (best) model on the test split and write one prediction per line.
+
+    In fp32 even when training used autocast: the reported numbers and predictions are then exactly what the
+    saved model gives when loaded with the stock Auto classes or `pipeline`. (DeepSpeed and FSDP hold their
+    own low-precision weights and keep them.)"""
     dataloader = accelerator.prepare(DataLoader(tokenized_test, batch_size=cfg.per_device_eval_batch_size,
                                                 collate_fn=collator))
+    if accelerator.mixed_precision != "no" and not (engines.uses_fsdp(accelerator) or engines.uses_deepspeed(accelerator)):
+        # Removes Accelerate's autocast wrapper from the forward; training is over, nothing else runs it.
+        model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     logits, labels = predict(accelerator, model, dataloader)
     metrics = compute_metrics(logits, labels, task_type) if labels is not None else {}
     if accelerator.is_main_process:

@@ -69,15 +69,27 @@ class Task:
     summary: dict[str, Any] = field(default_factory=dict)  # extra lines for the start-of-run summary
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX). Elsewhere oneDNN emulates
+    bf16 through fp32 conversions, slower than plain fp32, so autocast would cost time instead of saving it."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a torch without the probes: assume emulation
+        return False
+
+
 def resolve_mixed_precision(choice: str) -> str:
-    """--mixed_precision auto: the launcher's choice if it made one, else bf16 where the GPU supports it."""
+    """--mixed_precision auto: the launcher's choice if it made one, else bf16 where the hardware computes it
+    fast (a GPU that supports it, or a CPU with AVX512-BF16/AMX when no GPU is used), else fp32."""
     if choice != "auto":
         return choice
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launched != "no":
         return launched
-    on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
-    return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if not use_cpu and (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_fast_bf16() else "no"
 
 
 def make_accelerator(cfg: TrainingConfig) -> Accelerator:
@@ -590,6 +602,7 @@ class Trainer:
             "train_runtime_s": runtime,
             f"train_{unit}_per_s": state["units_seen"] / runtime,
             "num_processes": self.accelerator.num_processes,
+            "mixed_precision": self.accelerator.mixed_precision,
             "global_batch_size": self.global_batch,
             "best_step": state["best_step"],
         }
