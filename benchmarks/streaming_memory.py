@@ -55,14 +55,13 @@ def stream_everything(file: str, seq: int, batch: int, rank: int, ranks: int) ->
     same `ShardedStream` and loader as tlnlp.pretrain --streaming."""
     import functools
 
+    import torch
     from transformers import DataCollatorForLanguageModeling
 
     from tlnlp import builtin
     from tlnlp.data import load_raw_datasets, mask_batch, mlm_rows, pad_for_masking
     from tlnlp.modeling import load_tokenizer
     from tlnlp.streaming import ShardedStream, stream_loader
-
-    import torch
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks))  # as tlnlp does under accelerate launch
     tokenizer = load_tokenizer(builtin.model_dir("minilm-l6"))
