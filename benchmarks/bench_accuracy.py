@@ -55,9 +55,8 @@ def stock_run(dataset: str, labels: int, seed: int, length: int) -> float:
     files = builtin.dataset_files(dataset)
     args = argparse.Namespace(train_file=files["train"], validation_file=files["validation"], test_file=files["test"],
                               labels=labels, seed=seed, model="minilm-l6", max_seq_length=length, batch_size=16,
-                              eval_batch_size=64, learning_rate=1e-4, epochs=3, frozen_epochs=3, freeze_layers=0,
-                              mixed_precision="no")
-    return bench_finetune.stock(args, frozen=False)["test_accuracy"]
+                              eval_batch_size=64, learning_rate=1e-4, epochs=3, frozen_epochs=3, freeze_layers=0)
+    return bench_finetune.stock(args, frozen=False, precision="no")["test_accuracy"]
 
 
 def setfit_run(dataset: str, labels: int, seed: int) -> float:

@@ -129,3 +129,16 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path):
         assert report["stage1"][run]["tokens_per_s_steady"] > 0 and report["stage1"][run]["steps"] == 6
         assert report["stage1"][run]["mfu"] is None or 0 < report["stage1"][run]["mfu"] < 1  # None: unknown peak
     assert 0 <= report["stage2"]["test_accuracy"] <= 1 and report["stage2"]["train_examples_per_s"] > 0
+
+
+@pytest.mark.heavy
+def test_accuracy_benchmark_runs_the_stock_recipe_and_tlnlp_side_by_side(tmp_path):
+    bench = load_benchmark("bench_accuracy")
+    output = tmp_path / "accuracy.json"
+    report = bench.main(["--sets", "wiki-topics", "--recipes", "stock,tlnlp", "--seeds", "42", "--labels", "44",
+                         "--max_seq_length", "16", "--output", str(output)])
+    assert json.loads(output.read_text()) == json.loads(json.dumps(report))
+    table = report["sets"]["wiki-topics"]
+    for recipe in ("stock", "tlnlp"):
+        assert 0 < table[recipe]["mean"] <= 1 and table[recipe]["wall_time_s_per_seed"] > 0, (recipe, table)
+    assert "| stock |" in bench.markdown(report) and "| tlnlp |" in bench.markdown(report)
