@@ -68,9 +68,10 @@ def setfit_run(dataset: str, labels: int, seed: int) -> float:
     splits = load_dataset("json", data_files=builtin.dataset_files(dataset))
     train = splits["train"].select(builtin.stratified_indices(splits["train"]["label"], labels, seed).tolist())
     model = SetFitModel.from_pretrained(builtin.model_dir("minilm-l6"))
-    arguments = TrainingArguments(num_iterations=2, batch_size=16, num_epochs=1, seed=seed)
-    trainer = Trainer(model=model, args=arguments, train_dataset=train.select_columns(["text", "label"]))
-    trainer.train()
+    with tempfile.TemporaryDirectory() as out:  # SetFit's checkpoints, not in the working directory
+        arguments = TrainingArguments(output_dir=out, num_iterations=2, batch_size=16, num_epochs=1, seed=seed)
+        trainer = Trainer(model=model, args=arguments, train_dataset=train.select_columns(["text", "label"]))
+        trainer.train()
     predictions = model.predict(splits["test"]["text"])
     truth = splits["test"]["label"]
     return sum(str(p) == str(t) for p, t in zip(predictions, truth)) / len(truth)

@@ -167,11 +167,15 @@ def ft_args(model_dir, files, out, cache_dir, *extra):
     return args + list(extra)
 
 
-@pytest.mark.parametrize("head_args", [[], ["--head_hidden_sizes", "16,8", "--pooling", "mean"]])
+# The second case trains under bf16 autocast: the test split is still evaluated in fp32, so the written
+# predictions equal the stock pipeline's to 1e-5.
+@pytest.mark.parametrize("head_args", [["--mixed_precision", "no"],
+                                       ["--head_hidden_sizes", "16,8", "--pooling", "mean", "--mixed_precision", "bf16"]])
 def test_round_trip_through_pipeline_matches_tlnlp(tiny_mlm_dir, labeled_files, tmp_path, cache_dir, head_args):
     out = tmp_path / "model"
     results = run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, *head_args, "--num_train_epochs", "6",
                                "--seed", "2"))
+    assert results["mixed_precision"] == head_args[-1]
     assert results["test_accuracy"] > 0.6  # three clearly separable topics
     predictions = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
     texts = [p["text"] for p in predictions]
@@ -182,7 +186,7 @@ def test_round_trip_through_pipeline_matches_tlnlp(tiny_mlm_dir, labeled_files, 
             assert row["score"] == pytest.approx(mine["probabilities"][row["label"]], abs=1e-5)
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {"0": "music", "1": "science", "2": "sports"}
-    stock = not head_args
+    stock = "--head_hidden_sizes" not in head_args
     assert ("auto_map" in config) is not stock
     saved = json.loads((out / "all_results.json").read_text())
     assert {"eval_accuracy", "eval_macro_f1", "eval_mcc", "test_accuracy", "test_macro_f1", "test_mcc"} <= set(saved)
