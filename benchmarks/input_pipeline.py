@@ -79,17 +79,24 @@ def drain(loader, masker, tokens: int) -> float:
     return seen / (end - start)
 
 
-def drain_rank(corpus: str, rank: int, ranks: int, tokens: int) -> tuple[int, float, float]:
-    """One rank of a multi-process stream, in its own process: (tokens drained, start, end) after warm-up."""
-    torch.set_num_threads(1)
+def stage1_pipeline():
+    """Stage 1's data path with MiniLM's tokenizer: (tokenizer, rows of a document group, collate, masker).
+    One thread per process: the fast tokenizer would otherwise spread each batch over every core by itself,
+    and "1 core" would not mean one core."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer = load_tokenizer(builtin.model_dir("minilm-l6"))
     rows = functools.partial(mlm_rows, tokenizer=tokenizer, max_seq_length=SEQ, line_by_line=False,
                              whole_word_mask=False)
+    return tokenizer, rows, pad_for_masking(tokenizer), DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+
+
+def drain_rank(corpus: str, rank: int, ranks: int, tokens: int) -> tuple[int, float, float]:
+    """One rank of a multi-process stream, in its own process: (tokens drained, start, end) after warm-up."""
+    torch.set_num_threads(1)
+    _, rows, collate, masker = stage1_pipeline()
     source = load_dataset("text", data_files={"train": corpus}, streaming=True)["train"]
     stream = ShardedStream(source, rows, "text", rank=rank, world_size=ranks, held_out=0)
-    loader = stream_loader(stream, BATCH, pad_for_masking(tokenizer), 0, pin_memory=False)
-    return drain_span(loader, DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15), tokens)
+    return drain_span(stream_loader(stream, BATCH, collate, 0, pin_memory=False), masker, tokens)
 
 
 def stream_over_ranks(corpus: Path, ranks: int, tokens: int) -> float:
@@ -113,14 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     cores = min(len(os.sched_getaffinity(0)), args.max_cores or 1 << 10)
     datasets.disable_caching()  # every tokenizing run does the work, none reads an earlier run's cache
-    # One thread per process: the fast tokenizer would otherwise spread each batch over every core by itself,
-    # and "1 core" would not mean one core.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tokenizer = load_tokenizer(builtin.model_dir("minilm-l6"))
-    masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
-    collate = pad_for_masking(tokenizer)
-    rows = functools.partial(mlm_rows, tokenizer=tokenizer, max_seq_length=SEQ, line_by_line=False,
-                             whole_word_mask=False)
+    tokenizer, rows, collate, masker = stage1_pipeline()
     gpu_tokens_per_s = 0.4 * PEAK_BF16_FLOPS["H100"] / flops_per_token(12, 768, SEQ, len(tokenizer), 0.15, sparse=True)
     report: dict = {"command": "python benchmarks/input_pipeline.py", "cores": cores, "megabytes": args.megabytes,
                     "sequence": SEQ, "batch": BATCH, "bert_base_gpu_tokens_per_s_at_40pct_mfu": gpu_tokens_per_s,
