@@ -313,6 +313,24 @@ def test_two_process_run_with_frozen_layers(tiny_mlm_dir, labeled_files, tmp_pat
     assert results["num_processes"] == 2 and ("feature_cache_s" in results) == bool(cache)
 
 
+@pytest.mark.parametrize("cache", [[], ["--cache_frozen_features"]])
+def test_the_head_learns_at_its_own_rate_with_and_without_the_feature_cache(tiny_mlm_dir, labeled_files, tmp_path,
+                                                                          cache_dir, cache):
+    """An encoder rate too small to move anything and a head rate that learns: the head alone must learn the
+    three topics, through the plain model and through the cache wrapper (which renames the parameters)."""
+    out = tmp_path / "head"
+    run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--freeze_embeddings", "--freeze_layers", "1",
+                     "--learning_rate", "1e-12", "--head_learning_rate", "1e-2", "--pooling", "mean", "--num_train_epochs", "4",
+                     *cache))
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_predicted_classes"] == 3 and results["eval_accuracy"] > 0.6, results
+    checkpoint = load_file(tiny_mlm_dir / "model.safetensors")
+    trained = load_file(out / "model.safetensors")
+    top = [n for n in checkpoint if n.startswith("bert.encoder.layer.1.")]  # trainable, at the encoder's rate
+    assert top and all(torch.allclose(trained["encoder." + n.removeprefix("bert.")], checkpoint[n], atol=1e-8)
+                       for n in top)
+
+
 def test_modernbert_from_scratch_through_both_stages(corpus_file, labeled_files, tmp_path, cache_dir):
     """`--architecture modernbert`: stage 1 learns, and stage 2's freezing and feature cache find its layers."""
     stage1 = tmp_path / "stage1"

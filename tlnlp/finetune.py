@@ -135,9 +135,10 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         freeze(model, embeddings=cfg.freeze_embeddings, layers=cfg.freeze_layers)
     schedule = UnfreezeSchedule(model, cfg.unfreeze_schedule) if cfg.unfreeze_schedule else None
     head_scale = (cfg.head_learning_rate or cfg.learning_rate) / cfg.learning_rate
-    scales = {}
+    scales = {}  # by parameter identity: the frozen-feature cache wraps the model and renames its parameters
     if cfg.layerwise_lr_decay < 1 or head_scale != 1:
-        scales = learning_rate_scales(model, cfg.layerwise_lr_decay, head_scale)
+        by_name = learning_rate_scales(model, cfg.layerwise_lr_decay, head_scale)
+        scales = {id(param): by_name[name] for name, param in model.named_parameters()}
     trainable, total = count_parameters(model)
     logger.info(
         "Head surgery on %s:\n  loaded from the checkpoint: %d tensors\n  new: %s\n  dropped: %s\n"
@@ -207,7 +208,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         save=save,
         count_unit="examples",
         count=lambda batch: int(batch["attention_mask"].shape[0]),
-        param_groups=lambda m: default_param_groups(m, cfg.learning_rate, cfg.weight_decay, lambda name: scales.get(name, 1.0)),
+        param_groups=lambda m: default_param_groups(m, cfg.learning_rate, cfg.weight_decay, lambda param: scales.get(id(param), 1.0)),
         metric_for_best_model=metric_name,
         greater_is_better=metric_name not in LOWER_IS_BETTER,
         before_optimizer_step=schedule,

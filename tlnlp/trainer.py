@@ -118,15 +118,16 @@ def loader_workers(cfg: TrainingConfig, accelerator: Accelerator) -> int:
 
 
 def default_param_groups(model: nn.Module, learning_rate: float, weight_decay: float,
-                         lr_scale: Callable[[str], float] | None = None) -> list[dict]:
+                         lr_scale: Callable[[nn.Parameter], float] | None = None) -> list[dict]:
     """AdamW groups by (learning rate, decay). Biases and LayerNorm weights (1-D tensors) get no weight decay;
-    frozen parameters are left out, so they carry no optimizer state."""
+    frozen parameters are left out, so they carry no optimizer state. `lr_scale` multiplies a parameter's
+    rate; it is asked by the parameter itself, because a wrapper (the frozen-feature cache) renames them."""
     groups: dict[tuple[float, float], list] = {}
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if not param.requires_grad:
             continue
         decay = 0.0 if param.ndim < 2 else weight_decay
-        lr = learning_rate * (lr_scale(name) if lr_scale else 1.0)
+        lr = learning_rate * (lr_scale(param) if lr_scale else 1.0)
         groups.setdefault((lr, decay), []).append(param)
     return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
 
