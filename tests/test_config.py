@@ -1,6 +1,6 @@
 import pytest
 
-from tlnlp.config import FinetuneConfig, PretrainConfig, parse_config
+from tlnlp.config import HEAD_LR_CAP, HEAD_LR_MULTIPLIER, FinetuneConfig, PretrainConfig, parse_config
 from tlnlp.errors import UserInputError
 
 
@@ -69,6 +69,16 @@ def test_output_dir_required():
 def test_bad_finetune_options(args, message):
     with pytest.raises(UserInputError, match=message):
         parse_config(FinetuneConfig, ["--output_dir", "out", "--model_name_or_path", "m", *args])
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--learning_rate", "5e-5"], HEAD_LR_MULTIPLIER * 5e-5),  # the multiple
+    (["--learning_rate", "1e-3"], HEAD_LR_CAP),  # capped
+    (["--learning_rate", "5e-2"], 5e-2),  # never below the encoder's rate
+    (["--learning_rate", "5e-5", "--head_learning_rate", "7e-5"], 7e-5),  # the flag wins
+])
+def test_the_heads_default_learning_rate(args, expected):
+    assert parse_config(FinetuneConfig, ["--output_dir", "x", *args]).head_lr == pytest.approx(expected)
 
 
 def test_mixed_precision_auto_follows_the_launcher_then_the_hardware(monkeypatch):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, pipeline
 
 from tlnlp.classifier import TlnlpForSequenceClassification
-from tlnlp.config import FinetuneConfig, PretrainConfig, parse_config
+from tlnlp.config import HEAD_LR_MULTIPLIER, FinetuneConfig, PretrainConfig, parse_config
 from tlnlp.data import LengthGroupedSampler
 from tlnlp.errors import UserInputError
 from tlnlp.finetune import main
@@ -329,6 +329,19 @@ def test_the_head_learns_at_its_own_rate_with_and_without_the_feature_cache(tiny
     top = [n for n in checkpoint if n.startswith("bert.encoder.layer.1.")]  # trainable, at the encoder's rate
     assert top and all(torch.allclose(trained["encoder." + n.removeprefix("bert.")], checkpoint[n], atol=1e-8)
                        for n in top)
+
+
+def test_the_default_head_rate_learns_where_the_encoders_rate_leaves_a_chance_classifier(
+        tiny_mlm_dir, labeled_files, tmp_path, cache_dir):
+    """Issue 14's underfitting case in small: a frozen bottom, a small learning rate, 3 epochs. At the encoder's
+    rate the head learns nothing (flagged); at the default head rate (HEAD_LR_MULTIPLIER x) it learns the topics."""
+    frozen = ["--freeze_embeddings", "--freeze_layers", "1", "--learning_rate", "3e-4", "--pooling", "mean"]
+    same = json.loads(json.dumps(run_main(ft_args(tiny_mlm_dir, labeled_files, tmp_path / "same", cache_dir,
+                                                  *frozen, "--head_learning_rate", "3e-4"))))
+    assert same["eval_mcc"] <= 0.05 and "underfitting_warning" in same, same
+    default = run_main(ft_args(tiny_mlm_dir, labeled_files, tmp_path / "default", cache_dir, *frozen))
+    assert default["head_learning_rate"] == pytest.approx(HEAD_LR_MULTIPLIER * 3e-4)
+    assert default["eval_accuracy"] > 0.8 and "underfitting_warning" not in default, default
 
 
 def test_modernbert_from_scratch_through_both_stages(corpus_file, labeled_files, tmp_path, cache_dir):

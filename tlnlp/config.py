@@ -25,6 +25,12 @@ def _help(text: str, default: Any = None, aliases: list[str] | None = None, **kw
     return field(default=default, metadata=metadata, **kwargs)
 
 
+# The task head's default learning rate: a multiple of the encoder's, at most HEAD_LR_CAP, where Adam on a freshly
+# initialised head stops being stable (a tiny encoder's head at 6e-2 ended as a constant classifier). Measured in
+# BENCHMARKS.md, "The head's learning rate".
+HEAD_LR_MULTIPLIER = 20
+HEAD_LR_CAP = 1e-2
+
 SchedulerName = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
 ]
@@ -331,7 +337,13 @@ class FinetuneConfig(TrainingConfig):
     layerwise_lr_decay: float = _help(
         "Multiply the learning rate by this factor for each layer further below the head (1.0: no decay).", 1.0
     )
-    head_learning_rate: float | None = _help("Learning rate of the task head (default: --learning_rate).")
+    head_learning_rate: float | None = _help(
+        f"Learning rate of the new task head (default: {HEAD_LR_MULTIPLIER} x --learning_rate, at most {HEAD_LR_CAP:g} "
+        "unless --learning_rate is higher). The head starts "
+        "from random weights and the encoder from trained ones, so the head needs the larger steps: at the "
+        "encoder's own rate a small labeled set often ends as a constant classifier. BENCHMARKS.md has the "
+        "measurements behind the default."
+    )
 
     metric_for_best_model: str | None = _help(
         "Validation metric that picks the best checkpoint (default: accuracy, micro_f1 or neg_mse by task)."
@@ -436,6 +448,14 @@ class FinetuneConfig(TrainingConfig):
             raise UserInputError(f"--pseudo_labels_per_class must be greater than 0, got {self.pseudo_labels_per_class}.")
         if self.max_unlabeled_samples <= 0:
             raise UserInputError(f"--max_unlabeled_samples must be greater than 0, got {self.max_unlabeled_samples}.")
+
+    @property
+    def head_lr(self) -> float:
+        """The task head's learning rate: --head_learning_rate, else HEAD_LR_MULTIPLIER x --learning_rate
+        capped at HEAD_LR_CAP (never below the encoder's own rate)."""
+        if self.head_learning_rate:
+            return self.head_learning_rate
+        return max(self.learning_rate, min(HEAD_LR_MULTIPLIER * self.learning_rate, HEAD_LR_CAP))
 
     @property
     def head_hidden_sizes_list(self) -> list[int]:

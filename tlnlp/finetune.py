@@ -134,7 +134,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.freeze_embeddings or cfg.freeze_layers:
         freeze(model, embeddings=cfg.freeze_embeddings, layers=cfg.freeze_layers)
     schedule = UnfreezeSchedule(model, cfg.unfreeze_schedule) if cfg.unfreeze_schedule else None
-    head_scale = (cfg.head_learning_rate or cfg.learning_rate) / cfg.learning_rate
+    head_scale = cfg.head_lr / cfg.learning_rate
     scales = {}  # by parameter identity: the frozen-feature cache wraps the model and renames its parameters
     if cfg.layerwise_lr_decay < 1 or head_scale != 1:
         by_name = learning_rate_scales(model, cfg.layerwise_lr_decay, head_scale)
@@ -142,11 +142,11 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     trainable, total = count_parameters(model)
     logger.info(
         "Head surgery on %s:\n  loaded from the checkpoint: %d tensors\n  new: %s\n  dropped: %s\n"
-        "  trainable parameters: %s of %s%s",
+        "  trainable parameters: %s of %s%s\n  learning rate: %g for the encoder, %g for the head",
         report.source, len(report.loaded), ", ".join(report.new) or "none", ", ".join(report.dropped) or "none",
         f"{trainable:,}", f"{total:,}",
         f" (frozen: {'embeddings, ' if cfg.freeze_embeddings else ''}{cfg.freeze_layers} bottom layers)"
-        if cfg.freeze_embeddings or cfg.freeze_layers else "",
+        if cfg.freeze_embeddings or cfg.freeze_layers else "", cfg.learning_rate, cfg.head_lr,
     )
 
     def build(splits: DatasetDict) -> DatasetDict:
@@ -232,7 +232,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         logger.warning(warning)
         results["underfitting_warning"] = warning
     results.update(task_type=task_type, label_names=names, train_set_size=len(raw["train"]),
-                   trainable_parameters=trainable, total_parameters=total)
+                   trainable_parameters=trainable, total_parameters=total, head_learning_rate=cfg.head_lr)
     if pseudo_rows:
         results["pseudo_labeled_rows"] = pseudo_rows
     end_run(cfg, accelerator, results, "finetune", hub_repo)
