@@ -342,6 +342,7 @@ def test_the_default_head_rate_learns_where_the_encoders_rate_leaves_a_chance_cl
     default = run_main(ft_args(tiny_mlm_dir, labeled_files, tmp_path / "default", cache_dir, *frozen))
     assert default["head_learning_rate"] == pytest.approx(HEAD_LR_MULTIPLIER * 3e-4)
     assert default["eval_accuracy"] > 0.8 and "underfitting_warning" not in default, default
+    assert f"learning rate {HEAD_LR_MULTIPLIER * 3e-4:g}; frozen" in (tmp_path / "default" / "README.md").read_text()
 
 
 def test_modernbert_from_scratch_through_both_stages(corpus_file, labeled_files, tmp_path, cache_dir):

@@ -106,7 +106,9 @@ def _body(name: str, stage: str, cfg: dict, results: dict, metrics: dict, split:
             f"- Task: {results.get('task_type')}; labels: {', '.join(map(str, results.get('label_names', [])))}",
             f"- {results.get('train_set_size')} training examples, {results['optimizer_steps']} optimizer steps "
             f"({results.get('epochs')} epochs), learning rate {cfg['learning_rate']}",
-            f"- Head: pooling `{cfg['pooling']}`, hidden layers {head}; frozen: {', '.join(frozen) or 'nothing'}",
+            f"- Head: pooling `{cfg['pooling']}`, hidden layers {head}"
+            + (f", learning rate {results['head_learning_rate']:g}" if "head_learning_rate" in results else "")
+            + f"; frozen: {', '.join(frozen) or 'nothing'}",
             f"- Trainable parameters: {results.get('trainable_parameters', 0):,} of {results.get('total_parameters', 0):,}",
         ]
         if results.get("pseudo_labeled_rows"):
