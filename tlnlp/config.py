@@ -338,11 +338,10 @@ class FinetuneConfig(TrainingConfig):
         "Multiply the learning rate by this factor for each layer further below the head (1.0: no decay).", 1.0
     )
     head_learning_rate: float | None = _help(
-        f"Learning rate of the new task head (default: {HEAD_LR_MULTIPLIER} x --learning_rate, at most {HEAD_LR_CAP:g} "
-        "unless --learning_rate is higher). The head starts "
-        "from random weights and the encoder from trained ones, so the head needs the larger steps: at the "
-        "encoder's own rate a small labeled set often ends as a constant classifier. BENCHMARKS.md has the "
-        "measurements behind the default."
+        f"Learning rate of the new task head (default: {HEAD_LR_MULTIPLIER} x --learning_rate, at most "
+        f"{HEAD_LR_CAP:g} unless --learning_rate is higher). The head starts from random weights and the encoder "
+        "from trained ones, so the head needs the larger steps: at the encoder's own rate a small labeled set "
+        "can end as a constant classifier. BENCHMARKS.md has the measurements behind the default."
     )
 
     metric_for_best_model: str | None = _help(
