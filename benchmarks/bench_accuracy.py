@@ -5,10 +5,12 @@ and the full test split, over several seeds:
 
 stock          the `run_glue_no_trainer.py` recipe, rebuilt (benchmarks/bench_finetune.py: lr 1e-4, 3 epochs,
                batch 16, [CLS] head).
-setfit         SetFit 1.2.0 (contrastive sentence-pair fine-tuning, then logistic regression), if installed
+setfit         SetFit 1.2.0 (2 pair iterations, then logistic regression; truncated like the rest), if installed
                (`pip install -e .[bench]`); skipped otherwise, and the JSON says so.
 tlnlp          `python -m tlnlp.finetune` with its defaults (only --max_seq_length set, as for every recipe).
-tlnlp-self     tlnlp with self-training on the set's unlabeled text (--unlabeled_dataset, 1 round).
+tlnlp-self     tlnlp with self-training on the set's unlabeled text (--unlabeled_dataset, 1 round): wiki-leads
+               for wiki-topics, their sentences for wiki-uncertainty, movie-review sentences for
+               movie-sentences.
 tlnlp-search   tlnlp with --search_trials (Optuna, 3-fold cross-validation on the labels).
 
 Writes benchmarks/results/accuracy_cpu.json (every run, mean ± std and wall time per recipe and set) and

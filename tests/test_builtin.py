@@ -20,7 +20,7 @@ def splits(name):
         ("movie-sentences", {"train": 2500, "validation": 500, "test": 1000}, 2),
         ("wiki-uncertainty", {"train": 2000, "validation": 250, "test": 750}, 2),
         ("wiki-leads", {"train": 8033}, 0),
-        ("wiki-lead-sentences", {"train": 29486}, 0),
+        ("wiki-lead-sentences", {"train": 29120}, 0),
         ("movie-reviews", {"train": 1500}, 0),
         ("movie-review-sentences", {"train": 48659}, 0),
     ],
@@ -72,3 +72,11 @@ def test_corrupt_archive_is_refused(tmp_path, monkeypatch):
 def test_unknown_builtin_name():
     with pytest.raises(UserInputError, match="Unknown built-in data set 'wiki-lead'. Known: wiki-leads"):
         builtin.dataset_files("wiki-lead")
+
+
+def test_sentence_split_keeps_initials_and_abbreviations_inside_the_sentence():
+    text = "President Harry S. Truman lived on the St. Clair River. The U.S. Army came in c. 1900! Why? \"Quoted.\""
+    assert builtin.split_sentences(text) == [
+        "President Harry S. Truman lived on the St. Clair River.", "The U.S. Army came in c. 1900!", "Why?",
+        "\"Quoted.\""]
+    assert builtin.split_sentences("No full stop at all") == ["No full stop at all"]
