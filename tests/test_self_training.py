@@ -8,7 +8,7 @@ from test_finetune import ft_args, run_main
 
 from tlnlp.config import FinetuneConfig, parse_config
 from tlnlp.errors import UserInputError
-from tlnlp.self_training import confidence_threshold, select_pseudo_labels
+from tlnlp.self_training import confidence_threshold, select_pseudo_labels, student_below_teacher
 
 
 def test_threshold_is_the_lowest_confidence_that_keeps_the_held_out_precision():
@@ -28,6 +28,17 @@ def test_selection_keeps_only_confident_rows_and_caps_each_class():
                                             ("b", 0.6)])]
     chosen = select_pseudo_labels(rows, threshold=0.9, per_class=2)
     assert [r["text"] for r in chosen] == ["t0", "t1", "t4"]  # a: the two most confident; b: the one above 0.9
+
+
+def test_a_student_below_its_teacher_on_validation_is_flagged_and_warned(caplog):
+    accuracy, loss = None, "loss"  # --metric_for_best_model: the default (accuracy), or the loss
+    with caplog.at_level("WARNING"):
+        assert student_below_teacher(accuracy, {"eval_accuracy": 0.82}, {"eval_accuracy": 0.80}) is True
+    assert "pseudo-labels did not help" in caplog.text and "round0" in caplog.text
+    assert student_below_teacher(accuracy, {"eval_accuracy": 0.80}, {"eval_accuracy": 0.80}) is False
+    assert student_below_teacher(loss, {"eval_loss": 0.5}, {"eval_loss": 0.4}) is False  # lower loss is better
+    assert student_below_teacher(loss, {"eval_loss": 0.4}, {"eval_loss": 0.5}) is True
+    assert student_below_teacher(accuracy, {}, {"eval_accuracy": 0.8}) is None
 
 
 @pytest.fixture()
@@ -67,6 +78,7 @@ def test_self_training_adds_confident_class_balanced_pseudo_labels(tiny_mlm_dir,
     assert results["train_set_size"] == 180 + len(rows)
     assert "Pseudo-labels" in (out / "README.md").read_text()
     assert results["test_accuracy"] is not None and report["teacher_test_accuracy"] is not None
+    assert report["student_below_teacher"] == (results["eval_accuracy"] < report["teacher_eval_accuracy"])
 
     # The same command again (after a stop, say): the finished teacher is reused, not trained again, and it
     # labels the same rows.

@@ -40,6 +40,7 @@ from tlnlp.data import (
     write_jsonl,
 )
 from tlnlp.errors import UserInputError
+from tlnlp.metrics import DEFAULT_BEST, LOWER_IS_BETTER
 from tlnlp.outputs import setup_logging
 from tlnlp.trainer import check_output_dir
 
@@ -90,9 +91,26 @@ def run_self_training(cfg: FinetuneConfig, finetune_main: Callable[[FinetuneConf
         "rounds": rounds, "pseudo_label_precision": cfg.pseudo_label_precision, "pseudo_labels_per_class": per_class,
         "teacher_eval_accuracy": teacher_results.get("eval_accuracy"),
         "teacher_test_accuracy": teacher_results.get("test_accuracy"),
+        "student_below_teacher": student_below_teacher(cfg.metric_for_best_model, teacher_results, results),
     }
     (Path(cfg.output_dir) / RESULTS).write_text(json.dumps(results, indent=2))
     return results
+
+
+def student_below_teacher(metric: str | None, teacher: dict, student: dict) -> bool | None:
+    """Whether the last student scores worse than the teacher on the validation split (warned in the log):
+    pseudo-labels can hurt, for instance when the unlabeled text differs from the labeled. None: not measured."""
+    metric = (metric or DEFAULT_BEST["single_label"]).removeprefix("eval_")
+    before, after = teacher.get(f"eval_{metric}"), student.get(f"eval_{metric}")
+    if before is None or after is None:
+        return None
+    worse = after > before if metric in LOWER_IS_BETTER else after < before
+    if worse:
+        logger.warning("Self-training: the student's validation %s is %.4f, the teacher's %.4f: the pseudo-labels "
+                       "did not help. The teacher is in %s/round0. Try a higher --pseudo_label_precision, fewer "
+                       "--pseudo_labels_per_class, or unlabeled text more like the labeled (the same kind and "
+                       "length of text).", metric, after, before, FOLDER)
+    return worse
 
 
 def prepare(cfg: FinetuneConfig, folder: Path) -> Data:
