@@ -182,8 +182,8 @@ ABBREVIATIONS = {"c", "ca", "co", "col", "corp", "dr", "fr", "gen", "inc", "jr",
 def split_sentences(text: str) -> list[str]:
     sentences, start = [], 0
     for end in SENTENCE_END.finditer(text):
-        word = text[start:end.start()].rstrip().rstrip(".").rsplit(maxsplit=1)[-1:] or [""]
-        last = word[0].split(".")[-1]  # "U.S." -> "S"
+        words = text[start:end.start()].split()
+        last = words[-1].rstrip(".").split(".")[-1] if words else ""  # "U.S." -> "S"
         if text[end.start() - 1] == "." and (len(last) == 1 or last.lower() in ABBREVIATIONS):
             continue
         sentences.append(text[start:end.start()].strip())

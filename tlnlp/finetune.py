@@ -31,7 +31,7 @@ from tlnlp.data import (
 )
 from tlnlp.engines import first_on_each_node
 from tlnlp.errors import TrainingError, UserInputError
-from tlnlp.metrics import DEFAULT_BEST, LOWER_IS_BETTER, load_metric
+from tlnlp.metrics import load_metric, selection_metric
 from tlnlp.modeling import check_tokenizer_and_length, count_parameters, load_model_tokenizer
 from tlnlp.trainer import Task, default_param_groups, end_run, preprocessing_done, start_run, sub_state_dict, train
 from tlnlp.transfer import (
@@ -163,8 +163,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
 
     if cfg.preprocess_only:
         return preprocessing_done(accelerator, tokenized)
-    metric_name = cfg.metric_for_best_model or DEFAULT_BEST[task_type]
-    metric_name = metric_name.removeprefix("eval_")
+    metric_name, greater_is_better = selection_metric(cfg.metric_for_best_model, task_type)
     collator = DataCollatorWithPadding(tokenizer)
 
     def evaluate_split(accelerator, model, dataloader) -> dict[str, float]:
@@ -211,7 +210,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         param_groups=lambda m: default_param_groups(m, cfg.learning_rate, cfg.weight_decay,
                                                     lambda param: scales.get(id(param), 1.0)),
         metric_for_best_model=metric_name,
-        greater_is_better=metric_name not in LOWER_IS_BETTER,
+        greater_is_better=greater_is_better,
         before_optimizer_step=schedule,
         summary={"task": f"{task_type} ({len(names)} labels)" if task_type != "regression" else "regression",
                  "start": report.source, "sequence length": max_seq_length},

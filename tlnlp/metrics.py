@@ -73,6 +73,13 @@ DEFAULT_BEST = {"single_label": "accuracy", "multi_label": "micro_f1", "regressi
 LOWER_IS_BETTER = {"loss", "mse"}
 
 
+def selection_metric(name: str | None, task_type: str) -> tuple[str, bool]:
+    """The metric that picks models and recipes (--metric_for_best_model, else the task's default), without
+    its `eval_` prefix, and whether higher is better."""
+    metric = (name or DEFAULT_BEST[task_type]).removeprefix("eval_")
+    return metric, metric not in LOWER_IS_BETTER
+
+
 def load_metric(task_type: str) -> evaluate.Metric:
     # In memory: every process computes on the gathered predictions, with no shared cache files to race on.
     return METRICS[task_type](keep_in_memory=True)

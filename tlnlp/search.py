@@ -29,7 +29,7 @@ import yaml
 from tlnlp.config import FinetuneConfig, config_to_dict
 from tlnlp.data import load_labeled, stratified_subset, write_jsonl
 from tlnlp.errors import TrainingError, UserInputError
-from tlnlp.metrics import DEFAULT_BEST, LOWER_IS_BETTER
+from tlnlp.metrics import selection_metric
 
 logger = logging.getLogger(__name__)
 
@@ -232,8 +232,8 @@ def run_search(cfg: FinetuneConfig, finetune_main) -> dict[str, Any]:
         )
     space = load_space(cfg.search_space)
     folds, everything, test, task_type, train_size = write_folds(cfg, folder / "data")
-    metric = (cfg.metric_for_best_model or DEFAULT_BEST[task_type]).removeprefix("eval_")
-    direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
+    metric, greater_is_better = selection_metric(cfg.metric_for_best_model, task_type)
+    direction = "maximize" if greater_is_better else "minimize"
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     from optuna.storages import JournalStorage

@@ -40,7 +40,7 @@ from tlnlp.data import (
     write_jsonl,
 )
 from tlnlp.errors import UserInputError
-from tlnlp.metrics import DEFAULT_BEST, LOWER_IS_BETTER
+from tlnlp.metrics import selection_metric
 from tlnlp.outputs import setup_logging
 from tlnlp.trainer import check_output_dir
 
@@ -100,11 +100,11 @@ def run_self_training(cfg: FinetuneConfig, finetune_main: Callable[[FinetuneConf
 def student_below_teacher(metric: str | None, teacher: dict, student: dict) -> bool | None:
     """Whether the last student scores worse than the teacher on the validation split (warned in the log):
     pseudo-labels can hurt, for instance when the unlabeled text differs from the labeled. None: not measured."""
-    metric = (metric or DEFAULT_BEST["single_label"]).removeprefix("eval_")
+    metric, greater_is_better = selection_metric(metric, "single_label")
     before, after = teacher.get(f"eval_{metric}"), student.get(f"eval_{metric}")
     if before is None or after is None:
         return None
-    worse = after > before if metric in LOWER_IS_BETTER else after < before
+    worse = after < before if greater_is_better else after > before
     if worse:
         logger.warning("Self-training: the student's validation %s is %.4f, the teacher's %.4f: the pseudo-labels "
                        "did not help. The teacher is in %s/round0. Try a higher --pseudo_label_precision, fewer "
