@@ -11,7 +11,8 @@ tlnlp          `python -m tlnlp.finetune` with its defaults (only --max_seq_leng
 tlnlp-self     tlnlp with self-training on the set's unlabeled text (--unlabeled_dataset, 1 round): wiki-leads
                for wiki-topics, their sentences for wiki-uncertainty, movie-review sentences for
                movie-sentences.
-tlnlp-search   tlnlp with --search_trials (Optuna, 3-fold cross-validation on the labels).
+tlnlp-search   tlnlp with --search_trials (Optuna TPE). The built-in sets have a validation split, and it
+               scores the trials (cross-validation on the labels, --search_folds, is for sets without one).
 
 Writes benchmarks/results/accuracy_cpu.json (every run, mean ± std and wall time per recipe and set) and
 prints a Markdown table. It takes hours on 2 CPU cores: `make bench-accuracy`, never part of the tests.
@@ -40,8 +41,10 @@ UNLABELED = {"wiki-topics": "wiki-leads", "wiki-uncertainty": "wiki-lead-sentenc
              "movie-sentences": "movie-review-sentences"}
 
 
-def tlnlp_run(dataset: str, labels: int, seed: int, length: int, extra: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as out:
+def tlnlp_run(dataset: str, labels: int, seed: int, length: int, extra: list[str], keep: Path | None = None) -> float:
+    """`python -m tlnlp.finetune` in a subprocess; its output directory is kept under `keep` if given."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = str(keep) if keep else scratch
         command = [sys.executable, "-m", "tlnlp.finetune", "--model_name_or_path", "minilm-l6", "--dataset_name", dataset,
                    "--max_train_samples", str(labels), "--seed", str(seed), "--max_seq_length", str(length),
                    "--output_dir", out, "--overwrite_output_dir", *extra]
@@ -82,7 +85,8 @@ def setfit_run(dataset: str, labels: int, seed: int, length: int) -> float:
     return sum(str(p) == str(t) for p, t in zip(predictions, truth)) / len(truth)
 
 
-def run(recipe: str, dataset: str, labels: int, seed: int, length: int, trials: int) -> float | None:
+def run(recipe: str, dataset: str, labels: int, seed: int, length: int, trials: int, folds: int,
+        keep_runs: str | None = None) -> float | None:
     if recipe == "stock":
         return stock_run(dataset, labels, seed, length)
     if recipe == "setfit":
@@ -92,8 +96,9 @@ def run(recipe: str, dataset: str, labels: int, seed: int, length: int, trials: 
             return None
         return setfit_run(dataset, labels, seed, length)
     extra = {"tlnlp": [], "tlnlp-self": ["--unlabeled_dataset", UNLABELED[dataset], "--self_training_rounds", "1"],
-             "tlnlp-search": ["--search_trials", str(trials)]}[recipe]
-    return tlnlp_run(dataset, labels, seed, length, extra)
+             "tlnlp-search": ["--search_trials", str(trials), "--search_folds", str(folds)]}[recipe]
+    keep = Path(keep_runs) / dataset / recipe / f"seed{seed}" if keep_runs else None
+    return tlnlp_run(dataset, labels, seed, length, extra, keep)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -104,6 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--labels", type=int, default=1000)
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--search_trials", type=int, default=12)
+    parser.add_argument("--search_folds", type=int, default=3,
+                        help="Folds per search trial, for a set without a validation split (the built-in sets have one).")
+    parser.add_argument("--keep_runs", metavar="DIR", help="Keep each tlnlp run's output directory (search/ trials, "
+                        "self_training/ pseudo-labels, logs) under DIR/<set>/<recipe>/seed<N>; default: discard.")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "accuracy_cpu.json"))
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -114,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
         for recipe in args.recipes.split(","):
             accuracies, started = [], time.time()
             for seed in seeds:
-                accuracy = run(recipe, dataset, args.labels, seed, args.max_seq_length, args.search_trials)
+                accuracy = run(recipe, dataset, args.labels, seed, args.max_seq_length, args.search_trials,
+                               args.search_folds, args.keep_runs)
                 if accuracy is None:
                     break
                 accuracies.append(accuracy)

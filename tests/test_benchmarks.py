@@ -142,3 +142,17 @@ def test_accuracy_benchmark_runs_the_stock_recipe_and_tlnlp_side_by_side(tmp_pat
     for recipe in ("stock", "tlnlp"):
         assert 0 < table[recipe]["mean"] <= 1 and table[recipe]["wall_time_s_per_seed"] > 0, (recipe, table)
     assert "| stock |" in bench.markdown(report) and "| tlnlp |" in bench.markdown(report)
+
+
+@pytest.mark.heavy
+def test_accuracy_benchmark_keeps_the_search_it_ran(tmp_path):
+    bench = load_benchmark("bench_accuracy")
+    report = bench.main(["--sets", "movie-sentences", "--recipes", "tlnlp-search", "--seeds", "42", "--labels", "40",
+                         "--max_seq_length", "16", "--search_trials", "2", "--keep_runs", str(tmp_path / "runs"),
+                         "--output", str(tmp_path / "accuracy.json")])
+    assert 0 < report["sets"]["movie-sentences"]["tlnlp-search"]["mean"] <= 1
+    kept = tmp_path / "runs" / "movie-sentences" / "tlnlp-search" / "seed42"
+    trials = (kept / "search" / "trials.csv").read_text().splitlines()
+    assert len(trials) == 1 + 2 and (kept / "search" / "best_config.yaml").is_file()
+    results = json.loads((kept / "all_results.json").read_text())
+    assert results["test_accuracy"] == report["sets"]["movie-sentences"]["tlnlp-search"]["mean"]

@@ -112,6 +112,31 @@ def test_hub_failure_aborts_before_training(hub, tiny_mlm_dir, labeled_files, tm
         finetune_main(cfg)
     assert not out.exists()
     assert "Running training" not in caplog.text
+    # Self-training checks the Hub before its teacher, not after the rounds.
+    unlabeled = tmp_path / "unlabeled.txt"
+    unlabeled.write_text("a text about rivers and hills\nanother text about numbers\n")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    cfg = parse_config(FinetuneConfig, ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--push_to_hub",
+                                               "--hub_model_id", "tester/x", "--hub_token", "hf_wrong",
+                                               "--unlabeled_file", str(unlabeled)))
+    with pytest.raises(HubError, match="token was rejected.*Nothing was trained"):
+        finetune_main(cfg)
+    assert not (out / "self_training" / "round0").exists() and "Running training" not in caplog.text
+
+
+def test_self_training_pushes_the_kept_round_once(hub, tiny_mlm_dir, labeled_files, tmp_path, cache_dir):
+    out = tmp_path / "self-trained"
+    unlabeled = tmp_path / "unlabeled.txt"
+    unlabeled.write_text("\n".join(f"text {i} about rivers, hills and numbers" for i in range(50)) + "\n")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    results = finetune_main(parse_config(FinetuneConfig, ft_args(
+        tiny_mlm_dir, labeled_files, out, cache_dir, "--push_to_hub", "--hub_model_id", "tester/self-trained",
+        "--hub_token", TOKEN, "--unlabeled_file", str(unlabeled), "--pseudo_label_precision", "0.5")))
+    files = hub.repos["tester/self-trained"]
+    assert set(files) == EXPECTED_UPLOAD and len(hub.repos) == 1  # one repo: the rounds are not pushed
+    kept = results["self_training"]["kept_round"]
+    assert files["model.safetensors"] == (out / "self_training" / f"round{kept}" / "model.safetensors").read_bytes()
+    assert json.loads(files["all_results.json"])["self_training"]["kept_round"] == kept
 
 
 def test_predict_script(tmp_path, tiny_mlm_dir, labeled_files, cache_dir):

@@ -74,21 +74,40 @@ def test_self_training_adds_confident_class_balanced_pseudo_labels(tiny_mlm_dir,
     confidences = [max(p["probabilities"].values()) for p in predict_texts(str(teacher), [r["text"] for r in rows],
                                                                            max_length=48, progress=False)]
     assert min(confidences) >= round1["threshold"] - 1e-5
-    assert results["pseudo_labeled_rows"] == len(rows)
-    assert results["train_set_size"] == 180 + len(rows)
-    assert "Pseudo-labels" in (out / "README.md").read_text()
+    student = json.loads((out / "self_training" / "round1" / "all_results.json").read_text())
+    assert student["pseudo_labeled_rows"] == len(rows) and student["train_set_size"] == 180 + len(rows)
+    assert "Pseudo-labels" in (out / "self_training" / "round1" / "README.md").read_text()
     assert results["test_accuracy"] is not None and report["teacher_test_accuracy"] is not None
-    assert report["student_below_teacher"] == (results["eval_accuracy"] < report["teacher_eval_accuracy"])
+    assert report["student_below_teacher"] == (student["eval_accuracy"] < report["teacher_eval_accuracy"])
+    # The run's model is the round that does best on validation (the student on a tie), weights and results.
+    kept = 0 if report["teacher_eval_accuracy"] > student["eval_accuracy"] else 1
+    assert report["kept_round"] == kept and results["eval_accuracy"] == max(student["eval_accuracy"],
+                                                                              report["teacher_eval_accuracy"])
+    assert (out / "model.safetensors").read_bytes() == (out / "self_training" / f"round{kept}" / "model.safetensors").read_bytes()
+    assert ("Pseudo-labels" in (out / "README.md").read_text()) == (kept == 1)
 
-    # The same command again (after a stop, say): the finished teacher is reused, not trained again, and it
-    # labels the same rows.
+    # Again (after a stop, say): the finished rounds are reused, not trained again, and the teacher labels the
+    # same rows. With --no_restore_best_model the run's model is the last student, whatever its score.
     teacher_weights = teacher / "model.safetensors"
     written = teacher_weights.stat().st_mtime_ns
     again = run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--num_train_epochs", "6", "--seed", "2",
                              "--unlabeled_file", str(path), "--pseudo_labels_per_class", "40",
-                             "--pseudo_label_precision", "0.8"))
+                             "--pseudo_label_precision", "0.8", "--no_restore_best_model"))
     assert teacher_weights.stat().st_mtime_ns == written
     assert again["self_training"]["rounds"][0]["pseudo_labels_per_class"] == round1["pseudo_labels_per_class"]
+    assert again["self_training"]["kept_round"] == 1 and again["eval_accuracy"] == student["eval_accuracy"]
+    assert (out / "model.safetensors").read_bytes() == (out / "self_training" / "round1" / "model.safetensors").read_bytes()
+    assert "Pseudo-labels" in (out / "README.md").read_text()
+
+
+def test_the_best_round_on_validation_is_kept_and_a_tie_keeps_the_student():
+    from tlnlp.self_training import best_round
+
+    assert best_round(None, [{"eval_accuracy": 0.82}, {"eval_accuracy": 0.80}]) == 0  # the teacher
+    assert best_round(None, [{"eval_accuracy": 0.80}, {"eval_accuracy": 0.80}]) == 1
+    assert best_round(None, [{"eval_accuracy": 0.7}, {"eval_accuracy": 0.9}, {"eval_accuracy": 0.8}]) == 1
+    assert best_round("loss", [{"eval_loss": 0.4}, {"eval_loss": 0.5}]) == 0  # lower loss is better
+    assert best_round(None, [{"eval_accuracy": 0.8}, {}]) == 0
 
 
 def test_bad_self_training_input_is_refused_before_training(tiny_mlm_dir, labeled_files, tmp_path, cache_dir):

@@ -286,7 +286,8 @@ def run_search(cfg: FinetuneConfig, finetune_main) -> dict[str, Any]:
         raise UserInputError("No search trial completed (all were pruned or failed); see the log above.")
     best = study.best_trial
     best_params = {**{k: v for k, v in space.items() if not isinstance(v, (dict, list))}, **best.params}
-    write_report(study, cfg, best_params, train_size, folder, metric)
+    scored = f"{len(folds)}-fold cross-validated" if len(folds) > 1 else "validation-split"
+    write_report(study, cfg, best_params, train_size, folder, f"{scored} {metric}")
     logger.info("Best recipe (trial %d, %s %.4f): %s. Training the final model on all %d labels.", best.number,
                 metric, best.value, best_params, train_size)
 
@@ -307,8 +308,9 @@ def run_search(cfg: FinetuneConfig, finetune_main) -> dict[str, Any]:
     return results
 
 
-def write_report(study, cfg: FinetuneConfig, best_params: dict, train_size: int, folder: Path, metric: str) -> None:
-    """trials.csv, best_config.yaml (the full option set, reusable with --config) and search.png."""
+def write_report(study, cfg: FinetuneConfig, best_params: dict, train_size: int, folder: Path, score: str) -> None:
+    """trials.csv, best_config.yaml (the full option set, reusable with --config) and search.png. `score`
+    names what scored the trials, e.g. "3-fold cross-validated accuracy"."""
     import matplotlib
     import matplotlib.ticker
 
@@ -321,7 +323,7 @@ def write_report(study, cfg: FinetuneConfig, best_params: dict, train_size: int,
     leave_out = ("config", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "hub_token")
     values = {k: v for k, v in config_to_dict(best_cfg).items() if v is not None and k not in leave_out}
     (folder / "best_config.yaml").write_text(
-        f"# Best recipe of {len(study.trials)} trials ({metric} {study.best_value:.4f}, cross-validated); "
+        f"# Best recipe of {len(study.trials)} trials ({score} {study.best_value:.4f}); "
         "use with --config.\n" + yaml.safe_dump(values, sort_keys=False))
 
     figure, (history, importance) = plt.subplots(1, 2, figsize=(11, 4))
@@ -333,7 +335,7 @@ def write_report(study, cfg: FinetuneConfig, best_params: dict, train_size: int,
         best_so_far = t.value if better else best_so_far
         running.append(best_so_far)
     history.plot([t.number for t in finished], running, color="C1", label="best so far")
-    history.set(xlabel="trial", ylabel=f"cross-validated {metric}", title="Recipe search")
+    history.set(xlabel="trial", ylabel=score, title="Recipe search")
     history.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     history.legend()
     try:

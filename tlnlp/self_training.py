@@ -11,9 +11,11 @@ class-balanced predictions join the labels to train a student, which teaches the
   the most confident first, so a class the teacher favours cannot swamp the others.
 - Unlabeled texts that are exactly a validation or test text are never pseudo-labeled.
 - Each student starts from the same encoder as the teacher (not from the teacher's weights) and trains
-  on labels + pseudo-labels; the last student is the run's model, in --output_dir. Earlier rounds and the
-  pseudo-labels of each round are kept in `self_training/`; a finished round is not redone when the
-  command is run again.
+  on labels + pseudo-labels. The run's model, copied to --output_dir, is the round that scores best on the
+  validation split, as --restore_best_model picks the best epoch: normally the last student, but the teacher
+  when the pseudo-labels hurt (unlabeled text unlike the labeled, say). --no_restore_best_model keeps the
+  last student. Every round (`self_training/roundK`, round0 the teacher) and its pseudo-labels are kept;
+  a finished round is not redone when the command is run again.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,8 @@ from typing import Any
 import numpy as np
 from accelerate import PartialState
 
+from tlnlp import hub
+from tlnlp.card import write_card
 from tlnlp.config import FinetuneConfig
 from tlnlp.data import (
     drop_blank_texts,
@@ -67,34 +72,54 @@ def run_self_training(cfg: FinetuneConfig, finetune_main: Callable[[FinetuneConf
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserInputError("Self-training runs its rounds one after another in one process: launch it with "
                              "`python -m tlnlp.finetune` (or `accelerate launch --num_processes 1`).")
-    setup_logging(PartialState())  # the rounds' own runs set it up too late for what is logged before them
+    state = PartialState()
+    setup_logging(state)  # the rounds' own runs set it up too late for what is logged before them
     folder = Path(cfg.output_dir) / FOLDER
     if not folder.exists():  # a first run, not the same command again after a stop
         check_output_dir(cfg)
     data = prepare(cfg, folder / "data")
+    hub_repo = hub.preflight(cfg, state)  # a bad token fails now, not after the rounds
     per_class = cfg.pseudo_labels_per_class or max(1, round(count_lines(data.labels) / data.classes))
+    round_results = [train_round(cfg, finetune_main, data, folder / "round0", pseudo=None)]
     rounds: list[dict[str, Any]] = []
-    teacher = folder / "round0"
-    train_round(cfg, finetune_main, data, teacher, pseudo=None, final=False)
-    for round_number in range(1, cfg.self_training_rounds + 1):
-        pseudo_file, report = pseudo_label(cfg, data, teacher, per_class, folder / f"pseudo_labels_round{round_number}.jsonl")
-        final = round_number == cfg.self_training_rounds
-        student = Path(cfg.output_dir) if final else folder / f"round{round_number}"
-        results = train_round(cfg, finetune_main, data, student, pseudo=pseudo_file, final=final)
-        report.update(round=round_number, student_eval_accuracy=results.get("eval_accuracy"),
+    for number in range(1, cfg.self_training_rounds + 1):
+        teacher = folder / f"round{number - 1}"
+        pseudo_file, report = pseudo_label(cfg, data, teacher, per_class, folder / f"pseudo_labels_round{number}.jsonl")
+        results = train_round(cfg, finetune_main, data, folder / f"round{number}", pseudo=pseudo_file)
+        report.update(round=number, student_eval_accuracy=results.get("eval_accuracy"),
                       student_test_accuracy=results.get("test_accuracy"))
         rounds.append(report)
-        teacher = student
-    teacher_results = json.loads((folder / "round0" / RESULTS).read_text())
-    results = json.loads((Path(cfg.output_dir) / RESULTS).read_text())
-    results["self_training"] = {
-        "rounds": rounds, "pseudo_label_precision": cfg.pseudo_label_precision, "pseudo_labels_per_class": per_class,
-        "teacher_eval_accuracy": teacher_results.get("eval_accuracy"),
-        "teacher_test_accuracy": teacher_results.get("test_accuracy"),
-        "student_below_teacher": student_below_teacher(cfg.metric_for_best_model, teacher_results, results),
-    }
-    (Path(cfg.output_dir) / RESULTS).write_text(json.dumps(results, indent=2))
+        round_results.append(results)
+
+    below = student_below_teacher(cfg.metric_for_best_model, round_results[0], round_results[-1])
+    kept = best_round(cfg.metric_for_best_model, round_results) if cfg.restore_best_model else len(round_results) - 1
+    if kept != len(round_results) - 1:
+        logger.warning("Self-training keeps round %d (%s), the best on the validation split, as the run's model "
+                       "(--no_restore_best_model keeps the last student).", kept,
+                       "the teacher" if kept == 0 else "a student")
+    output_dir = Path(cfg.output_dir)
+    for file in (folder / f"round{kept}").iterdir():  # the chosen round's model, card and results
+        if file.is_file():
+            shutil.copy2(file, output_dir / file.name)
+    results = round_results[kept] | {"self_training": {
+        "rounds": rounds, "kept_round": kept, "pseudo_label_precision": cfg.pseudo_label_precision,
+        "pseudo_labels_per_class": per_class, "teacher_eval_accuracy": round_results[0].get("eval_accuracy"),
+        "teacher_test_accuracy": round_results[0].get("test_accuracy"), "student_below_teacher": below,
+    }}
+    (output_dir / RESULTS).write_text(json.dumps(results, indent=2))
+    write_card(output_dir, cfg.hub_model_id)
+    hub.publish(dataclasses.replace(cfg, output_dir=str(output_dir)), state, hub_repo)
     return results
+
+
+def best_round(metric: str | None, round_results: list[dict]) -> int:
+    """The round that scores best on the validation split, as --restore_best_model picks the best epoch; on
+    a tie the later round (the student). Rounds without the score are never preferred."""
+    metric, greater_is_better = selection_metric(metric, "single_label")
+    sign = 1 if greater_is_better else -1
+    scored = [(sign * r[f"eval_{metric}"], number) for number, r in enumerate(round_results)
+              if r.get(f"eval_{metric}") is not None]
+    return max(scored)[1] if scored else len(round_results) - 1
 
 
 def student_below_teacher(metric: str | None, teacher: dict, student: dict) -> bool | None:
@@ -154,10 +179,10 @@ def prepare(cfg: FinetuneConfig, folder: Path) -> Data:
     return Data(labels, validation, test, kept, text_column, cfg.label_column, classes)
 
 
-def train_round(cfg: FinetuneConfig, finetune_main, data: Data, output_dir: Path, pseudo: Path | None,
-                final: bool) -> dict[str, Any]:
-    """One ordinary fine-tuning run on the prepared files (skipped when an earlier command finished it)."""
-    if not final and (output_dir / RESULTS).exists():
+def train_round(cfg: FinetuneConfig, finetune_main, data: Data, output_dir: Path, pseudo: Path | None) -> dict[str, Any]:
+    """One ordinary fine-tuning run on the prepared files (skipped when an earlier command finished it);
+    returns its all_results.json."""
+    if (output_dir / RESULTS).exists():
         logger.info("Self-training: %s was finished by an earlier run; reusing it.", output_dir)
         return json.loads((output_dir / RESULTS).read_text())
     logger.info("=== Self-training: %s ===", "student on labels + pseudo-labels" if pseudo else "teacher on the labels")
@@ -165,10 +190,9 @@ def train_round(cfg: FinetuneConfig, finetune_main, data: Data, output_dir: Path
                    test_file=str(data.test) if data.test else None, dataset_name=None, dataset_config_name=None,
                    max_train_samples=None, text_column=data.text_column, unlabeled_file=None, unlabeled_dataset=None,
                    self_training_rounds=0, pseudo_labeled_file=str(pseudo) if pseudo else None,
-                   output_dir=str(output_dir), overwrite_output_dir=True)
-    if not final:  # only the run's own model goes to the Hub
-        changes.update(push_to_hub=False)
-    return finetune_main(dataclasses.replace(cfg, **changes))
+                   output_dir=str(output_dir), overwrite_output_dir=True, push_to_hub=False)  # pushed once, at the end
+    finetune_main(dataclasses.replace(cfg, **changes))
+    return json.loads((output_dir / RESULTS).read_text())
 
 
 def pseudo_label(cfg: FinetuneConfig, data: Data, teacher: Path, per_class: int, path: Path) -> tuple[Path, dict]:
