@@ -108,7 +108,7 @@ def run_self_training(cfg: FinetuneConfig, finetune_main: Callable[[FinetuneConf
     }}
     (output_dir / RESULTS).write_text(json.dumps(results, indent=2))
     write_card(output_dir, cfg.hub_model_id)
-    hub.publish(dataclasses.replace(cfg, output_dir=str(output_dir)), state, hub_repo)
+    hub.publish(cfg, state, hub_repo)
     return results
 
 
