@@ -11,6 +11,8 @@ tlnlp          `python -m tlnlp.finetune` with its defaults (only --max_seq_leng
 tlnlp-self     tlnlp with self-training on the set's unlabeled text (--unlabeled_dataset, 1 round): wiki-leads
                for wiki-topics, their sentences for wiki-uncertainty, movie-review sentences for
                movie-sentences.
+tlnlp-self-similar  the same with --unlabeled_selection similar (the unlabeled texts most like the labeled
+               ones); not in the default list.
 tlnlp-search   tlnlp with --search_trials (Optuna TPE). The built-in sets have a validation split, and it
                scores the trials (cross-validation on the labels, --search_folds, is for sets without one).
 
@@ -95,7 +97,9 @@ def run(recipe: str, dataset: str, labels: int, seed: int, length: int, trials: 
         except ImportError:
             return None
         return setfit_run(dataset, labels, seed, length)
-    extra = {"tlnlp": [], "tlnlp-self": ["--unlabeled_dataset", UNLABELED[dataset], "--self_training_rounds", "1"],
+    self_training = ["--unlabeled_dataset", UNLABELED[dataset], "--self_training_rounds", "1"]
+    extra = {"tlnlp": [], "tlnlp-self": self_training,
+             "tlnlp-self-similar": self_training + ["--unlabeled_selection", "similar"],
              "tlnlp-search": ["--search_trials", str(trials), "--search_folds", str(folds)]}[recipe]
     keep = Path(keep_runs) / dataset / recipe / f"seed{seed}" if keep_runs else None
     return tlnlp_run(dataset, labels, seed, length, extra, keep)

@@ -114,6 +114,9 @@ def test_bad_self_training_input_is_refused_before_training(tiny_mlm_dir, labele
     base = ft_args(tiny_mlm_dir, labeled_files, tmp_path / "never", cache_dir)
     with pytest.raises(UserInputError, match="--self_training_rounds 2 needs unlabeled text"):
         parse_config(FinetuneConfig, base + ["--self_training_rounds", "2"])
+    with pytest.raises(UserInputError, match=r"--unlabeled_pool_size \(50\) must be at least --max_unlabeled_samples"):
+        parse_config(FinetuneConfig, base + ["--unlabeled_file", "u.txt", "--unlabeled_pool_size", "50",
+                                             "--max_unlabeled_samples", "100"])
     with pytest.raises(UserInputError, match="cannot be combined"):
         parse_config(FinetuneConfig, base + ["--unlabeled_file", "u.txt", "--search_trials", "2"])
     numbers = tmp_path / "numbers.csv"
@@ -125,3 +128,41 @@ def test_bad_self_training_input_is_refused_before_training(tiny_mlm_dir, labele
     with pytest.raises(UserInputError, match=r"unlabeled data \(--unlabeled_file .*empty.txt\)"):
         run_main(base + ["--unlabeled_file", str(empty)])
     assert not (tmp_path / "never").exists()
+
+
+def test_the_unlabeled_texts_most_like_the_labeled_ones_are_chosen(tiny_mlm_dir, labeled_files, tmp_path,
+                                                                    cache_dir, monkeypatch):
+    """Exact copies of training texts are the nearest of all (cosine 1 with any encoder), so they are what
+    --unlabeled_selection similar keeps, in corpus order; 'first', the default, keeps the corpus's first N."""
+    import csv
+
+    from tlnlp import modeling
+    from tlnlp.self_training import prepare
+
+    with open(labeled_files["train"], newline="") as f:
+        copies = [row["text"] for row in csv.DictReader(f)][:10]
+    others = [text for _, text in make_documents(60, seed=11)]
+    path = tmp_path / "unlabeled.txt"
+    path.write_text("\n".join(others[:30] + copies + others[30:]) + "\n")
+    args = ft_args(tiny_mlm_dir, labeled_files, tmp_path / "out", cache_dir, "--unlabeled_file", str(path),
+                   "--max_unlabeled_samples", "10", "--unlabeled_selection", "similar")
+    data = prepare(parse_config(FinetuneConfig, args), tmp_path / "data")
+    assert data.unlabeled == copies and data.unlabeled_pool == 70
+
+    # The pool's embeddings do not depend on the labels: a second run embeds only its labeled texts.
+    embedded = []
+
+    def counting(model_dir, texts, *args, **kwargs):
+        embedded.append(len(texts))
+        return original(model_dir, texts, *args, **kwargs)
+
+    original = modeling.mean_pooled_embeddings
+    monkeypatch.setattr(modeling, "mean_pooled_embeddings", counting)
+    assert prepare(parse_config(FinetuneConfig, args), tmp_path / "data").unlabeled == copies
+    assert embedded == [180]
+    first = prepare(parse_config(FinetuneConfig, args[:-2]), tmp_path / "data")  # the default: 'first'
+    assert first.unlabeled == others[:10]
+    assert embedded == [180]  # 'first' embeds nothing
+    # Only the first --unlabeled_pool_size texts are embedded and chosen from: here, none of the copies.
+    pool = prepare(parse_config(FinetuneConfig, args + ["--unlabeled_pool_size", "30"]), tmp_path / "data")
+    assert pool.unlabeled_pool == 30 and len(pool.unlabeled) == 10 and not set(copies) & set(pool.unlabeled)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
-from transformers import AutoModel, AutoTokenizer
 
-from tlnlp.modeling import quiet_transformers
+from tlnlp.modeling import mean_pooled_embeddings
 
 
 def _scores(truth, predicted, started: float) -> dict[str, float]:
@@ -26,21 +23,6 @@ def tfidf_logistic_regression(train_texts, train_labels, test_texts, test_labels
     classifier = LogisticRegression(max_iter=2000, C=10.0)
     classifier.fit(vectorizer.fit_transform(train_texts), train_labels)
     return _scores(test_labels, classifier.predict(vectorizer.transform(test_texts)), started)
-
-
-@torch.no_grad()
-def mean_pooled_embeddings(model_dir: str, texts: list[str], max_length: int = 128, batch_size: int = 64) -> np.ndarray:
-    with quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModel.from_pretrained(model_dir).eval()
-    rows = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt")
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        rows.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
-    return np.concatenate(rows)
 
 
 def frozen_embedding_logistic_regression(model_dir, train_texts, train_labels, test_texts, test_labels,

@@ -10,14 +10,17 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
 from safetensors import SafetensorError
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForMaskedLM,
     AutoTokenizer,
     BertConfig,
@@ -251,6 +254,27 @@ def check_tokenizer_and_length(
             f"--max_seq_length {max_seq_length} is longer than the model's {limit} position embeddings. "
             f"Use --max_seq_length {limit} or less."
         )
+
+
+@torch.no_grad()
+def mean_pooled_embeddings(model_dir: str, texts: list[str], max_length: int = 128, batch_size: int = 64,
+                           tokenizer_dir: str | None = None, progress: bool = False) -> np.ndarray:
+    """One row per text: the encoder's last hidden states averaged over the text's tokens (for
+    all-MiniLM-L6-v2, its sentence embedding). Texts are batched by length, so a short text is not padded
+    to a long one's length; the rows come back in the order of `texts`."""
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
+        model = AutoModel.from_pretrained(model_dir).eval()
+    order = np.argsort([len(text) for text in texts], kind="stable")
+    rows = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
+    for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="Embedding", unit="batch"):
+        chosen = order[start : start + batch_size]
+        batch = tokenizer([texts[i] for i in chosen], padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt")
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        rows[chosen] = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+    return rows
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -9,7 +9,10 @@ class-balanced predictions join the labels to train a student, which teaches the
   labels (the validation split; never the test split) reach --pseudo_label_precision.
 - Class balance: at most --pseudo_labels_per_class per class (default: the labeled examples per class),
   the most confident first, so a class the teacher favours cannot swamp the others.
-- Unlabeled texts that are exactly a validation or test text are never pseudo-labeled.
+- Which unlabeled texts: at most --max_unlabeled_samples, the first ones, or with --unlabeled_selection
+  similar those most like the labeled texts (nearest in the encoder's sentence embedding; `most_similar`),
+  for a broad corpus of which only part is of the task's kind. Unlabeled texts that are exactly a
+  validation or test text are never pseudo-labeled.
 - Each student starts from the same encoder as the teacher (not from the teacher's weights) and trains
   on labels + pseudo-labels. The run's model, copied to --output_dir, is the round that scores best on the
   validation split, as --restore_best_model picks the best epoch: normally the last student, but the teacher
@@ -21,6 +24,7 @@ class-balanced predictions join the labels to train a student, which teaches the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -63,6 +67,7 @@ class Data:
     validation: Path
     test: Path | None
     unlabeled: list[str]
+    unlabeled_pool: int  # the distinct texts `unlabeled` was chosen from
     text_column: str
     label_column: str
     classes: int
@@ -102,7 +107,8 @@ def run_self_training(cfg: FinetuneConfig, finetune_main: Callable[[FinetuneConf
         if file.is_file():
             shutil.copy2(file, output_dir / file.name)
     results = round_results[kept] | {"self_training": {
-        "rounds": rounds, "kept_round": kept, "pseudo_label_precision": cfg.pseudo_label_precision,
+        "rounds": rounds, "kept_round": kept, "unlabeled_selection": cfg.unlabeled_selection,
+        "unlabeled_pool": data.unlabeled_pool, "pseudo_label_precision": cfg.pseudo_label_precision,
         "pseudo_labels_per_class": per_class, "teacher_eval_accuracy": round_results[0].get("eval_accuracy"),
         "teacher_test_accuracy": round_results[0].get("test_accuracy"), "student_below_teacher": below,
     }}
@@ -156,7 +162,8 @@ def prepare(cfg: FinetuneConfig, folder: Path) -> Data:
         unlabeled = load_raw_datasets(train_file=cfg.unlabeled_file, validation_file=None,
                                       dataset_name=cfg.unlabeled_dataset, dataset_config_name=None,
                                       csv_delimiter=cfg.csv_delimiter, train_option="--unlabeled_file")["train"]
-        unlabeled = unlabeled.select(range(min(len(unlabeled), cfg.max_unlabeled_samples)))
+        first = cfg.max_unlabeled_samples if cfg.unlabeled_selection == "first" else cfg.unlabeled_pool_size
+        unlabeled = unlabeled.select(range(min(len(unlabeled), first)))
         unlabeled_column = resolve_text_column(unlabeled, cfg.unlabeled_text_column, "--unlabeled_text_column")
         unlabeled = drop_blank_texts({"train": unlabeled}, unlabeled_column)["train"]
     except UserInputError as error:
@@ -170,13 +177,70 @@ def prepare(cfg: FinetuneConfig, folder: Path) -> Data:
     if not kept:
         raise UserInputError("The unlabeled data holds no text that is not already a validation or test text: "
                              "nothing to pseudo-label. Give other unlabeled text.")
+    pool = len(kept)
+    if pool > cfg.max_unlabeled_samples:  # only with --unlabeled_selection similar; 'first' was cut above
+        kept = most_similar(cfg, list(train[text_column]), kept)
     columns = [text_column, cfg.label_column]
     labels = write_jsonl(folder / "labels.jsonl", train, columns)
     validation = write_jsonl(folder / "validation.jsonl", raw["validation"], columns)
     test = write_jsonl(folder / "test.jsonl", raw["test"], columns) if "test" in raw else None
 
     classes = len(set(map(str, train[cfg.label_column])))
-    return Data(labels, validation, test, kept, text_column, cfg.label_column, classes)
+    return Data(labels, validation, test, kept, pool, text_column, cfg.label_column, classes)
+
+
+def most_similar(cfg: FinetuneConfig, labeled: list[str], texts: list[str]) -> list[str]:
+    """The --max_unlabeled_samples texts nearest the labeled ones, in corpus order. A text scores the cosine
+    similarity of its mean-pooled encoder embedding to that of its nearest labeled text: SentAugment's
+    retrieval of task-like sentences from a large bank (Du et al. 2021), with the encoder that is fine-tuned.
+    From full reviews for review snippets, say, it keeps opinions and drops plot summary and credits."""
+    count = cfg.max_unlabeled_samples
+    logger.info("Choosing the %d of %d unlabeled texts most like the labeled ones (--unlabeled_selection similar; "
+                "embeddings from %s).", count, len(texts), cfg.model_name_or_path)
+    anchors = unit_embeddings(cfg, labeled, progress=False)
+    pool = cached_unit_embeddings(cfg, texts)
+    nearest = np.concatenate([(pool[start : start + 4096] @ anchors.T).max(axis=1)
+                              for start in range(0, len(pool), 4096)])
+    chosen = np.sort(np.argsort(-nearest, kind="stable")[:count])
+    logger.info("Unlabeled texts kept: cosine similarity to the nearest labeled text %.3f or more (median over all "
+                "%d: %.3f).", float(nearest[chosen].min()), len(texts), float(np.median(nearest)))
+    return [texts[i] for i in chosen]
+
+
+def unit_embeddings(cfg: FinetuneConfig, texts: list[str], progress: bool) -> np.ndarray:
+    """The encoder's mean-pooled embeddings, scaled to length 1; in fp32, as the teacher labels (no autocast)."""
+    from tlnlp.builtin import resolve_model
+    from tlnlp.modeling import mean_pooled_embeddings
+
+    tokenizer = resolve_model(cfg.tokenizer_name) if cfg.tokenizer_name else None
+    rows = mean_pooled_embeddings(resolve_model(cfg.model_name_or_path), texts, cfg.max_seq_length,
+                                  tokenizer_dir=tokenizer, progress=progress)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+
+
+def cached_unit_embeddings(cfg: FinetuneConfig, texts: list[str]) -> np.ndarray:
+    """unit_embeddings of the unlabeled pool, kept under --cache_dir: they do not depend on the labels, so a
+    run on other labels or another seed with the same encoder and corpus does not embed the pool again."""
+    from tlnlp.builtin import resolve_model
+
+    def identity(name: str | None) -> list:  # a local folder is named by its files too: retrained, it differs
+        folder = Path(resolve_model(name)) if name else None
+        if folder is None or not folder.is_dir():
+            return [name]
+        return [str(folder.resolve())] + sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                                for f in folder.iterdir() if f.is_file())
+
+    key = json.dumps([identity(cfg.model_name_or_path), identity(cfg.tokenizer_name), cfg.max_seq_length, texts])
+    path = cfg.cache_path / "embeddings" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
+    if path.exists():
+        logger.info("Unlabeled texts' embeddings from the cache: %s", path)
+        return np.load(path)
+    rows = unit_embeddings(cfg, texts, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, rows)
+    tmp.replace(path)  # atomic: a half-written file is never read
+    return rows
 
 
 def train_round(cfg: FinetuneConfig, finetune_main, data: Data, output_dir: Path, pseudo: Path | None) -> dict[str, Any]:
