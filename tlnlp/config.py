@@ -389,8 +389,8 @@ class FinetuneConfig(TrainingConfig):
         "SentAugment, Du et al. 2021), for a broad corpus of which only part is like the labeled texts.", "first"
     )
     unlabeled_pool_size: int = _help(
-        "--unlabeled_selection similar chooses among the first this many unlabeled texts. Embedding them costs "
-        "about what labeling them does (MiniLM: about 160 sentences a second on 2 CPU cores).", 100000
+        "--unlabeled_selection similar chooses among the first this many unlabeled texts, and embeds them all "
+        "(MiniLM embedded about 160 sentences a second on 2 CPU cores).", 100000
     )
     pseudo_labeled_file: str | None = _help(
         "Extra training rows whose labels a model predicted (self-training writes these): counted apart in "

@@ -162,8 +162,8 @@ def prepare(cfg: FinetuneConfig, folder: Path) -> Data:
         unlabeled = load_raw_datasets(train_file=cfg.unlabeled_file, validation_file=None,
                                       dataset_name=cfg.unlabeled_dataset, dataset_config_name=None,
                                       csv_delimiter=cfg.csv_delimiter, train_option="--unlabeled_file")["train"]
-        first = cfg.max_unlabeled_samples if cfg.unlabeled_selection == "first" else cfg.unlabeled_pool_size
-        unlabeled = unlabeled.select(range(min(len(unlabeled), first)))
+        cut = cfg.max_unlabeled_samples if cfg.unlabeled_selection == "first" else cfg.unlabeled_pool_size
+        unlabeled = unlabeled.select(range(min(len(unlabeled), cut)))
         unlabeled_column = resolve_text_column(unlabeled, cfg.unlabeled_text_column, "--unlabeled_text_column")
         unlabeled = drop_blank_texts({"train": unlabeled}, unlabeled_column)["train"]
     except UserInputError as error:
