@@ -193,7 +193,7 @@ def most_similar(cfg: FinetuneConfig, labeled: list[str], texts: list[str]) -> l
     """The --max_unlabeled_samples texts nearest the labeled ones, in corpus order. A text scores the cosine
     similarity of its mean-pooled encoder embedding to that of its nearest labeled text: SentAugment's
     retrieval of task-like sentences from a large bank (Du et al. 2021), with the encoder that is fine-tuned.
-    From full reviews for review snippets, say, it keeps opinions and drops plot summary and credits."""
+    From full reviews for review snippets, say, it keeps reviewers' judgements and drops credits."""
     count = cfg.max_unlabeled_samples
     logger.info("Choosing the %d of %d unlabeled texts most like the labeled ones (--unlabeled_selection similar; "
                 "embeddings from %s).", count, len(texts), cfg.model_name_or_path)
