@@ -16,10 +16,18 @@ tlnlp-self-similar  the same with --unlabeled_selection similar (the unlabeled t
 tlnlp-search   tlnlp with --search_trials (Optuna TPE). The built-in sets have a validation split, and it
                scores the trials (cross-validation on the labels, --search_folds, is for sets without one).
 
-Writes benchmarks/results/accuracy_cpu.json (every run, mean ± std and wall time per recipe and set) and
-prints a Markdown table. It takes hours on 2 CPU cores: `make bench-accuracy`, never part of the tests.
+Writes benchmarks/results/accuracy_cpu.json (every run, mean ± std and wall time per recipe and set), a plot
+beside it (accuracy_cpu.png) and prints a Markdown table. It takes hours on 2 CPU cores: `make bench-accuracy`,
+never part of the tests.
 
     python benchmarks/bench_accuracy.py --sets wiki-topics,movie-sentences,wiki-uncertainty --seeds 42,43,44
+
+Run in parts (a set, a recipe or a seed at a time, each with its own --output), the parts make one report:
+
+    python benchmarks/bench_accuracy.py --merge part1.json part2.json ... --output accuracy_cpu.json
+
+For each set, recipe and seed the last part that ran it counts (a rerun after a fix supersedes the run
+before it, and the report lists what it superseded); every score keeps the part and command it came from.
 """
 
 from __future__ import annotations
@@ -31,12 +39,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 RECIPES = ("stock", "setfit", "tlnlp", "tlnlp-self", "tlnlp-search")
+OPT_IN_RECIPES = ("tlnlp-self-similar",)
 # Unlabeled text for self-training: the same kind of text as each labeled set, never its test split.
 # The sentence sets pseudo-label sentences, the paragraph set paragraphs.
 UNLABELED = {"wiki-topics": "wiki-leads", "wiki-uncertainty": "wiki-lead-sentences",
@@ -118,7 +128,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--keep_runs", metavar="DIR", help="Keep each tlnlp run's output directory (search/ trials, "
                         "self_training/ pseudo-labels, logs) under DIR/<set>/<recipe>/seed<N>; default: discard.")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "accuracy_cpu.json"))
+    parser.add_argument("--merge", nargs="+", metavar="PART", help="Run nothing: make one report (--output, its "
+                        "plot and table) from the JSONs of earlier runs, later parts superseding earlier ones.")
     args = parser.parse_args(argv)
+    if args.merge:
+        report = merge([Path(part) for part in args.merge])
+        report["command"] = "python benchmarks/bench_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        write(report, Path(args.output))
+        print(markdown(report))
+        return report
     seeds = [int(s) for s in args.seeds.split(",")]
     command = "python benchmarks/bench_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report: dict = {"command": command, "labels": args.labels, "seeds": seeds, "encoder": "minilm-l6", "sets": {}}
@@ -133,28 +151,107 @@ def main(argv: list[str] | None = None) -> dict:
                     break
                 accuracies.append(accuracy)
                 print(f"{dataset:17} {recipe:13} seed {seed}: {accuracy:.4f}", flush=True)
-            table[recipe] = {"skipped": "not installed"} if not accuracies else {
-                "per_seed": accuracies, "mean": statistics.mean(accuracies),
-                "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-                "wall_time_s_per_seed": (time.time() - started) / len(accuracies)}
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(json.dumps(report, indent=2))  # after every recipe: a stop loses little
+            table[recipe] = {"skipped": "not installed"} if not accuracies else summary(
+                accuracies, [(time.time() - started) / len(accuracies)])
+            write(report, Path(args.output), with_plot=False)  # after every recipe: a stop loses little
+    write(report, Path(args.output))
     print(markdown(report))
     return report
 
 
+def summary(scores: list[float], wall_times: list[float]) -> dict:
+    return {"per_seed": scores, "mean": statistics.mean(scores),
+            "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+            "wall_time_s_per_seed": statistics.mean(wall_times)}
+
+
+def merge(parts: list[Path]) -> dict:
+    """One report from runs made in parts. A part records a mean wall time per recipe and one score per seed, in
+    the order of its `seeds`; for each set, recipe and seed the last part that has it wins."""
+    runs: dict = {}  # (set, recipe) -> {seed: (accuracy, wall time, part)}
+    superseded = []
+    for part in parts:
+        report = json.loads(part.read_text())
+        for dataset, table in report["sets"].items():
+            for recipe, result in table.items():
+                for seed, accuracy in zip(report["seeds"], result.get("per_seed", [])):
+                    earlier = runs.setdefault((dataset, recipe), {}).get(seed)
+                    if earlier:
+                        superseded.append({"set": dataset, "recipe": recipe, "seed": seed, "accuracy": earlier[0],
+                                           "part": earlier[2], "by": part.name})
+                    runs[(dataset, recipe)][seed] = (accuracy, result["wall_time_s_per_seed"], part.name)
+    merged: dict = {"parts": [{"file": part.name, "command": json.loads(part.read_text())["command"]} for part in parts],
+                    "superseded": superseded, "sets": {}}
+    for (dataset, recipe), by_seed in runs.items():
+        seeds = sorted(by_seed)
+        merged["sets"].setdefault(dataset, {})[recipe] = {
+            **summary([by_seed[s][0] for s in seeds], [by_seed[s][1] for s in seeds]),
+            "seeds": seeds, "parts": [by_seed[s][2] for s in seeds]}
+    return merged
+
+
+def ordered_recipes(report: dict) -> list[str]:
+    found = {recipe for table in report["sets"].values() for recipe in table}
+    return [r for r in (*RECIPES, *OPT_IN_RECIPES) if r in found] + sorted(found - {*RECIPES, *OPT_IN_RECIPES})
+
+
+def write(report: dict, output: Path, with_plot: bool = True) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    if with_plot:
+        plot(report, output.with_suffix(".png"))
+
+
+def plot(report: dict, path: Path) -> None:
+    """Mean accuracy per set and recipe, one standard deviation as the error bar and each seed as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recipes, sets = ordered_recipes(report), list(report["sets"])
+    width = 0.8 / max(len(recipes), 1)
+    figure, axes = plt.subplots(figsize=(2.4 + 2.2 * len(sets), 4.2))
+    for i, recipe in enumerate(recipes):
+        ran = [(j, report["sets"][dataset][recipe]) for j, dataset in enumerate(sets)
+               if "mean" in report["sets"][dataset].get(recipe, {})]
+        positions = [j - 0.4 + width * (i + 0.5) for j, _ in ran]
+        axes.bar(positions, [r["mean"] for _, r in ran], width, yerr=[r["std"] for _, r in ran], capsize=2,
+                 label=recipe)
+        for x, (_, result) in zip(positions, ran):
+            axes.scatter([x] * len(result["per_seed"]), result["per_seed"], s=9, color="black", zorder=3)
+    scores = [a for table in report["sets"].values() for r in table.values() for a in r.get("per_seed", [])]
+    if scores:
+        axes.set_ylim(max(0.0, min(scores) - 0.05), min(1.0, max(scores) + 0.03))
+    axes.set_xticks(range(len(sets)), sets)
+    axes.set_ylabel("test accuracy")
+    axes.set_title("Same labels, same encoder: mean over seeds (dots: each seed)")
+    axes.legend(fontsize=8, ncols=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def three_places(score: float) -> str:
+    """Scores on 2,000 or 1,500 test texts end in 5 at the fourth place; round those up, as a reader would
+    (a float's 0.9085 is 0.90849999..., which `:.3f` rounds down)."""
+    return str(Decimal(repr(round(score, 6))).quantize(Decimal("0.001"), rounding=ROUND_HALF_UP))
+
+
 def markdown(report: dict) -> str:
-    recipes = list(dict.fromkeys(r for table in report["sets"].values() for r in table))
-    lines = ["| recipe | " + " | ".join(report["sets"]) + " | wall time per seed |",
-             "|---|" + "---:|" * (len(report["sets"]) + 1)]
-    for recipe in recipes:
-        cells, times = [], []
-        for table in report["sets"].values():
-            result = table.get(recipe, {})
-            cells.append(f"{result['mean']:.3f} ± {result['std']:.3f}" if "mean" in result else "–")
-            times += [result["wall_time_s_per_seed"]] if "mean" in result else []
-        lines.append(f"| {recipe} | " + " | ".join(cells) + f" | {statistics.mean(times):.0f} s |" if times else
-                     f"| {recipe} | " + " | ".join(cells) + " | – |")
+    """The BENCHMARKS.md table: mean ± std per set, then each seed's score, and the wall time of a run."""
+    sets = list(report["sets"])
+    lines = ["| recipe | " + " | ".join(f"`{s}`" for s in sets) + " | wall time per run (mean over sets) |",
+             "|---|" + "---:|" * (len(sets) + 1)]
+    for recipe in ordered_recipes(report):
+        results = [report["sets"][s].get(recipe, {}) for s in sets]
+        ran = [r for r in results if "mean" in r]
+        means = [f"{three_places(r['mean'])} ± {three_places(r['std'])}" if "mean" in r else "–" for r in results]
+        seeds = [" / ".join(three_places(a) for a in r["per_seed"]) if "mean" in r else "–" for r in results]
+        times = [f"{r['wall_time_s_per_seed']:,.0f}" for r in ran]
+        wall = (f"{statistics.mean(r['wall_time_s_per_seed'] for r in ran):,.0f} s ({' / '.join(times)})"
+                if ran else "–")
+        lines += [f"| {recipe} | " + " | ".join(means) + f" | {wall} |", "| | " + " | ".join(seeds) + " | |"]
     return "\n".join(lines)
 
 

@@ -156,3 +156,32 @@ def test_accuracy_benchmark_keeps_the_search_it_ran(tmp_path):
     assert len(trials) == 1 + 2 and (kept / "search" / "best_config.yaml").is_file()
     results = json.loads((kept / "all_results.json").read_text())
     assert results["test_accuracy"] == report["sets"]["movie-sentences"]["tlnlp-search"]["mean"]
+
+
+def test_accuracy_parts_merge_into_one_report_where_a_rerun_supersedes(tmp_path):
+    bench = load_benchmark("bench_accuracy")
+
+    def part(name, seeds, sets):
+        path = tmp_path / name
+        path.write_text(json.dumps({"command": f"run {name}", "seeds": seeds, "sets": {
+            dataset: {recipe: {"per_seed": scores, "wall_time_s_per_seed": wall} for recipe, (scores, wall) in table.items()}
+            for dataset, table in sets.items()}}))
+        return path
+
+    first = part("first.json", [42, 43], {"a": {"stock": ([0.80, 0.70], 10.0), "tlnlp": ([0.60, 0.90], 20.0)}})
+    rerun = part("rerun.json", [43], {"a": {"tlnlp": ([0.70], 40.0)}})
+    more = part("more.json", [44], {"a": {"tlnlp": ([0.8015], 30.0)}, "b": {"stock": ([0.5], 5.0)}})
+    output = tmp_path / "merged.json"
+    report = bench.main(["--merge", str(first), str(rerun), str(more), "--output", str(output)])
+
+    tlnlp = report["sets"]["a"]["tlnlp"]
+    assert tlnlp["seeds"] == [42, 43, 44] and tlnlp["per_seed"] == [0.60, 0.70, 0.8015]
+    assert tlnlp["parts"] == ["first.json", "rerun.json", "more.json"]
+    assert tlnlp["mean"] == pytest.approx(0.7005) and tlnlp["wall_time_s_per_seed"] == pytest.approx(30.0)
+    assert report["superseded"] == [{"set": "a", "recipe": "tlnlp", "seed": 43, "accuracy": 0.90,
+                                     "part": "first.json", "by": "rerun.json"}]
+    assert [p["command"] for p in report["parts"]] == ["run first.json", "run rerun.json", "run more.json"]
+    assert json.loads(output.read_text()) == report and output.with_suffix(".png").stat().st_size > 0
+    table = bench.markdown(report)
+    assert "| tlnlp | 0.701 ± 0.101 | – | 30 s (30) |" in table  # 0.7005 rounds up, as the seed 0.8015 does
+    assert "| | 0.600 / 0.700 / 0.802 | – | |" in table
