@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--labels", type=int, default=1000)
     parser.add_argument("--max_seq_length", type=int, default=128)
-    parser.add_argument("--search_trials", type=int, default=12)
+    parser.add_argument("--search_trials", type=int, default=8,
+                        help="Trials per search (8: what BENCHMARKS.md measured).")
     parser.add_argument("--search_folds", type=int, default=3,
                         help="Folds per search trial, for a set without a validation split (the built-in sets have one).")
     parser.add_argument("--keep_runs", metavar="DIR", help="Keep each tlnlp run's output directory (search/ trials, "
@@ -169,19 +170,18 @@ def merge(parts: list[Path]) -> dict:
     """One report from runs made in parts. A part records a mean wall time per recipe and one score per seed, in
     the order of its `seeds`; for each set, recipe and seed the last part that has it wins."""
     runs: dict = {}  # (set, recipe) -> {seed: (accuracy, wall time, part)}
-    superseded = []
+    merged: dict = {"parts": [], "superseded": [], "sets": {}}
     for part in parts:
         report = json.loads(part.read_text())
+        merged["parts"].append({"file": part.name, "command": report["command"]})
         for dataset, table in report["sets"].items():
             for recipe, result in table.items():
                 for seed, accuracy in zip(report["seeds"], result.get("per_seed", [])):
                     earlier = runs.setdefault((dataset, recipe), {}).get(seed)
                     if earlier:
-                        superseded.append({"set": dataset, "recipe": recipe, "seed": seed, "accuracy": earlier[0],
-                                           "part": earlier[2], "by": part.name})
+                        merged["superseded"].append({"set": dataset, "recipe": recipe, "seed": seed,
+                                                     "accuracy": earlier[0], "part": earlier[2], "by": part.name})
                     runs[(dataset, recipe)][seed] = (accuracy, result["wall_time_s_per_seed"], part.name)
-    merged: dict = {"parts": [{"file": part.name, "command": json.loads(part.read_text())["command"]} for part in parts],
-                    "superseded": superseded, "sets": {}}
     for (dataset, recipe), by_seed in runs.items():
         seeds = sorted(by_seed)
         merged["sets"].setdefault(dataset, {})[recipe] = {
