@@ -132,14 +132,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--merge", nargs="+", metavar="PART", help="Run nothing: make one report (--output, its "
                         "plot and table) from the JSONs of earlier runs, later parts superseding earlier ones.")
     args = parser.parse_args(argv)
+    command = "python benchmarks/bench_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.merge:
-        report = merge([Path(part) for part in args.merge])
-        report["command"] = "python benchmarks/bench_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        report = {"command": command, **merge([Path(part) for part in args.merge])}
         write(report, Path(args.output))
         print(markdown(report))
         return report
     seeds = [int(s) for s in args.seeds.split(",")]
-    command = "python benchmarks/bench_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report: dict = {"command": command, "labels": args.labels, "seeds": seeds, "encoder": "minilm-l6", "sets": {}}
     for dataset in args.sets.split(","):
         table = report["sets"].setdefault(dataset, {})
