@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 
-.PHONY: install deepspeed data test test-all lint demo stage1-budget bench bench-streaming-2ranks bench-accuracy budget-curve clean
+.PHONY: install deepspeed data test test-all lint golden demo stage1-budget bench bench-streaming-2ranks bench-accuracy budget-curve clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: data
 # a rank killed mid-run, torch.compile, the dry GPU check (about 6 more minutes).
 test-all: data deepspeed
 	$(PY) -m pytest -q
+
+# Fixed-seed tiny runs of every stage and recipe, hashed against tests/golden.json (about 1 minute): run
+# before and after a restructuring; `--record` in place of `--check` writes a new baseline.
+golden: install
+	$(PY) tests/golden.py --check
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,178 @@
+"""The golden check: fixed-seed tiny runs of every path a restructuring could change, reduced to hashes.
+
+    python tests/golden.py --check            # compare against tests/golden.json (exit 1 on any difference)
+    python tests/golden.py --record           # write tests/golden.json anew (say why in the commit)
+
+Each run is a fresh process through the real entry points (`python -m tlnlp.pretrain` / `tlnlp.finetune`),
+in fp32 with one thread, on data and models made here. What is hashed: `model.safetensors`, `tokenizer.json`,
+`test_predictions.jsonl`, and `all_results.json` and `eval_history.json` with timings removed and the work
+folder's path replaced by `<work>`; also both scripts' `--help`.
+
+Hashes hold on one CPU type: the float kernels differ between instruction sets. The file records the CPU it
+was made on (`torch.backends.cpu.get_cpu_capability()`), and `--check` on another CPU says so and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the test helpers (conftest's data and tiny models)
+from conftest import make_documents, tiny_bert_config, write_labeled  # noqa: E402
+
+GOLDEN = HERE / "golden.json"
+HASHED = ("model.safetensors", "tokenizer.json", "test_predictions.jsonl", "all_results.json", "eval_history.json",
+          "generator/model.safetensors")
+# Keys whose values are wall-clock measurements: they differ on every run.
+TIMING_SUFFIXES = ("_s", "_per_s", "_seconds")
+
+
+def cpu_type() -> str:
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def without_timings(value):
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items()
+                if not (k.endswith(TIMING_SUFFIXES) or k in ("wall_time", "feature_cache_s"))}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def digest(path: Path, work: Path) -> str:
+    data = path.read_bytes()
+    if path.suffix == ".json":
+        data = json.dumps(without_timings(json.loads(data)), sort_keys=True).encode()
+    data = data.replace(str(work).encode(), b"<work>")
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_inputs(work: Path) -> dict[str, Path]:
+    """A corpus, labeled splits, unlabeled text, a search space and a tiny stage-1 model folder."""
+    from transformers import BertForMaskedLM
+
+    from tlnlp.modeling import train_wordpiece
+
+    corpus = work / "corpus.txt"
+    corpus.write_text("\n".join(text for _, text in make_documents(400)) + "\n")
+    rows = [{"text": text, "label": topic} for topic, text in make_documents(300, seed=1)]
+    inputs = {"corpus": corpus,
+              "train": write_labeled(work / "train.csv", rows[:180]),
+              "validation": write_labeled(work / "validation.csv", rows[180:240]),
+              "test": write_labeled(work / "test.csv", rows[240:])}
+    inputs["unlabeled"] = work / "unlabeled.txt"
+    inputs["unlabeled"].write_text("\n".join(text for _, text in make_documents(200, seed=7)) + "\n")
+    inputs["space"] = work / "space.yaml"
+    inputs["space"].write_text("learning_rate: {low: 0.001, high: 0.005, log: true}\nnum_train_epochs: {low: 1, high: 2}\n"
+                               "per_device_train_batch_size: [16]\nfreeze_layers: null\nlayerwise_lr_decay: null\n")
+    tokenizer = train_wordpiece((text for _, text in make_documents(400)), vocab_size=200)
+    inputs["model"] = work / "tiny_mlm"
+    torch.manual_seed(0)
+    BertForMaskedLM(tiny_bert_config(len(tokenizer))).save_pretrained(inputs["model"])
+    tokenizer.save_pretrained(inputs["model"])
+    return inputs
+
+
+def cases(i: dict[str, Path], work: Path) -> dict[str, list[list[str]]]:
+    """Each case: the command lines (after `python -m`) run one after another into work/<case>."""
+    pre = ["tlnlp.pretrain", "--train_file", str(i["corpus"]), "--model_size", "tiny", "--hidden_size", "32",
+           "--num_attention_heads", "2", "--intermediate_size", "64", "--vocab_size", "200", "--max_seq_length",
+           "32", "--per_device_train_batch_size", "8", "--learning_rate", "2e-3", "--logging_steps", "5",
+           "--seed", "3", "--max_train_steps", "12"]
+    ft = ["tlnlp.finetune", "--model_name_or_path", str(i["model"]), "--train_file", str(i["train"]),
+          "--validation_file", str(i["validation"]), "--test_file", str(i["test"]), "--per_device_train_batch_size",
+          "16", "--learning_rate", "3e-3", "--num_train_epochs", "3", "--max_seq_length", "48", "--seed", "1",
+          "--logging_steps", "5"]
+
+    def out(name: str) -> list[str]:
+        return ["--output_dir", str(work / name), "--cache_dir", str(work / "cache")]
+
+    return {
+        "pretrain-mlm": [pre + out("pretrain-mlm")],
+        "pretrain-electra": [pre + out("pretrain-electra") + ["--objective", "electra", "--num_hidden_layers", "3"]],
+        # Resumed from the step-4 checkpoint of its own run, in a second process: must end as the straight run.
+        "pretrain-resume": [pre + out("pretrain-resume") + ["--checkpointing_steps", "4"],
+                            pre + out("pretrain-resume") + ["--checkpointing_steps", "4", "--resume_from_checkpoint",
+                                                            str(work / "pretrain-resume/checkpoints/step_00000004")]],
+        "finetune-stock-head": [ft + out("finetune-stock-head")],
+        "finetune-custom-head": [ft + out("finetune-custom-head") + ["--head_hidden_sizes", "16", "--pooling",
+                                                                     "mean", "--head_dropout", "0.1"]],
+        "finetune-cached-features": [ft + out("finetune-cached-features") + ["--freeze_embeddings", "--freeze_layers",
+                                                                             "1", "--cache_frozen_features"]],
+        "finetune-gradual-unfreezing": [ft + out("finetune-gradual-unfreezing") + ["--freeze_layers", "2",
+                                                                                   "--unfreeze_schedule", "epoch"]],
+        "search-2-trials": [["tlnlp.finetune", "--model_name_or_path", str(i["model"]), "--train_file",
+                             str(i["train"]), "--test_file", str(i["test"]), "--search_space", str(i["space"]),
+                             "--search_folds", "2", "--search_trials", "2", "--max_seq_length", "32", "--seed", "3",
+                             "--logging_steps", "5"] + out("search-2-trials")],
+        "self-training-1-round": [ft + out("self-training-1-round") + [
+            "--self_training_rounds", "1", "--unlabeled_file", str(i["unlabeled"]), "--pseudo_labels_per_class",
+            "20", "--pseudo_label_precision", "0.5"]],
+    }
+
+
+def run_cases(work: Path) -> dict[str, dict[str, str]]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_MIXED_PRECISION": "no",
+           "PYTHONHASHSEED": "0", "COLUMNS": "100"}
+    for key in [k for k in env if k.startswith("ACCELERATE_") and k != "ACCELERATE_MIXED_PRECISION"]:
+        env.pop(key)
+    inputs = make_inputs(work)
+    found: dict[str, dict[str, str]] = {}
+    for name, commands in cases(inputs, work).items():
+        for command in commands:
+            done = subprocess.run([sys.executable, "-m", *command, "--mixed_precision", "no"], env=env,
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"golden case {name} failed:\n{done.stderr[-4000:]}")
+        folder = work / name
+        found[name] = {file: digest(folder / file, work) for file in HASHED if (folder / file).exists()}
+        print(f"{name}: {len(found[name])} files hashed", flush=True)
+    for module in ("tlnlp.pretrain", "tlnlp.finetune"):
+        done = subprocess.run([sys.executable, "-m", module, "--help"], env=env, capture_output=True, text=True,
+                              check=True)
+        found[f"{module} --help"] = {"stdout": hashlib.sha256(done.stdout.encode()).hexdigest()}
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--check", action="store_true", help="compare against tests/golden.json")
+    mode.add_argument("--record", action="store_true", help="write tests/golden.json anew")
+    parser.add_argument("--work_dir", help="where the runs go (default: a temporary folder, removed after)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work_dir or tmp).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        found = run_cases(work)
+    if args.record:
+        GOLDEN.write_text(json.dumps({"cpu": cpu_type(), "hashes": found}, indent=2, sort_keys=True) + "\n")
+        print(f"recorded {sum(len(v) for v in found.values())} hashes in {GOLDEN}")
+        return 0
+    golden = json.loads(GOLDEN.read_text())
+    if golden["cpu"] != cpu_type():
+        print(f"tests/golden.json was recorded on a {golden['cpu']} CPU; this one is {cpu_type()}. Float kernels "
+              "differ between CPU types: record a baseline here first (git stash; python tests/golden.py --record).")
+        return 2
+    differ = [f"{case}: {file}" for case in sorted(set(golden["hashes"]) | set(found))
+              for file in sorted(set(golden["hashes"].get(case, {})) | set(found.get(case, {})))
+              if golden["hashes"].get(case, {}).get(file) != found.get(case, {}).get(file)]
+    for line in differ:
+        print("differs:", line)
+    print(f"{sum(len(v) for v in found.values()) - len(differ)} of {sum(len(v) for v in found.values())} hashes "
+          "match tests/golden.json")
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
