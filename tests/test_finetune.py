@@ -423,3 +423,14 @@ def test_accelerate_launch_runs_the_installed_modules(module, corpus_file, label
                           env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "model.safetensors").exists() and (out / "all_results.json").exists()
+
+
+def test_predictions_carry_the_text_of_an_auto_detected_text_column(tiny_mlm_dir, tmp_path, cache_dir):
+    """No --text_column and no 'text' column: the column found is used for training and for the predictions."""
+    rows = [{"sentence": text, "label": topic} for topic, text in make_documents(90, seed=4)]
+    files = {"train": write_labeled(tmp_path / "train.jsonl", rows[:60]),
+             "test": write_labeled(tmp_path / "test.jsonl", rows[60:])}
+    out = tmp_path / "out"
+    run_main(ft_args(tiny_mlm_dir, files, out, cache_dir, "--num_train_epochs", "1"))
+    predictions = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
+    assert [p["text"] for p in predictions] == [r["sentence"] for r in rows[60:]]

@@ -224,7 +224,8 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         # The prepared model (FSDP gathers its shards in forward); the cached-feature wrapper reads features,
         # so the test split, which has none cached, goes through the plain classifier inside it.
         test_model = engines.unwrap(accelerator, trained).model if cfg.cache_frozen_features else trained
-        results.update(_test(cfg, accelerator, test_model, tokenized["test"], raw["test"], collator, task_type, names))
+        results.update(_test(cfg, accelerator, test_model, tokenized["test"], raw["test"], collator, task_type, names,
+                             text_column))
     if leaked:
         results["copies_of_training_rows"] = leaked
     warning = underfitting_warning(results, len(names), task_type)
@@ -315,7 +316,8 @@ def check_cached_outputs(model, cached: CachedFeatureClassifier, eval_data, cach
         )
 
 
-def _test(cfg, accelerator, model, tokenized_test, raw_test, collator, task_type, names) -> dict[str, Any]:
+def _test(cfg, accelerator, model, tokenized_test, raw_test, collator, task_type, names,
+          text_column: str) -> dict[str, Any]:
     """Evaluate the final (best) model on the test split and write one prediction per line.
 
     In fp32 even when training used autocast: the reported numbers and predictions are then exactly what the
@@ -330,7 +332,8 @@ def _test(cfg, accelerator, model, tokenized_test, raw_test, collator, task_type
     metrics = compute_metrics(logits, labels, task_type) if labels is not None else {}
     if accelerator.is_main_process:
         with (Path(cfg.output_dir) / PREDICTIONS_FILE).open("w", encoding="utf-8") as f:
-            texts = raw_test[cfg.text_column or "text"] if (cfg.text_column or "text") in raw_test.column_names else None
+            # The column the run resolved (given or auto-detected), which may not be called "text".
+            texts = raw_test[text_column] if text_column in raw_test.column_names else None
             truth = raw_test[cfg.label_column] if cfg.label_column in raw_test.column_names else None
             for i, row in enumerate(_prediction_rows(logits, task_type, names)):
                 extra = {"text": texts[i]} if texts else {}
