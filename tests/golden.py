@@ -8,8 +8,11 @@ in fp32 with one thread, on data and models made here. What is hashed: `model.sa
 `test_predictions.jsonl`, and `all_results.json` and `eval_history.json` with timings removed and the work
 folder's path replaced by `<work>`; also both scripts' `--help`.
 
-Hashes hold on one CPU type: the float kernels differ between instruction sets. The file records the CPU it
-was made on (`torch.backends.cpu.get_cpu_capability()`), and `--check` on another CPU says so and exits 2.
+Hashes hold on one CPU type: the float kernels differ between instruction sets and vendors. The file records
+the CPU it was made on and `base`, the commit whose code it hashed. `--check` on another CPU first computes
+the baseline there: it runs the same cases on `base`'s code (a temporary git worktree) and compares with that.
+`intended_changes` names the hashes a later commit changed on purpose, each with the reason; they are
+reported, not failed.
 """
 
 from __future__ import annotations
@@ -37,7 +40,12 @@ TIMING_SUFFIXES = ("_s", "_seconds")  # "_per_s" and "feature_cache_s" end in "_
 
 
 def cpu_type() -> str:
-    return torch.backends.cpu.get_cpu_capability()
+    """The instruction set torch dispatches to, the CPU model and AMX: what decides the float kernels."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    amx = " AMX" if torch.cpu._is_amx_tile_supported() else ""
+    # TLNLP_GOLDEN_CPU stands in for another CPU: it makes --check compute the baseline from `base` here.
+    return os.environ.get("TLNLP_GOLDEN_CPU") or f"{torch.backends.cpu.get_cpu_capability()}{amx} {model}"
 
 
 def without_timings(value):
@@ -120,16 +128,19 @@ def cases(i: dict[str, Path], work: Path) -> dict[str, list[list[str]]]:
     }
 
 
-def run_cases(work: Path) -> dict[str, dict[str, str]]:
+def run_cases(work: Path, code: Path | None = None) -> dict[str, dict[str, str]]:
+    """Hashes of every case, run with this checkout's tlnlp or, with `code`, the tlnlp in that folder."""
     # No launcher settings from the caller's shell; precision is fixed by --mixed_precision no below.
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", COLUMNS="100")
+    if code is not None:  # ahead of the editable install, whose finder Python asks last
+        env["PYTHONPATH"] = str(code)
     inputs = make_inputs(work)
     found: dict[str, dict[str, str]] = {}
     for name, commands in cases(inputs, work).items():
         for command in commands:
             done = subprocess.run([sys.executable, "-m", *command, "--mixed_precision", "no"], env=env,
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, cwd=code or HERE.parent)
             if done.returncode:
                 raise SystemExit(f"golden case {name} failed:\n{done.stderr[-4000:]}")
         folder = work / name
@@ -137,39 +148,72 @@ def run_cases(work: Path) -> dict[str, dict[str, str]]:
         print(f"{name}: {len(found[name])} files hashed", flush=True)
     for module in ("tlnlp.pretrain", "tlnlp.finetune"):
         done = subprocess.run([sys.executable, "-m", module, "--help"], env=env, capture_output=True, text=True,
-                              check=True)
+                              check=True, cwd=code or HERE.parent)
         found[f"{module} --help"] = {"stdout": hashlib.sha256(done.stdout.encode()).hexdigest()}
     return found
+
+
+def baseline_of(base: str, work: Path) -> dict[str, dict[str, str]]:
+    """The hashes of `base`'s code on this CPU, from a temporary git worktree of that commit."""
+    tree = work / "base-worktree"
+    repo = HERE.parent
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "--force", str(tree), base], check=True,
+                   capture_output=True)
+    try:
+        return run_cases(work / "base", code=tree)
+    finally:
+        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], capture_output=True)
+
+
+def compare(golden: dict, expected: dict, found: dict) -> int:
+    intended = golden.get("intended_changes", {})
+    differ, changed = [], []
+    for case in sorted(set(expected) | set(found)):
+        for file in sorted(set(expected.get(case, {})) | set(found.get(case, {}))):
+            if expected.get(case, {}).get(file) != found.get(case, {}).get(file):
+                (changed if f"{case}: {file}" in intended else differ).append(f"{case}: {file}")
+    for line in changed:
+        print(f"changed as intended: {line} ({intended[line]})")
+    for line in differ:
+        print("differs:", line)
+    total = sum(len(v) for v in found.values())
+    print(f"{total - len(differ) - len(changed)} of {total} hashes match the baseline"
+          f"{f', {len(changed)} changed as intended' if changed else ''}; {len(differ)} differ")
+    return 1 if differ else 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--check", action="store_true", help="compare against tests/golden.json")
-    mode.add_argument("--record", action="store_true", help="write tests/golden.json anew")
+    mode.add_argument("--check", action="store_true", help="compare against tests/golden.json (or its base commit)")
+    mode.add_argument("--record", action="store_true", help="write tests/golden.json anew, with HEAD as its base")
     parser.add_argument("--work_dir", help="where the runs go (default: a temporary folder, removed after)")
     args = parser.parse_args()
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        found = run_cases(work)
-    if args.record:
-        GOLDEN.write_text(json.dumps({"cpu": cpu_type(), "hashes": found}, indent=2, sort_keys=True) + "\n")
-        print(f"recorded {sum(len(v) for v in found.values())} hashes in {GOLDEN}")
-        return 0
-    golden = json.loads(GOLDEN.read_text())
-    if golden["cpu"] != cpu_type():
-        print(f"tests/golden.json was recorded on a {golden['cpu']} CPU; this one is {cpu_type()}. Float kernels "
-              "differ between CPU types: record a baseline here first (git stash; python tests/golden.py --record).")
-        return 2
-    differ = [f"{case}: {file}" for case in sorted(set(golden["hashes"]) | set(found))
-              for file in sorted(set(golden["hashes"].get(case, {})) | set(found.get(case, {})))
-              if golden["hashes"].get(case, {}).get(file) != found.get(case, {}).get(file)]
-    for line in differ:
-        print("differs:", line)
-    print(f"{sum(len(v) for v in found.values()) - len(differ)} of {sum(len(v) for v in found.values())} hashes "
-          "match tests/golden.json")
-    return 1 if differ else 0
+        if args.record:
+            base = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "HEAD"], capture_output=True,
+                                  text=True, check=True).stdout.strip()
+            found = run_cases(work)
+            GOLDEN.write_text(json.dumps({"cpu": cpu_type(), "base": base, "hashes": found, "intended_changes": {}},
+                                         indent=2, sort_keys=True) + "\n")
+            print(f"recorded {sum(len(v) for v in found.values())} hashes of {base[:8]} on {cpu_type()} in {GOLDEN}")
+            return 0
+        if golden["cpu"] == cpu_type():
+            expected = golden["hashes"]
+            print(f"baseline: tests/golden.json ({golden['base'][:8]} on {golden['cpu']})")
+        else:
+            print(f"tests/golden.json was recorded on {golden['cpu']}; this is {cpu_type()}: computing the baseline "
+                  f"of {golden['base'][:8]} here first.", flush=True)
+            try:
+                expected = baseline_of(golden["base"], work)
+            except (subprocess.CalledProcessError, FileNotFoundError) as error:
+                print(f"cannot check out the base commit {golden['base']} ({error}); run in a full git clone.")
+                return 2
+        found = run_cases(work / "head")
+    return compare(golden, expected, found)
 
 
 if __name__ == "__main__":
