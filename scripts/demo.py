@@ -24,6 +24,7 @@ from datasets import load_dataset
 
 from tlnlp import builtin
 from tlnlp.baselines import frozen_embedding_logistic_regression, tfidf_logistic_regression
+from tlnlp.objectives import get_objective
 from tlnlp.study import Arm, run_study, write_report
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -112,9 +113,9 @@ def main() -> int:
     results["elapsed_s"] = {**clock.steps, "total": clock.total}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + (out / "report.md").read_text().split("\n![")[0])
-    quality = (f"validation perplexity {stage1_results['eval_perplexity']:.1f}" if "eval_perplexity" in stage1_results
-               else f"replaced-token detection accuracy {stage1_results['eval_discriminator_accuracy']:.3f}")
-    print(f"Stage 1 ({stage1_results.get('objective', 'mlm')}): {stage1_results['train_tokens']:,} tokens in "
+    objective = get_objective(stage1_results.get("objective", "mlm"))
+    quality = objective.quality(stage1_results)
+    print(f"Stage 1 ({objective.name}): {stage1_results['train_tokens']:,} tokens in "
           f"{stage1_results['train_runtime_s']:.0f} s, {quality}")
     # `--mixed_precision auto` picks bf16 on CPUs with AVX512-BF16/AMX: the figures depend on that choice.
     print(f"Training precision (--mixed_precision auto on this machine): {stage1_results.get('mixed_precision')}")

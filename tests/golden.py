@@ -135,6 +135,7 @@ def run_cases(work: Path, code: Path | None = None) -> dict[str, dict[str, str]]
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0", COLUMNS="100")
     if code is not None:  # ahead of the editable install, whose finder Python asks last
         env["PYTHONPATH"] = str(code)
+    work.mkdir(parents=True, exist_ok=True)
     inputs = make_inputs(work)
     found: dict[str, dict[str, str]] = {}
     for name, commands in cases(inputs, work).items():

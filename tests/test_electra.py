@@ -14,6 +14,7 @@ from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceCl
 from tlnlp.config import PretrainConfig, parse_config
 from tlnlp.electra import ReplacedTokenDetection
 from tlnlp.errors import UserInputError
+from tlnlp.pretrain import main as pretrain_main
 from tlnlp.transfer import HeadSpec
 
 
@@ -69,7 +70,7 @@ def test_stage2_surgery_takes_the_encoder_and_refuses_the_generator(electra_run)
         assert sorted(report.loaded) == sorted(prefix + key for key in checkpoint)
         for key, value in checkpoint.items():
             assert torch.equal(state[prefix + key], value), key
-    with pytest.raises(UserInputError, match=r"is the generator of an --objective electra run.*--model_name_or_path "):
+    with pytest.raises(UserInputError, match=r"is the generator saved by a stage-1 run.*--model_name_or_path "):
         surgery(out / "generator")
 
 
@@ -108,13 +109,13 @@ def test_electra_options_that_make_no_sense_are_refused(extra, message, tmp_path
         args = args[:-2]
         extra = [a for a in extra if a not in ("--model_size", None)]
     with pytest.raises(UserInputError, match=message):
-        parse_config(PretrainConfig, args + extra)
+        pretrain_main(parse_config(PretrainConfig, args + extra))  # refused before anything is read or written
 
 
 def test_electra_options_without_electra_are_refused(tmp_path):
     with pytest.raises(UserInputError, match="--discriminator_weight only apply to --objective electra"):
-        parse_config(PretrainConfig, ["--train_file", "c.txt", "--output_dir", str(tmp_path), "--model_size", "tiny",
-                                      "--discriminator_weight", "10"])
+        pretrain_main(parse_config(PretrainConfig, ["--train_file", "c.txt", "--output_dir", str(tmp_path),
+                                                    "--model_size", "tiny", "--discriminator_weight", "10"]))
 
 
 def test_sampled_replacements_follow_the_generator_distribution():

@@ -10,6 +10,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from tlnlp import builtin
+from tlnlp.objectives import get_objective
 
 CARD_FILE = "README.md"
 
@@ -36,13 +37,10 @@ def build_card(output_dir: Path, repo_id: str | None = None) -> ModelCard:
     if base and Path(base).exists():
         base = None  # a local folder means nothing to a reader on the Hub
 
-    if stage == "pretrain" and results.get("objective") == "electra":
-        task_type, task_name, pipeline_tag = "feature-extraction", "Replaced-token detection", "feature-extraction"
-        metrics = {k: results[f"eval_{k}"] for k in ("discriminator_accuracy", "replaced_recall", "generator_perplexity")}
-        split = "validation"
-    elif stage == "pretrain":
-        task_type, task_name, pipeline_tag = "fill-mask", "Masked language modelling", "fill-mask"
-        metrics = {"perplexity": results["eval_perplexity"], "loss": results["eval_loss"]}
+    if stage == "pretrain":
+        objective = get_objective(results.get("objective", "mlm"))
+        task_type, task_name, pipeline_tag = objective.card_task
+        metrics = objective.card_metrics(results)
         split = "validation"
     else:
         task_type, task_name, pipeline_tag = "text-classification", "Text classification", "text-classification"
@@ -75,12 +73,9 @@ def _body(name: str, stage: str, cfg: dict, results: dict, metrics: dict, split:
                  else f"{cfg.get('architecture', 'bert')} {cfg.get('model_size') or 'tiny'}")
         start = f"continued (domain-adaptive) pretraining of `{source}`" if source else (
             f"pretraining from scratch ({shape}, WordPiece tokenizer trained on the corpus)")
-        electra = results.get("objective") == "electra"
-        objective = ("ELECTRA's replaced-token detection (a small generator, saved in `generator/`, filled the masked "
-                     "positions and this encoder learned to tell original from replaced tokens)" if electra
-                     else "masked-language modelling")
+        objective = get_objective(results.get("objective", "mlm"))
         lines += [
-            f"A BERT-style encoder trained with {objective} by [tlnlp](https://pypi.org/project/tlnlp/): "
+            f"A BERT-style encoder trained with {objective.card_description} by [tlnlp](https://pypi.org/project/tlnlp/): "
             f"{start}. Use it as the starting point for fine-tuning on a small labeled set.", "",
             "## Training", "",
             f"- Corpus: {data}",
@@ -89,8 +84,7 @@ def _body(name: str, stage: str, cfg: dict, results: dict, metrics: dict, split:
             f"- Masking: {cfg['mlm_probability']:.0%}{' (whole words)' if cfg.get('whole_word_mask') else ''}; "
             f"learning rate {cfg['learning_rate']}, {cfg['lr_scheduler_type']} schedule, {cfg['num_warmup_steps']} warm-up steps",
         ]
-        use = (f'features = pipeline("feature-extraction", model="{name}")\nprint(len(features("Some text.")[0]))'
-               if electra else f'fill = pipeline("fill-mask", model="{name}")\nprint(fill("Paris is the [MASK] of France."))')
+        use = objective.card_usage(name)
     else:
         frozen = []
         if cfg.get("freeze_embeddings"):

@@ -202,7 +202,7 @@ class PretrainConfig(TrainingConfig):
     line_by_line: bool = _help(
         "One sequence per line/document, padded per batch, instead of packing texts into full blocks.", False
     )
-    objective: Literal["mlm", "electra"] = _help(
+    objective: Literal["mlm", "electra"] = _help(  # the names in tlnlp.objectives.OBJECTIVES
         "mlm: masked-language modelling (BERT). electra: replaced-token detection (ELECTRA, Clark et al. 2020): a "
         "small generator fills the masked positions with its samples and the encoder learns to tell, at every "
         "token, original from replaced; the encoder is saved, the generator in generator/. From scratch only.",
@@ -266,34 +266,7 @@ class PretrainConfig(TrainingConfig):
                 raise UserInputError(f"--{name} must be greater than 0, got {value}.")
         if self.vocab_size < 100:
             raise UserInputError(f"--vocab_size must be at least 100, got {self.vocab_size}.")
-        self._check_objective()
-
-    def _check_objective(self) -> None:
-        electra_only = [f"--{name}" for name in ("generator_size_fraction", "discriminator_weight")
-                        if getattr(self, name) is not None]
-        if self.objective != "electra":
-            if electra_only:
-                raise UserInputError(f"{' and '.join(electra_only)} only apply to --objective electra (this run is "
-                                     f"--objective {self.objective}). Add --objective electra or drop them.")
-            return
-        if self.model_name_or_path:
-            raise UserInputError(
-                "--objective electra trains a generator and an encoder from scratch; --model_name_or_path continues a "
-                "checkpoint, which has no generator to pair it with. Use --objective mlm to continue a checkpoint, or "
-                "drop --model_name_or_path and give --model_size or --config_name."
-            )
-        if self.generator_size_fraction is None:
-            self.generator_size_fraction = 1 / 3
-        if not 0 < self.generator_size_fraction <= 1:
-            raise UserInputError(
-                f"--generator_size_fraction must be in (0, 1], got {self.generator_size_fraction}: ELECTRA needs a "
-                "generator to propose the replacements, and one no larger than the encoder (the paper finds 1/4-1/2 best)."
-            )
-        if self.discriminator_weight is None:
-            self.discriminator_weight = 50.0
-        if self.discriminator_weight <= 0:
-            raise UserInputError(f"--discriminator_weight must be greater than 0, got {self.discriminator_weight}: "
-                                 "without it the encoder would not be trained.")
+        # The options of --objective are checked by its object (tlnlp.objectives), which pretrain asks first.
 
 
 TaskType = Literal["auto", "single_label", "multi_label", "regression"]

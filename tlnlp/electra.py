@@ -26,8 +26,7 @@ from torch import nn
 from transformers import AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from tlnlp.modeling import ELECTRA_ROLE, MaskedLMLoss, model_inputs, per_example_sums
-from tlnlp.trainer import sub_state_dict
+from tlnlp.modeling import MODEL_ROLE, MaskedLMLoss, model_inputs, per_example_sums, sub_state_dict
 
 GENERATOR_FOLDER = "generator"
 
@@ -38,7 +37,7 @@ def generator_config(discriminator: PretrainedConfig, fraction: float) -> Pretra
     config.num_hidden_layers = max(1, round(discriminator.num_hidden_layers * fraction))
     if getattr(config, "layer_types", None):  # ModernBERT lists each layer's attention kind: keep the first ones
         config.layer_types = list(config.layer_types[: config.num_hidden_layers])
-    setattr(config, ELECTRA_ROLE, "generator")
+    setattr(config, MODEL_ROLE, "generator")
     return config
 
 
@@ -78,7 +77,7 @@ class ReplacedTokenDetection(nn.Module):
                  discriminator_weight: float, sparse: bool = True):
         super().__init__()
         discriminator_config = copy.deepcopy(discriminator_config)
-        setattr(discriminator_config, ELECTRA_ROLE, "discriminator")
+        setattr(discriminator_config, MODEL_ROLE, "discriminator")
         # The encoder of a stock *ForMaskedLM (BERT's without its pooler, which RTD would leave unused).
         self.discriminator: PreTrainedModel = AutoModelForMaskedLM.from_config(discriminator_config).base_model
         hidden = discriminator_config.hidden_size

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from tlnlp.config import TrainingConfig
 from tlnlp.errors import UserInputError
-from tlnlp.transfer import encoder_parts
+from tlnlp.modeling import encoder_parts
 
 logger = logging.getLogger(__name__)
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import set_seed
 from datasets import DatasetDict
+from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
-from tlnlp import builtin, engines, search, self_training
+from tlnlp import builtin, engines
 from tlnlp.config import FinetuneConfig
 from tlnlp.data import (
     cached_map,
@@ -32,8 +35,8 @@ from tlnlp.data import (
 from tlnlp.engines import first_on_each_node
 from tlnlp.errors import TrainingError, UserInputError
 from tlnlp.metrics import load_metric, selection_metric
-from tlnlp.modeling import check_tokenizer_and_length, count_parameters, load_model_tokenizer
-from tlnlp.trainer import Task, default_param_groups, end_run, preprocessing_done, start_run, sub_state_dict, train
+from tlnlp.modeling import check_tokenizer_and_length, count_parameters, load_model_tokenizer, sub_state_dict
+from tlnlp.trainer import Task, default_param_groups, end_run, preprocessing_done, start_run, train
 from tlnlp.transfer import (
     CachedFeatureClassifier,
     HeadSpec,
@@ -83,63 +86,165 @@ def compute_metrics(logits, labels, task_type: str) -> dict[str, float]:
 
 
 def main(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The `python -m tlnlp.finetune` command: one fine-tuning run, or a recipe (search, self-training) that
+    composes the phases below."""
     if not cfg.model_name_or_path:
         raise UserInputError(
             "--model_name_or_path is required: a stage 1 output folder, a local encoder, a built-in model "
             f"({', '.join(builtin.MODELS)}) or a Hub id. Add --from_scratch for the no-transfer baseline."
         )
-    if cfg.search_trials:
-        return search.run_search(cfg, main)
-    if cfg.self_training_rounds:
-        return self_training.run_self_training(cfg, main)
-    accelerator, hub_repo = start_run(cfg)
-    source = builtin.resolve_model(cfg.model_name_or_path)
+    # The recipes are built on the phases below, so they are imported here, by the command alone.
+    from tlnlp import search, self_training
 
+    if cfg.search_trials:
+        return search.run_search(cfg)
+    if cfg.self_training_rounds:
+        return self_training.run_self_training(cfg)
+    accelerator, hub_repo = start_run(cfg)
     with first_on_each_node(accelerator):
-        raw = load_raw_datasets(
-            train_file=cfg.train_file, validation_file=cfg.validation_file, test_file=cfg.test_file,
-            dataset_name=cfg.dataset_name, dataset_config_name=cfg.dataset_config_name,
-            csv_delimiter=cfg.csv_delimiter,
-        )
-    raw = DatasetDict({k: v for k, v in raw.items() if k in ("train", "validation", "test")})
+        raw = read_labeled_splits(train_file=cfg.train_file, validation_file=cfg.validation_file,
+                                  test_file=cfg.test_file, dataset_name=cfg.dataset_name,
+                                  dataset_config_name=cfg.dataset_config_name, csv_delimiter=cfg.csv_delimiter)
+    results = finetune(cfg, accelerator, raw, Path(cfg.output_dir), max_train_samples=cfg.max_train_samples,
+                       pseudo_labeled_file=cfg.pseudo_labeled_file, restore_best=cfg.restore_best_model,
+                       preprocessed_dataset_dir=cfg.preprocessed_dataset_dir, preprocess_only=cfg.preprocess_only)
+    if cfg.preprocess_only:
+        return results
+    end_run(cfg, accelerator, results, "finetune", hub_repo)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 2 as phases. `finetune` runs them in order; a recipe calls it (or the phases) with its own data and
+# output folder, on the one Accelerator of the process.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabeledData:
+    """The checked labeled splits and what was learned from them (phase 1)."""
+
+    splits: DatasetDict  # train, validation and, if given, test
+    text_column: str
+    text_pair_column: str | None
+    label_column: str
+    task_type: str
+    label_names: list[str]
+    pseudo_labeled_rows: int = 0
+    copies_of_training_rows: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.label_names)}
+
+
+@dataclass
+class Classifier:
+    """The encoder with its new task head, its tokenizer and the recipe applied to it (phases 2 and 3)."""
+
+    model: nn.Module
+    tokenizer: Any
+    report: Any  # transfer.SurgeryReport: what was loaded, new, dropped
+    max_seq_length: int
+    unfreeze: UnfreezeSchedule | None = None
+    lr_scales: dict[int, float] = field(default_factory=dict)  # by parameter identity (see apply_recipe)
+
+
+def finetune(cfg: FinetuneConfig, accelerator, raw: DatasetDict, output_dir: Path, *,
+             max_train_samples: int | None = None, pseudo_labeled_file: str | None = None,
+             restore_best: bool = True, report_copies: bool = True, keep_model: bool = True,
+             preprocessed_dataset_dir: str | None = None, preprocess_only: bool = False) -> dict[str, Any]:
+    """One fine-tuning of the recipe `cfg` on the labeled splits `raw`, written to `output_dir`: the
+    phases in order. `keep_model` False (a search fold) saves only the evaluation history."""
+    set_seed(cfg.seed)  # each run starts the model initialisation and the data order from the seed
+    data = prepare_labeled_data(cfg, raw, max_train_samples=max_train_samples,
+                                pseudo_labeled_file=pseudo_labeled_file, report_copies=report_copies)
+    classifier = apply_recipe(cfg, make_classifier(cfg, data))
+    with first_on_each_node(accelerator):
+        tokenized = tokenize(classifier, data, cfg.cache_path,
+                             preprocessed_dataset_dir and Path(preprocessed_dataset_dir))
+    if preprocess_only:
+        return preprocessing_done(accelerator, tokenized)
+    results, trained = fit(cfg, accelerator, classifier, data, tokenized, output_dir, restore_best=restore_best,
+                           keep_model=keep_model)
+    if "test" in tokenized:
+        # The prepared model (FSDP gathers its shards in forward); the cached-feature wrapper reads features,
+        # so the test split, which has none cached, goes through the plain classifier inside it.
+        test_model = engines.unwrap(accelerator, trained).model if cfg.cache_frozen_features else trained
+        results.update(test(accelerator, test_model, classifier.tokenizer, tokenized["test"], data, output_dir,
+                            cfg.per_device_eval_batch_size))
+    return summarize(results, data, classifier, cfg.head_lr)
+
+
+def read_labeled_splits(*, train_file: str | None, validation_file: str | None, test_file: str | None,
+                        dataset_name: str | None = None, dataset_config_name: str | None = None,
+                        csv_delimiter: str | None = None) -> DatasetDict:
+    """Phase 0: the train, validation and test splits of the files or data set named."""
+    raw = load_raw_datasets(train_file=train_file, validation_file=validation_file, test_file=test_file,
+                            dataset_name=dataset_name, dataset_config_name=dataset_config_name,
+                            csv_delimiter=csv_delimiter)
+    return DatasetDict({k: v for k, v in raw.items() if k in ("train", "validation", "test")})
+
+
+def prepare_labeled_data(cfg: FinetuneConfig, raw: DatasetDict, *, max_train_samples: int | None = None,
+                         pseudo_labeled_file: str | None = None, report_copies: bool = True) -> LabeledData:
+    """Phase 1: columns and labels checked, a validation split held out if none was given, the training
+    labels subsampled (`max_train_samples`) and pseudo-labeled rows appended (after the subset, which
+    counts people's labels only). `report_copies` False: the validation split is the training split by
+    choice (a progress report, as in the search's final run)."""
+    raw = DatasetDict(raw)
     text_column = resolve_text_column(raw["train"], cfg.text_column)
     check_labeled_splits(raw, text_column=text_column, text_pair_column=cfg.text_pair_column,
                          label_column=cfg.label_column)
     raw = ensure_validation(raw, cfg.validation_split_percentage, cfg.seed)
     train_labels = raw["train"][cfg.label_column]
     task_type = infer_task_type(train_labels) if cfg.task_type == "auto" else cfg.task_type
-    if cfg.max_train_samples is not None:
-        raw["train"] = stratified_subset(raw["train"], cfg.label_column, cfg.max_train_samples, task_type,
+    if max_train_samples is not None:
+        raw["train"] = stratified_subset(raw["train"], cfg.label_column, max_train_samples, task_type,
                                          cfg.stratify, cfg.seed)
         train_labels = raw["train"][cfg.label_column]
     names = label_names(train_labels, task_type)
     pseudo_rows = 0
-    if cfg.pseudo_labeled_file:  # after the subset: --max_train_samples counts people's labels only
-        raw["train"], pseudo_rows = with_pseudo_labels(raw["train"], cfg, text_column)
+    if pseudo_labeled_file:
+        raw["train"], pseudo_rows = with_pseudo_labels(raw["train"], pseudo_labeled_file, text_column,
+                                                       cfg.label_column, cfg.text_pair_column, cfg.csv_delimiter)
     check_label_sets(raw, cfg.label_column, names, task_type)
-    label2id = {name: i for i, name in enumerate(names)}
-    # (A validation file that is the training file is a progress report by choice, as in the search's final run.)
-    leaked = copies_of_training_rows(raw, text_column, cfg.text_pair_column) if cfg.validation_file != cfg.train_file else {}
+    copies = copies_of_training_rows(raw, text_column, cfg.text_pair_column) if report_copies else {}
+    return LabeledData(raw, text_column, cfg.text_pair_column, cfg.label_column, task_type, names, pseudo_rows,
+                       copies)
 
+
+def make_classifier(cfg: FinetuneConfig, data: LabeledData) -> Classifier:
+    """Phase 2: the encoder of --model_name_or_path with a new task head (or, --from_scratch, random
+    weights), its tokenizer and the sequence length, checked against each other."""
+    source = builtin.resolve_model(cfg.model_name_or_path)
     tokenizer = load_model_tokenizer(source, builtin.resolve_model(cfg.tokenizer_name), cfg.trust_remote_code)
     head = HeadSpec(cfg.head_hidden_sizes_list, cfg.head_dropout, cfg.head_activation, cfg.pooling)
+    names = data.label_names
     model, report = build_classifier(
-        source, num_labels=len(names), id2label=dict(enumerate(names)), task_type=task_type, head=head,
+        source, num_labels=len(names), id2label=dict(enumerate(names)), task_type=data.task_type, head=head,
         from_scratch=cfg.from_scratch, trust_remote_code=cfg.trust_remote_code,
     )
     limit = model.config.encoder_config() if hasattr(model.config, "encoder_config") else model.config
     max_seq_length = cfg.max_seq_length or min(DEFAULT_SEQ_LEN, limit.max_position_embeddings)
     check_tokenizer_and_length(limit, tokenizer, max_seq_length, need_mask=False)
+    return Classifier(model, tokenizer, report, max_seq_length)
 
+
+def apply_recipe(cfg: FinetuneConfig, classifier: Classifier) -> Classifier:
+    """Phase 3: frozen layers, gradual unfreezing and the learning-rate scales (layer-wise decay, the
+    head's rate), logged with the head surgery."""
+    model = classifier.model
     if cfg.freeze_embeddings or cfg.freeze_layers:
         freeze(model, embeddings=cfg.freeze_embeddings, layers=cfg.freeze_layers)
-    schedule = UnfreezeSchedule(model, cfg.unfreeze_schedule) if cfg.unfreeze_schedule else None
+    classifier.unfreeze = UnfreezeSchedule(model, cfg.unfreeze_schedule) if cfg.unfreeze_schedule else None
     head_scale = cfg.head_lr / cfg.learning_rate
-    scales = {}  # by parameter identity: the frozen-feature cache wraps the model and renames its parameters
+    # By parameter identity: the frozen-feature cache wraps the model and renames its parameters.
     if cfg.layerwise_lr_decay < 1 or head_scale != 1:
         by_name = learning_rate_scales(model, cfg.layerwise_lr_decay, head_scale)
-        scales = {id(param): by_name[name] for name, param in model.named_parameters()}
+        classifier.lr_scales = {id(param): by_name[name] for name, param in model.named_parameters()}
     trainable, total = count_parameters(model)
+    report = classifier.report
     logger.info(
         "Head surgery on %s:\n  loaded from the checkpoint: %d tensors\n  new: %s\n  dropped: %s\n"
         "  trainable parameters: %s of %s%s\n  learning rate: %g for the encoder, %g for the head",
@@ -148,21 +253,31 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         f" (frozen: {'embeddings, ' if cfg.freeze_embeddings else ''}{cfg.freeze_layers} bottom layers)"
         if cfg.freeze_embeddings or cfg.freeze_layers else "", cfg.learning_rate, cfg.head_lr,
     )
+    return classifier
+
+
+def tokenize(classifier: Classifier, data: LabeledData, cache_dir: Path, folder: Path | None) -> DatasetDict:
+    """The splits tokenized for the classifier, cached by the inputs and settings (or kept in `folder`)."""
+    tokenizer, length = classifier.tokenizer, classifier.max_seq_length
 
     def build(splits: DatasetDict) -> DatasetDict:
         return DatasetDict({k: tokenize_labeled(
-            v, tokenizer, text_column=text_column, text_pair_column=cfg.text_pair_column,
-            label_column=cfg.label_column, max_seq_length=max_seq_length, task_type=task_type, label2id=label2id,
+            v, tokenizer, text_column=data.text_column, text_pair_column=data.text_pair_column,
+            label_column=data.label_column, max_seq_length=length, task_type=data.task_type,
+            label2id=data.label2id,
         ) for k, v in splits.items()})
 
-    with first_on_each_node(accelerator):
-        key = {"tokenizer": tokenizer_fingerprint(tokenizer), "text": text_column, "pair": cfg.text_pair_column,
-               "label": cfg.label_column, "len": max_seq_length, "task": task_type, "labels": names, "stage": "cls"}
-        tokenized = cached_map(raw, build, key, cfg.cache_path,
-                               cfg.preprocessed_dataset_dir and Path(cfg.preprocessed_dataset_dir))
+    key = {"tokenizer": tokenizer_fingerprint(tokenizer), "text": data.text_column, "pair": data.text_pair_column,
+           "label": data.label_column, "len": length, "task": data.task_type, "labels": data.label_names,
+           "stage": "cls"}
+    return cached_map(data.splits, build, key, cache_dir, folder)
 
-    if cfg.preprocess_only:
-        return preprocessing_done(accelerator, tokenized)
+
+def fit(cfg: FinetuneConfig, accelerator, classifier: Classifier, data: LabeledData, tokenized: DatasetDict,
+        output_dir: Path, *, restore_best: bool = True, keep_model: bool = True) -> tuple[dict[str, Any], nn.Module]:
+    """Phase 4: train with the recipe; returns the results and the prepared model (the best one when
+    `restore_best`)."""
+    model, tokenizer, task_type = classifier.model, classifier.tokenizer, data.task_type
     metric_name, greater_is_better = selection_metric(cfg.metric_for_best_model, task_type)
     collator = DataCollatorWithPadding(tokenizer)
 
@@ -196,6 +311,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         logger.info("Cached the frozen bottom's outputs for %d examples (%.0f MB) in %.1f s.",
                     len(train_data) + len(cached_eval), megabytes, cache_seconds)
 
+    names, scales = data.label_names, classifier.lr_scales
     task = Task(
         model=task_model,
         train_dataset=train_data,
@@ -204,57 +320,58 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         eval_collator=batch_collator,
         train_lengths=train_lengths,
         evaluate=evaluate_split,
-        save=save,
+        save=save if keep_model else None,
         count_unit="examples",
         count=lambda batch: int(batch["attention_mask"].shape[0]),
         param_groups=lambda m: default_param_groups(m, cfg.learning_rate, cfg.weight_decay,
                                                     lambda param: scales.get(id(param), 1.0)),
         metric_for_best_model=metric_name,
         greater_is_better=greater_is_better,
-        before_optimizer_step=schedule,
+        restore_best=restore_best,
+        early_stopping_patience=cfg.early_stopping_patience,
+        before_optimizer_step=classifier.unfreeze,
         summary={"task": f"{task_type} ({len(names)} labels)" if task_type != "regression" else "regression",
-                 "start": report.source, "sequence length": max_seq_length},
+                 "start": classifier.report.source, "sequence length": classifier.max_seq_length},
     )
-    results, trained = train(cfg, task, accelerator)
+    results, trained = train(cfg, task, accelerator, output_dir=output_dir, checkpoints=keep_model)
     if cache_seconds:  # the caching is part of the training cost
         results["feature_cache_s"] = cache_seconds
         results["train_runtime_s"] += cache_seconds
         results["train_examples_per_s"] = results["train_examples"] / results["train_runtime_s"]
-    if "test" in tokenized:
-        # The prepared model (FSDP gathers its shards in forward); the cached-feature wrapper reads features,
-        # so the test split, which has none cached, goes through the plain classifier inside it.
-        test_model = engines.unwrap(accelerator, trained).model if cfg.cache_frozen_features else trained
-        results.update(_test(cfg, accelerator, test_model, tokenized["test"], raw["test"], collator, task_type, names,
-                             text_column))
-    if leaked:
-        results["copies_of_training_rows"] = leaked
-    warning = underfitting_warning(results, len(names), task_type)
+    return results, trained
+
+
+def summarize(results: dict[str, Any], data: LabeledData, classifier: Classifier, head_lr: float) -> dict[str, Any]:
+    """The run's results with what describes the data and the model, and the underfitting warning."""
+    if data.copies_of_training_rows:
+        results["copies_of_training_rows"] = data.copies_of_training_rows
+    warning = underfitting_warning(results, len(data.label_names), data.task_type)
     if warning:
         logger.warning(warning)
         results["underfitting_warning"] = warning
-    results.update(task_type=task_type, label_names=names, train_set_size=len(raw["train"]),
-                   trainable_parameters=trainable, total_parameters=total, head_learning_rate=cfg.head_lr)
-    if pseudo_rows:
-        results["pseudo_labeled_rows"] = pseudo_rows
-    end_run(cfg, accelerator, results, "finetune", hub_repo)
+    trainable, total = count_parameters(classifier.model)
+    results.update(task_type=data.task_type, label_names=data.label_names, train_set_size=len(data.splits["train"]),
+                   trainable_parameters=trainable, total_parameters=total, head_learning_rate=head_lr)
+    if data.pseudo_labeled_rows:
+        results["pseudo_labeled_rows"] = data.pseudo_labeled_rows
     return results
 
 
-def with_pseudo_labels(train, cfg: FinetuneConfig, text_column: str):
-    """The training split with --pseudo_labeled_file's rows appended; returns it and their count."""
+def with_pseudo_labels(train, pseudo_labeled_file: str, text_column: str, label_column: str,
+                       text_pair_column: str | None, csv_delimiter: str | None):
+    """The training split with the rows of `pseudo_labeled_file` appended; returns it and their count."""
     from datasets import concatenate_datasets
 
-    pseudo = load_raw_datasets(train_file=cfg.pseudo_labeled_file, validation_file=None, dataset_name=None,
-                               dataset_config_name=None, csv_delimiter=cfg.csv_delimiter,
+    pseudo = load_raw_datasets(train_file=pseudo_labeled_file, validation_file=None, dataset_name=None,
+                               dataset_config_name=None, csv_delimiter=csv_delimiter,
                                train_option="--pseudo_labeled_file")["train"]
-    missing = [c for c in (text_column, cfg.label_column) if c not in pseudo.column_names]
+    missing = [c for c in (text_column, label_column) if c not in pseudo.column_names]
     if missing:
-        raise UserInputError(f"--pseudo_labeled_file {cfg.pseudo_labeled_file} lacks the column(s) {', '.join(missing)} "
+        raise UserInputError(f"--pseudo_labeled_file {pseudo_labeled_file} lacks the column(s) {', '.join(missing)} "
                              f"that the training data has. Columns found: {', '.join(pseudo.column_names)}.")
-    pseudo = pseudo.select_columns([text_column, cfg.label_column]).cast(
-        train.select_columns([text_column, cfg.label_column]).features)
-    kept = train.select_columns([c for c in train.column_names if c in (text_column, cfg.label_column,
-                                                                         cfg.text_pair_column)])
+    pseudo = pseudo.select_columns([text_column, label_column]).cast(
+        train.select_columns([text_column, label_column]).features)
+    kept = train.select_columns([c for c in train.column_names if c in (text_column, label_column, text_pair_column)])
     return concatenate_datasets([kept, pseudo]), len(pseudo)
 
 
@@ -316,25 +433,26 @@ def check_cached_outputs(model, cached: CachedFeatureClassifier, eval_data, cach
         )
 
 
-def _test(cfg, accelerator, model, tokenized_test, raw_test, collator, task_type, names,
-          text_column: str) -> dict[str, Any]:
-    """Evaluate the final (best) model on the test split and write one prediction per line.
+def test(accelerator, model, tokenizer, tokenized_test, data: LabeledData, output_dir: Path,
+         batch_size: int) -> dict[str, Any]:
+    """Phase 5: evaluate the final (best) model on the test split and write one prediction per line.
 
     In fp32 even when training used autocast: the reported numbers and predictions are then exactly what the
     saved model gives when loaded with the stock Auto classes or `pipeline`. (DeepSpeed and FSDP hold their
     own low-precision weights and keep them.)"""
-    dataloader = accelerator.prepare(DataLoader(tokenized_test, batch_size=cfg.per_device_eval_batch_size,
-                                                collate_fn=collator))
+    dataloader = accelerator.prepare(DataLoader(tokenized_test, batch_size=batch_size,
+                                                collate_fn=DataCollatorWithPadding(tokenizer)))
     if accelerator.mixed_precision != "no" and not (engines.uses_fsdp(accelerator) or engines.uses_deepspeed(accelerator)):
         # Removes Accelerate's autocast wrapper from the forward; training is over, nothing else runs it.
         model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     logits, labels = predict(accelerator, model, dataloader)
+    task_type, names, raw_test = data.task_type, data.label_names, data.splits["test"]
     metrics = compute_metrics(logits, labels, task_type) if labels is not None else {}
     if accelerator.is_main_process:
-        with (Path(cfg.output_dir) / PREDICTIONS_FILE).open("w", encoding="utf-8") as f:
+        with (output_dir / PREDICTIONS_FILE).open("w", encoding="utf-8") as f:
             # The column the run resolved (given or auto-detected), which may not be called "text".
-            texts = raw_test[text_column] if text_column in raw_test.column_names else None
-            truth = raw_test[cfg.label_column] if cfg.label_column in raw_test.column_names else None
+            texts = raw_test[data.text_column] if data.text_column in raw_test.column_names else None
+            truth = raw_test[data.label_column] if data.label_column in raw_test.column_names else None
             for i, row in enumerate(_prediction_rows(logits, task_type, names)):
                 extra = {"text": texts[i]} if texts else {}
                 if truth is not None:

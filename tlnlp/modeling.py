@@ -44,8 +44,11 @@ MODEL_SIZES = {
     "base": (12, 768, 12, 3072),
 }
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-# config.json of an `--objective electra` run marks its models "generator" or "discriminator" under this key.
-ELECTRA_ROLE = "tlnlp_electra_role"
+# A stage-1 objective with more than one model marks each in its config.json under this key (the name is kept
+# as the first such objective, ELECTRA, wrote it): "discriminator" is the encoder, a helper role is refused
+# by stage 2.
+MODEL_ROLE = "tlnlp_electra_role"
+HELPER_ROLES = ("generator",)
 # RoBERTa-style position ids start after the padding index, so two positions are never usable.
 POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2}
 
@@ -218,8 +221,8 @@ def load_mlm_model(name_or_path: str, trust_remote_code: bool = False) -> tuple[
     missing_encoder = [k for k in missing if not k.startswith(head_prefixes)]
     if missing_encoder or info["mismatched_keys"]:
         raise UserInputError(
-            f"{name_or_path} lacks encoder weights the model needs: missing {_preview(missing_encoder)}"
-            f"{'; wrong shape ' + _preview(sorted(map(str, info['mismatched_keys']))) if info['mismatched_keys'] else ''}. "
+            f"{name_or_path} lacks encoder weights the model needs: missing {preview(missing_encoder)}"
+            f"{'; wrong shape ' + preview(sorted(map(str, info['mismatched_keys']))) if info['mismatched_keys'] else ''}. "
             "Is it the right checkpoint and architecture?"
         )
     return model, LoadReport(name_or_path, missing, sorted(info["unexpected_keys"]))
@@ -231,7 +234,7 @@ def _mlm_head_prefixes(model: PreTrainedModel) -> tuple[str, ...]:
     return tuple(sorted(names)) or ("cls.",)
 
 
-def _preview(names: list[str], limit: int = 6) -> str:
+def preview(names: list[str], limit: int = 6) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -389,5 +392,31 @@ def per_example_sums(values: torch.Tensor, selected: torch.Tensor, shape: torch.
     return sums, torch.bincount(example_of_position, minlength=shape[0])
 
 
-def save_dir_has_model(path: Path) -> bool:
-    return any((path / name).exists() for name in ("config.json", "model.safetensors", "all_results.json"))
+def layer_stack(base: nn.Module) -> tuple[nn.Module, str] | None:
+    """(module, attribute) holding the encoder's layer list: `encoder.layer` in the BERT family
+    (`transformer.layer` in DistilBERT), `layers` in ModernBERT."""
+    for owner in (getattr(base, "encoder", None), getattr(base, "transformer", None)):
+        if isinstance(getattr(owner, "layer", None), nn.ModuleList):
+            return owner, "layer"
+    if isinstance(getattr(base, "layers", None), nn.ModuleList):
+        return base, "layers"
+    return None
+
+
+def encoder_parts(model: PreTrainedModel) -> tuple[nn.Module, list[nn.Module]]:
+    """(embeddings, layers bottom to top) of a BERT-family or ModernBERT encoder."""
+    base = model.base_model
+    embeddings = getattr(base, "embeddings", None)
+    stack = layer_stack(base)
+    if embeddings is None or stack is None:
+        raise UserInputError(
+            f"Freezing and layer-wise learning rates need an encoder with embeddings and a layer list "
+            f"(BERT family or ModernBERT); {type(base).__name__} has a different layout."
+        )
+    owner, name = stack
+    return embeddings, list(getattr(owner, name))
+
+
+def sub_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a wrapper's state dict that belong to its submodule `prefix` ('mlm.', 'model.')."""
+    return {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}

@@ -31,11 +31,13 @@ def setup_logging(accelerator: Accelerator) -> None:
         datasets.logging.set_verbosity_error()
 
 
-def write_run_files(accelerator: Accelerator, cfg: Any, results: dict[str, Any], stage: str) -> None:
-    """all_results.json and the resolved configuration, next to the model (main process only)."""
+def write_run_files(accelerator: Accelerator, cfg: Any, results: dict[str, Any], stage: str,
+                    output_dir: Path | None = None) -> None:
+    """all_results.json and the resolved configuration, next to the model in `output_dir` (default
+    --output_dir), and the model card made from them (main process only)."""
     if not accelerator.is_main_process:
         return
-    output_dir = Path(cfg.output_dir)
+    output_dir = Path(output_dir or cfg.output_dir)
     results = {"stage": stage, **results}
     (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=float))
     (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -6,13 +6,11 @@ import functools
 import hashlib
 import itertools
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, DataCollatorForTokenClassification
 
@@ -34,11 +32,9 @@ from tlnlp.data import (
     tokenizer_fingerprint,
     tokenizing_processes,
 )
-from tlnlp.electra import ReplacedTokenDetection, evaluate_electra
 from tlnlp.engines import first_on_each_node, from_main_process
 from tlnlp.errors import UserInputError
 from tlnlp.modeling import (
-    MaskedLMLoss,
     check_tokenizer_and_length,
     load_mlm_model,
     load_model_tokenizer,
@@ -47,28 +43,14 @@ from tlnlp.modeling import (
     tokenizer_from_json,
     train_wordpiece,
 )
+from tlnlp.objectives import checked_objective
 from tlnlp.streaming import ShardedStream
-from tlnlp.trainer import Task, end_run, loader_workers, preprocessing_done, start_run, sub_state_dict, train
+from tlnlp.trainer import Task, end_run, loader_workers, preprocessing_done, start_run, train
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_TRAINING_DOCS = 200_000  # enough text for a WordPiece vocabulary; a streamed corpus may be endless
 DEFAULT_SCRATCH_SEQ_LEN = 128
-
-
-def evaluate_mlm(accelerator, model, dataloader) -> dict[str, float]:
-    """Token-weighted MLM loss and perplexity; per-example sums are gathered, so no tail example counts twice."""
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    masked = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    with torch.no_grad():
-        for batch in dataloader:
-            out = model(**batch)
-            sums, counts = accelerator.gather_for_metrics((out.example_loss_sum, out.example_masked))
-            loss_sum += sums.double().sum()
-            masked += counts.double().sum()
-    loss = (loss_sum / masked.clamp(min=1)).item()
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "masked_tokens": masked.item()}
 
 
 def corpus_tokenizer(train, text_column: str, cfg: PretrainConfig) -> str:
@@ -115,6 +97,7 @@ def check_stream_size(train, held_out: int, slots: int) -> None:
 
 
 def main(cfg: PretrainConfig) -> dict[str, Any]:
+    objective = checked_objective(cfg)
     accelerator, hub_repo = start_run(cfg)
     model_source = builtin.resolve_model(cfg.model_name_or_path)
 
@@ -161,12 +144,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     check_tokenizer_and_length(model.config, tokenizer, max_seq_length)
 
     # Masks are drawn in the training loop from the global RNG, which checkpoints restore (see Task.on_batch).
-    # ELECTRA's generator sees every chosen token as [MASK]: its samples, not BERT's 10% random tokens, are
-    # the replacements the encoder learns to detect.
-    electra = cfg.objective == "electra"
     masker = DataCollatorForLanguageModeling(
-        tokenizer, mlm_probability=cfg.mlm_probability, whole_word_mask=cfg.whole_word_mask,
-        **({"mask_replace_prob": 1.0, "random_replace_prob": 0.0} if electra else {}),
+        tokenizer, mlm_probability=cfg.mlm_probability, whole_word_mask=cfg.whole_word_mask, **objective.masking(),
     )
     prepare = dict(text_column=text_column, max_seq_length=max_seq_length, line_by_line=cfg.line_by_line,
                    whole_word_mask=cfg.whole_word_mask)
@@ -198,31 +177,12 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
             return preprocessing_done(accelerator, tokenized)
         train_data, eval_data = tokenized["train"], tokenized["validation"]
 
-    def save(unwrapped: MaskedLMLoss, folder: Path, state_dict: dict) -> None:
-        unwrapped.mlm.save_pretrained(folder, state_dict=sub_state_dict(state_dict, "mlm."), safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-
-    if electra:
-        objective = dict(
-            model=ReplacedTokenDetection(model.config, cfg.generator_size_fraction, cfg.discriminator_weight,
-                                         sparse=cfg.sparse_mlm_head),
-            evaluate=functools.partial(evaluate_electra, discriminator_weight=cfg.discriminator_weight, seed=cfg.seed),
-            save=lambda unwrapped, folder, state_dict: unwrapped.save(folder, state_dict, tokenizer),
-        )
-        rtd = objective["model"]
-        objective_line = (f"electra (generator: {rtd.generator.mlm.config.num_hidden_layers} of "
-                          f"{rtd.discriminator.config.num_hidden_layers} layers, discriminator weight "
-                          f"{cfg.discriminator_weight:g})")
-        del model  # only its config was needed
-    else:
-        # Compiled, the sparse head takes a fixed number of positions per sequence (no graph break); whole-word
-        # masking varies the masked count too much for that, so it keeps the boolean selection.
-        fixed_slots = cfg.mlm_probability if cfg.torch_compile and not cfg.whole_word_mask else None
-        objective = dict(model=MaskedLMLoss(model, sparse=cfg.sparse_mlm_head, fixed_slots_for=fixed_slots),
-                         evaluate=evaluate_mlm, save=save)
-        objective_line = "mlm"
+    built = objective.build(model, cfg, tokenizer)
+    del model  # held by `built.model` where the objective keeps it
     task = Task(
-        **objective,
+        model=built.model,
+        evaluate=built.evaluate,
+        save=built.save,
         train_dataset=train_data,
         eval_dataset=eval_data,
         train_collator=pad_for_masking(tokenizer),
@@ -231,7 +191,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         train_lengths=sequence_lengths(train_data) if cfg.line_by_line and not cfg.streaming else None,
         eval_collator=DataCollatorForTokenClassification(tokenizer),  # pads labels with -100
         summary={
-            "objective": objective_line,
+            "objective": built.summary,
             "start": cfg.model_name_or_path or (f"from scratch ({cfg.config_name})" if cfg.config_name else
                                                 f"from scratch ({cfg.architecture}, {cfg.model_size or 'tiny'} size)"),
             "tokenizer": f"{len(tokenizer)} tokens" + (" (trained on this corpus)" if trained_tokenizer else ""),
@@ -240,9 +200,8 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         },
     )
     results, _ = train(cfg, task, accelerator)
-    results["objective"] = cfg.objective
-    if not electra:
-        results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50.0))
+    results["objective"] = objective.name
+    objective.finish(results)
     end_run(cfg, accelerator, results, "pretrain", hub_repo)
     return results
 

@@ -29,7 +29,10 @@ import yaml
 from tlnlp.config import FinetuneConfig, config_to_dict
 from tlnlp.data import load_labeled, stratified_subset, write_jsonl
 from tlnlp.errors import TrainingError, UserInputError
+from tlnlp.finetune import finetune, read_labeled_splits
 from tlnlp.metrics import selection_metric
+from tlnlp.outputs import RESULTS_FILE
+from tlnlp.trainer import end_run, finish, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +113,8 @@ def sample(trial, space: dict[str, Any]) -> dict[str, Any]:
 
 
 def recipe(cfg: FinetuneConfig, params: dict[str, Any], train_size: int, **changes: Any) -> FinetuneConfig:
-    """`cfg` with a trial's parameters (warm-up as a fraction of the optimizer steps) and `changes`."""
+    """`cfg` with a trial's parameters (warm-up as a fraction of the optimizer steps) and `changes`: the
+    recipe a trial trains. Data and output folders are not part of it; the search passes them to the phases."""
     params = dict(params)
     fraction = params.pop("warmup_fraction", None)
     batch = params.get("per_device_train_batch_size", cfg.per_device_train_batch_size)
@@ -211,10 +215,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def run_search(cfg: FinetuneConfig, finetune_main) -> dict[str, Any]:
-    """Search, write the report, then train the final model. `finetune_main` runs one fine-tuning."""
+def run_search(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Search, write the report, then train the final model: every run is a call of the stage-2 phases on
+    this process's one Accelerator, with its own data and output folder."""
     import optuna
-    from accelerate.state import AcceleratorState
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserInputError(
@@ -225,11 +229,8 @@ def run_search(cfg: FinetuneConfig, finetune_main) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     folder = output_dir / SEARCH_DIR
     resuming = (folder / JOURNAL).exists()
-    if not resuming and output_dir.exists() and any(output_dir.iterdir()) and not cfg.overwrite_output_dir:
-        raise UserInputError(
-            f"--output_dir {output_dir} already holds files from an earlier run. Use another folder, or "
-            "--overwrite_output_dir."
-        )
+    # A search resumed (the same command again) or joined by a parallel process writes into its own folder.
+    accelerator, hub_repo = start_run(cfg, check_output=not resuming)
     space = load_space(cfg.search_space)
     folds, everything, test, task_type, train_size = write_folds(cfg, folder / "data")
     metric, greater_is_better = selection_metric(cfg.metric_for_best_model, task_type)
@@ -255,22 +256,17 @@ def run_search(cfg: FinetuneConfig, finetune_main) -> dict[str, Any]:
     def objective(trial) -> float:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         params = sample(trial, space)
+        trial_cfg = recipe(cfg, params, train_size)
         scores = []
         for k, (train_file, validation_file) in enumerate(folds):
             run_dir = folder / f"trial_{trial.number:03d}" / f"fold_{k}"
             shutil.rmtree(run_dir, ignore_errors=True)
-            fold_cfg = recipe(cfg, params, train_size, train_file=str(train_file), validation_file=str(validation_file),
-                              dataset_name=None, dataset_config_name=None, test_file=None, max_train_samples=None,
-                              output_dir=str(run_dir), search_trials=None, push_to_hub=False,
-                              restore_best_model=False, checkpointing_steps=None, csv_delimiter=None,
-                              preprocessed_dataset_dir=None, with_tracking=False)
-            AcceleratorState._reset_state(reset_partial_state=True)
-            finetune_main(fold_cfg)
-            history = json.loads((run_dir / "eval_history.json").read_text())
-            scores.append(history[-1][metric])  # the trained recipe's score: its last evaluation, no picking
-            for heavy in run_dir.glob("*.safetensors"):
-                heavy.unlink()  # a trial's models are not kept: the results are
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            fold = read_labeled_splits(train_file=str(train_file), validation_file=str(validation_file), test_file=None)
+            # The trained recipe's score is its last evaluation (no picking); a fold keeps no model.
+            results = finetune(trial_cfg, accelerator, fold, run_dir, restore_best=False, keep_model=False)
+            write_results(run_dir, results)
+            accelerator.free_memory()
+            scores.append(results[f"eval_{metric}"])
             trial.report(statistics.mean(scores), k)
             if k + 1 < len(folds) and trial.should_prune():
                 logger.info("Trial %d pruned after fold %d (%s %.4f).", trial.number, k, metric, statistics.mean(scores))
@@ -291,21 +287,26 @@ def run_search(cfg: FinetuneConfig, finetune_main) -> dict[str, Any]:
     logger.info("Best recipe (trial %d, %s %.4f): %s. Training the final model on all %d labels.", best.number,
                 metric, best.value, best_params, train_size)
 
-    # All the labels; the epochs were chosen by cross-validation, so the last epoch is kept. The run's
-    # evaluation is on the training labels themselves (a progress report, not a score).
-    final_cfg = recipe(cfg, best_params, train_size, train_file=str(everything), validation_file=str(everything),
-                       test_file=str(test) if test else None, dataset_name=None, dataset_config_name=None,
-                       max_train_samples=None, search_trials=None, restore_best_model=False,
-                       overwrite_output_dir=True, csv_delimiter=None)
     if not _claim(folder / "final.lock"):  # processes searching in parallel: one of them trains the final model
         logger.info("Another process trains the final model (%s).", folder / "final.lock")
+        finish(accelerator)
         return {"search_best_trial": best.number, "search_best_cv_score": best.value, "search_metric": metric}
-    AcceleratorState._reset_state(reset_partial_state=True)
-    results = finetune_main(final_cfg)
+    # All the labels; the epochs were chosen by cross-validation, so the last epoch is kept. The run's
+    # evaluation is on the training labels themselves (a progress report, not a score).
+    best_cfg = recipe(cfg, best_params, train_size)
+    final = read_labeled_splits(train_file=str(everything), validation_file=str(everything),
+                                test_file=str(test) if test else None)
+    results = finetune(best_cfg, accelerator, final, output_dir, restore_best=False, report_copies=False)
     results.update(search_trials=len(study.trials), search_best_trial=best.number,
                    search_best_cv_score=best.value, search_metric=metric, search_folds=len(folds))
-    (output_dir / "all_results.json").write_text(json.dumps({"stage": "finetune", **results}, indent=2, default=float))
+    end_run(best_cfg, accelerator, results, "finetune", hub_repo)  # the card names the user's data set
     return results
+
+
+def write_results(run_dir: Path, results: dict[str, Any]) -> None:
+    """A search fold's all_results.json (its model is not kept: the results are)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RESULTS_FILE).write_text(json.dumps({"stage": "finetune", **results}, indent=2, default=float))
 
 
 def write_report(study, cfg: FinetuneConfig, best_params: dict, train_size: int, folder: Path, score: str) -> None:

@@ -29,12 +29,10 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from accelerate import PartialState
 
 from tlnlp import hub
 from tlnlp.card import write_card
@@ -49,14 +47,14 @@ from tlnlp.data import (
     write_jsonl,
 )
 from tlnlp.errors import UserInputError
+from tlnlp.finetune import finetune, read_labeled_splits
 from tlnlp.metrics import selection_metric
-from tlnlp.outputs import setup_logging
-from tlnlp.trainer import check_output_dir
+from tlnlp.outputs import RESULTS_FILE, write_run_files
+from tlnlp.trainer import finish, start_run
 
 logger = logging.getLogger(__name__)
 
 FOLDER = "self_training"
-RESULTS = "all_results.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,26 +71,25 @@ class Data:
     classes: int
 
 
-def run_self_training(cfg: FinetuneConfig, finetune_main: Callable[[FinetuneConfig], dict]) -> dict[str, Any]:
+def run_self_training(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The teacher and each student are calls of the stage-2 phases on this process's one Accelerator."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserInputError("Self-training runs its rounds one after another in one process: launch it with "
                              "`python -m tlnlp.finetune` (or `accelerate launch --num_processes 1`).")
-    state = PartialState()
-    setup_logging(state)  # the rounds' own runs set it up too late for what is logged before them
     folder = Path(cfg.output_dir) / FOLDER
-    if not folder.exists():  # a first run, not the same command again after a stop
-        check_output_dir(cfg)
+    # The same command again after a stop continues its rounds; a first run must not write over another.
+    accelerator, hub_repo = start_run(cfg, check_output=not folder.exists())
     data = prepare(cfg, folder / "data")
-    hub_repo = hub.preflight(cfg, state)  # a bad token fails now, not after the rounds
     per_class = cfg.pseudo_labels_per_class or max(1, round(count_lines(data.labels) / data.classes))
-    round_results = [train_round(cfg, finetune_main, data, folder / "round0", pseudo=None)]
+    metric = selection_metric(cfg.metric_for_best_model, "single_label")[0]
+    round_results = [train_round(cfg, accelerator, data, folder / "round0", pseudo=None)]
     rounds: list[dict[str, Any]] = []
     for number in range(1, cfg.self_training_rounds + 1):
         teacher = folder / f"round{number - 1}"
         pseudo_file, report = pseudo_label(cfg, data, teacher, per_class, folder / f"pseudo_labels_round{number}.jsonl")
-        results = train_round(cfg, finetune_main, data, folder / f"round{number}", pseudo=pseudo_file)
-        report.update(round=number, student_eval_accuracy=results.get("eval_accuracy"),
-                      student_test_accuracy=results.get("test_accuracy"))
+        results = train_round(cfg, accelerator, data, folder / f"round{number}", pseudo=pseudo_file)
+        report.update(round=number, **{f"student_eval_{metric}": results.get(f"eval_{metric}"),
+                                       f"student_test_{metric}": results.get(f"test_{metric}")})
         rounds.append(report)
         round_results.append(results)
 
@@ -109,12 +106,16 @@ def run_self_training(cfg: FinetuneConfig, finetune_main: Callable[[FinetuneConf
     results = round_results[kept] | {"self_training": {
         "rounds": rounds, "kept_round": kept, "unlabeled_selection": cfg.unlabeled_selection,
         "unlabeled_pool": data.unlabeled_pool, "pseudo_label_precision": cfg.pseudo_label_precision,
-        "pseudo_labels_per_class": per_class, "teacher_eval_accuracy": round_results[0].get("eval_accuracy"),
-        "teacher_test_accuracy": round_results[0].get("test_accuracy"), "student_below_teacher": below,
+        "pseudo_labels_per_class": per_class,
+        f"teacher_eval_{metric}": round_results[0].get(f"eval_{metric}"),
+        f"teacher_test_{metric}": round_results[0].get(f"test_{metric}"), "student_below_teacher": below,
     }}
-    (output_dir / RESULTS).write_text(json.dumps(results, indent=2))
+    (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     write_card(output_dir, cfg.hub_model_id)
-    hub.publish(cfg, state, hub_repo)
+    try:
+        hub.publish(cfg, accelerator, hub_repo)
+    finally:
+        finish(accelerator)
     return results
 
 
@@ -243,20 +244,24 @@ def cached_unit_embeddings(cfg: FinetuneConfig, texts: list[str]) -> np.ndarray:
     return rows
 
 
-def train_round(cfg: FinetuneConfig, finetune_main, data: Data, output_dir: Path, pseudo: Path | None) -> dict[str, Any]:
-    """One ordinary fine-tuning run on the prepared files (skipped when an earlier command finished it);
-    returns its all_results.json."""
-    if (output_dir / RESULTS).exists():
+def train_round(cfg: FinetuneConfig, accelerator, data: Data, output_dir: Path, pseudo: Path | None) -> dict[str, Any]:
+    """One fine-tuning on the prepared files, with its own results, configuration and card in `output_dir`
+    (skipped when an earlier command finished it); returns its results."""
+    if (output_dir / RESULTS_FILE).exists():
         logger.info("Self-training: %s was finished by an earlier run; reusing it.", output_dir)
-        return json.loads((output_dir / RESULTS).read_text())
+        return json.loads((output_dir / RESULTS_FILE).read_text())
     logger.info("=== Self-training: %s ===", "student on labels + pseudo-labels" if pseudo else "teacher on the labels")
-    changes = dict(train_file=str(data.labels), validation_file=str(data.validation),
-                   test_file=str(data.test) if data.test else None, dataset_name=None, dataset_config_name=None,
-                   max_train_samples=None, text_column=data.text_column, unlabeled_file=None, unlabeled_dataset=None,
-                   self_training_rounds=0, pseudo_labeled_file=str(pseudo) if pseudo else None,
-                   output_dir=str(output_dir), overwrite_output_dir=True, push_to_hub=False)  # pushed once, at the end
-    finetune_main(dataclasses.replace(cfg, **changes))
-    return json.loads((output_dir / RESULTS).read_text())
+    shutil.rmtree(output_dir, ignore_errors=True)  # a round killed part way starts again
+    raw = read_labeled_splits(train_file=str(data.labels), validation_file=str(data.validation),
+                              test_file=str(data.test) if data.test else None)
+    round_cfg = dataclasses.replace(cfg, text_column=data.text_column)  # the column the labels were written with
+    results = finetune(round_cfg, accelerator, raw, output_dir, pseudo_labeled_file=str(pseudo) if pseudo else None,
+                       restore_best=cfg.restore_best_model)
+    # The round's record names the user's data set and, for a student, its pseudo-labels.
+    record = dataclasses.replace(cfg, pseudo_labeled_file=str(pseudo) if pseudo else None)
+    write_run_files(accelerator, record, results, "finetune", output_dir=output_dir)
+    accelerator.free_memory()
+    return json.loads((output_dir / RESULTS_FILE).read_text())  # as a reused round's: with its stage
 
 
 def pseudo_label(cfg: FinetuneConfig, data: Data, teacher: Path, per_class: int, path: Path) -> tuple[Path, dict]:

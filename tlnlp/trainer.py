@@ -53,12 +53,14 @@ class Task:
     train_collator: Callable
     eval_collator: Callable
     evaluate: Callable[[Accelerator, nn.Module, DataLoader], dict[str, float]]
-    save: Callable[[nn.Module, Path, dict], None]  # (unwrapped model, folder, state_dict)
+    save: Callable[[nn.Module, Path, dict], None] | None  # (unwrapped model, folder, state_dict); None: not kept
     count_unit: str = "tokens"  # what `count` measures, for throughput logs
     count: Callable[[dict], int] = lambda batch: int(batch["attention_mask"].sum())
     param_groups: Callable[[nn.Module], list[dict]] | None = None
     metric_for_best_model: str | None = None  # a key of `evaluate`'s result; None: no best-model tracking
     greater_is_better: bool = True
+    restore_best: bool = True  # end with the best evaluated model (when one is tracked), not the last
+    early_stopping_patience: int | None = None  # evaluations without improvement before stopping
     before_optimizer_step: Callable[[int, int], None] | None = None  # (completed_steps, epoch)
     # Applied to each training batch inside the loop, on the CPU, before it moves to the device. Random
     # work (MLM masking) belongs here, not in the collator: the data loader prefetches a batch ahead, so
@@ -250,18 +252,17 @@ def _is_better(value: float, best: float | None, greater: bool) -> bool:
     return best is None or (value > best if greater else value < best)
 
 
-def sub_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries of a wrapper's state dict that belong to its submodule `prefix` ('mlm.', 'model.')."""
-    return {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
-
-
 class Trainer:
     """One run of the training loop over a `Task`. `fit` reads top to bottom; each side concern (one
     training step, evaluation with best-model tracking, logging, the final save) is a named method."""
 
-    def __init__(self, cfg: TrainingConfig, task: Task, accelerator: Accelerator):
+    def __init__(self, cfg: TrainingConfig, task: Task, accelerator: Accelerator, output_dir: Path,
+                 checkpoints: bool = True):
         self.cfg, self.task, self.accelerator = cfg, task, accelerator
-        self.output_dir = Path(cfg.output_dir)
+        self.output_dir = output_dir
+        # False for a throwaway run (a search fold): no resumable checkpoints, no resume, no tracker.
+        self.keeps_checkpoints = checkpoints
+        self.tracking = cfg.with_tracking and checkpoints
         self.start_time = time.time()
         self.grouped = cfg.group_by_length and task.train_lengths is not None
         self.streamed = isinstance(task.train_dataset, ShardedStream)
@@ -323,7 +324,7 @@ class Trainer:
         self.checkpoints = _Checkpoints(accelerator, self.output_dir, cfg.save_total_limit)
         self.best_file = self.output_dir / CHECKPOINTS / BEST / "model.safetensors"
         self.stop = False
-        self.restore_best = getattr(cfg, "restore_best_model", True)  # (stage 1 tracks no best model)
+        self.restore_best = task.restore_best
         if accelerator.num_processes > 1:
             # Every rank draws its own masks and dropout (one process keeps the stream it always had). Model
             # initialisation, above, used the common seed, so all ranks start from the same weights.
@@ -442,7 +443,7 @@ class Trainer:
             self._log_window()
         if cfg.eval_steps and step % cfg.eval_steps == 0:
             self.stop = self._evaluate_and_track()
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+        if cfg.checkpoint_every and self.keeps_checkpoints and step % cfg.checkpoint_every == 0:
             self._save_checkpoint()
         if step >= self.max_steps:
             self.stop = True
@@ -456,7 +457,7 @@ class Trainer:
         self.state.update(epoch=self.state["epoch"] + 1, batches_in_epoch=0)
         if not self.cfg.eval_steps:
             self.stop = self._evaluate_and_track() or self.stop
-        if self.cfg.checkpointing_steps == "epoch":
+        if self.cfg.checkpointing_steps == "epoch" and self.keeps_checkpoints:
             self._save_checkpoint()
 
     def _save_checkpoint(self) -> None:
@@ -475,7 +476,7 @@ class Trainer:
         step = state["completed_steps"]
         state["history"].append({"step": step, "epoch": state["epoch"], **metrics})
         logger.info("eval at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if self.cfg.with_tracking:
+        if self.tracking:
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
         if name is None:
             return False
@@ -487,7 +488,7 @@ class Trainer:
                 self._save_best()
             return False
         state["evals_without_improvement"] += 1
-        patience = getattr(self.cfg, "early_stopping_patience", None)
+        patience = self.task.early_stopping_patience
         if patience and state["evals_without_improvement"] >= patience:
             logger.info("Early stopping: %s did not improve for %d evaluations (best %.4f at step %d).", name,
                         patience, state["best_metric"], state["best_step"])
@@ -539,13 +540,13 @@ class Trainer:
             **task.summary,
         }
         logger.info("***** Running training *****\n%s", "\n".join(f"  {k:>22}: {v}" for k, v in summary.items()))
-        if cfg.with_tracking:
+        if self.tracking and not accelerator.trackers:  # a recipe's later runs log to the trackers of its first
             flat = {k: v for k, v in config_to_dict(cfg).items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers("tlnlp", config=flat)
 
     def _resume_if_asked(self) -> None:
         cfg = self.cfg
-        if not cfg.resume_from_checkpoint:
+        if not cfg.resume_from_checkpoint or not self.keeps_checkpoints:
             return
         path = latest_checkpoint(self.output_dir) if cfg.resume_from_checkpoint == "latest" else Path(
             cfg.resume_from_checkpoint)
@@ -583,7 +584,7 @@ class Trainer:
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         logger.info("step %d: loss %.4f, lr %.3e, %.0f %s/s, waited %.1f%% for data", state["completed_steps"], loss,
                     lr, units / elapsed, unit, 100 * window["data_wait"] / max(elapsed, 1e-9))
-        if self.cfg.with_tracking:
+        if self.tracking:
             accelerator.log({"train/loss": loss, "train/lr": lr, f"train/{unit}_per_s": units / elapsed},
                             step=state["completed_steps"])
         self._reset_window()
@@ -616,22 +617,26 @@ class Trainer:
         state_dict = engines.gather_state_dict(self.accelerator, self.model)
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.task.save(engines.unwrap(self.accelerator, self.model), self.output_dir, state_dict)
+            if self.task.save is not None:
+                self.task.save(engines.unwrap(self.accelerator, self.model), self.output_dir, state_dict)
             (self.output_dir / "eval_history.json").write_text(json.dumps(self.state["history"], indent=2))
         self.accelerator.wait_for_everyone()
 
 
-def train(cfg: TrainingConfig, task: Task, accelerator: Accelerator) -> tuple[dict[str, Any], nn.Module]:
-    """Train `task.model` as configured; return the results (also written to all_results.json) and the
-    prepared model, ready for evaluation on every rank."""
-    trainer = Trainer(cfg, task, accelerator)
+def train(cfg: TrainingConfig, task: Task, accelerator: Accelerator, output_dir: Path | None = None,
+          checkpoints: bool = True) -> tuple[dict[str, Any], nn.Module]:
+    """Train `task.model` as configured, into `output_dir` (default --output_dir); return the results and
+    the prepared model, ready for evaluation on every rank. `checkpoints` False: a throwaway run."""
+    trainer = Trainer(cfg, task, accelerator, Path(output_dir or cfg.output_dir), checkpoints)
     return trainer.fit(), trainer.model
 
 
-def start_run(cfg: TrainingConfig) -> tuple[Accelerator, str | None]:
+def start_run(cfg: TrainingConfig, check_output: bool = True) -> tuple[Accelerator, str | None]:
     """What every stage does first: the checks that must pass before any work (output folder, Hub
-    access), then Accelerate, logging and seeds. Returns the accelerator and the Hub repo (or None)."""
-    check_output_dir(cfg)
+    access), then Accelerate, logging and seeds. Returns the accelerator and the Hub repo (or None).
+    `check_output` False: a recipe continuing its own earlier run in the folder."""
+    if check_output:
+        check_output_dir(cfg)
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator)
     engines.set_cpu_threads(accelerator)

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from tlnlp.classifier import TlnlpClassifierConfig, TlnlpForSequenceClassification
 from tlnlp.errors import UserInputError
-from tlnlp.modeling import ELECTRA_ROLE, _preview, quiet_transformers
+from tlnlp.modeling import HELPER_ROLES, MODEL_ROLE, encoder_parts, layer_stack, preview, quiet_transformers
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +55,12 @@ def _encoder_config(source: str, trust_remote_code: bool) -> PretrainedConfig:
         ) from None
     if isinstance(config, TlnlpClassifierConfig):
         return config.encoder_config()
-    if getattr(config, ELECTRA_ROLE, None) == "generator":
+    role = getattr(config, MODEL_ROLE, None)
+    if role in HELPER_ROLES:
         parent = Path(source).parent if Path(source).exists() else "the folder above it"
         raise UserInputError(
-            f"--model_name_or_path {source!r} is the generator of an --objective electra run: the small helper "
-            f"that proposed replacements, not the encoder stage 1 trained. Fine-tune the encoder instead: "
+            f"--model_name_or_path {source!r} is the {role} saved by a stage-1 run: a helper its objective trained "
+            f"(config.json says {MODEL_ROLE}: {role}), not the encoder. Fine-tune the encoder instead: "
             f"--model_name_or_path {parent}"
         )
     return config
@@ -89,7 +90,7 @@ def _load_encoder(source: str, trust_remote_code: bool) -> tuple[dict[str, torch
     if info["mismatched_keys"]:
         raise UserInputError(
             f"{source} holds weights of the wrong shape for its own config: "
-            f"{_preview(sorted(map(str, info['mismatched_keys'])))}. The weights and config.json do not belong together."
+            f"{preview(sorted(map(str, info['mismatched_keys'])))}. The weights and config.json do not belong together."
         )
     return encoder.state_dict(), sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
 
@@ -137,7 +138,7 @@ def build_classifier(
     missing_encoder = sorted(k for k in base_keys - set(usable) if not k.startswith("pooler."))
     if missing_encoder:
         raise UserInputError(
-            f"{source} lacks encoder weights: {_preview(missing_encoder)}. Refusing to initialise them randomly; "
+            f"{source} lacks encoder weights: {preview(missing_encoder)}. Refusing to initialise them randomly; "
             "is --model_name_or_path the right checkpoint for this architecture?"
         )
     result = base.load_state_dict(usable, strict=False)
@@ -145,31 +146,6 @@ def build_classifier(
     new_base = sorted(prefix + k for k in result.missing_keys)  # BERT's pooler, when the checkpoint had none
     dropped = sorted(set(extra) | {k for k in weights if k not in base_keys})
     return model, SurgeryReport(source, sorted(prefix + k for k in usable), new_base + head_keys, dropped)
-
-
-def _layer_stack(base: nn.Module) -> tuple[nn.Module, str] | None:
-    """(module, attribute) holding the encoder's layer list: `encoder.layer` in the BERT family
-    (`transformer.layer` in DistilBERT), `layers` in ModernBERT."""
-    for owner in (getattr(base, "encoder", None), getattr(base, "transformer", None)):
-        if isinstance(getattr(owner, "layer", None), nn.ModuleList):
-            return owner, "layer"
-    if isinstance(getattr(base, "layers", None), nn.ModuleList):
-        return base, "layers"
-    return None
-
-
-def encoder_parts(model: PreTrainedModel) -> tuple[nn.Module, list[nn.Module]]:
-    """(embeddings, layers bottom to top) of a BERT-family or ModernBERT encoder."""
-    base = model.base_model
-    embeddings = getattr(base, "embeddings", None)
-    stack = _layer_stack(base)
-    if embeddings is None or stack is None:
-        raise UserInputError(
-            f"Freezing and layer-wise learning rates need an encoder with embeddings and a layer list "
-            f"(BERT family or ModernBERT); {type(base).__name__} has a different layout."
-        )
-    owner, name = stack
-    return embeddings, list(getattr(owner, name))
 
 
 def freeze(model: PreTrainedModel, *, embeddings: bool, layers: int) -> None:
@@ -275,7 +251,7 @@ class CachedFeatureClassifier(nn.Module):
 
     def _run(self, embeddings: nn.Module | None, layers: list[nn.Module], call, final_norm: bool = True):
         base = self.model.base_model
-        owner, name = _layer_stack(base)
+        owner, name = layer_stack(base)
         saved_embeddings, saved_layers = base.embeddings, getattr(owner, name)
         saved_norm = getattr(base, "final_norm", None)  # ModernBERT normalizes after its last layer only
         if embeddings is not None:

@@ -1,0 +1,190 @@
+"""Stage 1's objectives: one object per objective, found by name in `OBJECTIVES` (`--objective`).
+
+An objective owns what differs between pretraining methods: the checks of its options, how the masks are
+drawn, the model whose forward returns its loss, its evaluation, what it saves and what the model card says.
+`pretrain.main` asks the objective and never tests which one it has. A third objective is one more class
+here and one more entry in `OBJECTIVES`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tlnlp.errors import UserInputError
+from tlnlp.modeling import MaskedLMLoss, sub_state_dict
+
+
+@dataclass
+class Built:
+    """What an objective hands to the training loop for one run."""
+
+    model: nn.Module  # forward(**masked batch) returns an output with `.loss`
+    evaluate: Any  # (accelerator, model, dataloader) -> metrics
+    save: Any  # (unwrapped model, folder, state_dict) -> None
+    summary: str  # the start-of-run line that names the objective
+
+
+class Objective:
+    """The interface; each method's docstring says what the run uses it for."""
+
+    name: str
+    options: tuple[str, ...] = ()  # PretrainConfig fields that only this objective reads (None when unset)
+    # The model card: the task the Hub lists it under, and the sentence that says how it was trained.
+    card_task: tuple[str, str, str]  # (task type, task name, pipeline tag)
+    card_description: str
+
+    def check(self, cfg) -> None:
+        """Refuse options that do not fit this objective, and fill its defaults, before any work."""
+
+    def masking(self) -> dict[str, float]:
+        """Options for transformers' DataCollatorForLanguageModeling beyond the probability."""
+        return {}
+
+    def build(self, model: nn.Module, cfg, tokenizer) -> Built:
+        """The loss-computing model, evaluation and save for a run that starts from `model` (an MLM model)."""
+        raise NotImplementedError
+
+    def finish(self, results: dict[str, Any]) -> None:
+        """Add what the objective reports beyond the loop's results (in place)."""
+
+    def card_metrics(self, results: dict[str, Any]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def card_usage(self, name: str) -> str:
+        raise NotImplementedError
+
+    def quality(self, results: dict[str, Any]) -> str:
+        """One phrase for a report: how good the pretrained model is on the validation split."""
+        raise NotImplementedError
+
+
+def evaluate_mlm(accelerator, model, dataloader) -> dict[str, float]:
+    """Token-weighted MLM loss and perplexity; per-example sums are gathered, so no tail example counts twice."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    masked = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    with torch.no_grad():
+        for batch in dataloader:
+            out = model(**batch)
+            sums, counts = accelerator.gather_for_metrics((out.example_loss_sum, out.example_masked))
+            loss_sum += sums.double().sum()
+            masked += counts.double().sum()
+    loss = (loss_sum / masked.clamp(min=1)).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "masked_tokens": masked.item()}
+
+
+class MaskedLanguageModelling(Objective):
+    """BERT's objective: predict the masked tokens (80% [MASK], 10% random, 10% kept)."""
+
+    name = "mlm"
+    card_task = ("fill-mask", "Masked language modelling", "fill-mask")
+    card_description = "masked-language modelling"
+
+    def build(self, model, cfg, tokenizer) -> Built:
+        def save(unwrapped: MaskedLMLoss, folder: Path, state_dict: dict) -> None:
+            unwrapped.mlm.save_pretrained(folder, state_dict=sub_state_dict(state_dict, "mlm."),
+                                          safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+
+        # Compiled, the sparse head takes a fixed number of positions per sequence (no graph break); whole-word
+        # masking varies the masked count too much for that, so it keeps the boolean selection.
+        fixed_slots = cfg.mlm_probability if cfg.torch_compile and not cfg.whole_word_mask else None
+        return Built(MaskedLMLoss(model, sparse=cfg.sparse_mlm_head, fixed_slots_for=fixed_slots), evaluate_mlm,
+                     save, "mlm")
+
+    def finish(self, results) -> None:
+        results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50.0))
+
+    def card_metrics(self, results) -> dict[str, float]:
+        return {"perplexity": results["eval_perplexity"], "loss": results["eval_loss"]}
+
+    def card_usage(self, name: str) -> str:
+        return f'fill = pipeline("fill-mask", model="{name}")\nprint(fill("Paris is the [MASK] of France."))'
+
+    def quality(self, results) -> str:
+        return f"validation perplexity {results['eval_perplexity']:.1f}"
+
+
+class ReplacedTokenDetectionObjective(Objective):
+    """ELECTRA (Clark et al. 2020): a small generator fills the masked positions with its samples and the
+    encoder learns, at every token, to tell original from replaced (`tlnlp.electra`)."""
+
+    name = "electra"
+    options = ("generator_size_fraction", "discriminator_weight")
+    card_task = ("feature-extraction", "Replaced-token detection", "feature-extraction")
+    card_description = ("ELECTRA's replaced-token detection (a small generator, saved in `generator/`, filled the "
+                        "masked positions and this encoder learned to tell original from replaced tokens)")
+
+    def check(self, cfg) -> None:
+        if cfg.model_name_or_path:
+            raise UserInputError(
+                "--objective electra trains a generator and an encoder from scratch; --model_name_or_path continues a "
+                "checkpoint, which has no generator to pair it with. Use --objective mlm to continue a checkpoint, or "
+                "drop --model_name_or_path and give --model_size or --config_name."
+            )
+        if cfg.generator_size_fraction is None:
+            cfg.generator_size_fraction = 1 / 3
+        if not 0 < cfg.generator_size_fraction <= 1:
+            raise UserInputError(
+                f"--generator_size_fraction must be in (0, 1], got {cfg.generator_size_fraction}: ELECTRA needs a "
+                "generator to propose the replacements, and one no larger than the encoder (the paper finds 1/4-1/2 best)."
+            )
+        if cfg.discriminator_weight is None:
+            cfg.discriminator_weight = 50.0
+        if cfg.discriminator_weight <= 0:
+            raise UserInputError(f"--discriminator_weight must be greater than 0, got {cfg.discriminator_weight}: "
+                                 "without it the encoder would not be trained.")
+
+    def masking(self) -> dict[str, float]:
+        # The generator sees every chosen token as [MASK]: its samples, not BERT's 10% random tokens, are the
+        # replacements the encoder learns to detect.
+        return {"mask_replace_prob": 1.0, "random_replace_prob": 0.0}
+
+    def build(self, model, cfg, tokenizer) -> Built:
+        from tlnlp.electra import ReplacedTokenDetection, evaluate_electra
+
+        rtd = ReplacedTokenDetection(model.config, cfg.generator_size_fraction, cfg.discriminator_weight,
+                                     sparse=cfg.sparse_mlm_head)
+        summary = (f"electra (generator: {rtd.generator.mlm.config.num_hidden_layers} of "
+                   f"{rtd.discriminator.config.num_hidden_layers} layers, discriminator weight "
+                   f"{cfg.discriminator_weight:g})")
+        return Built(rtd, functools.partial(evaluate_electra, discriminator_weight=cfg.discriminator_weight,
+                                            seed=cfg.seed),
+                     lambda unwrapped, folder, state_dict: unwrapped.save(folder, state_dict, tokenizer), summary)
+
+    def card_metrics(self, results) -> dict[str, float]:
+        return {k: results[f"eval_{k}"] for k in ("discriminator_accuracy", "replaced_recall", "generator_perplexity")}
+
+    def card_usage(self, name: str) -> str:
+        return f'features = pipeline("feature-extraction", model="{name}")\nprint(len(features("Some text.")[0]))'
+
+    def quality(self, results) -> str:
+        return f"replaced-token detection accuracy {results['eval_discriminator_accuracy']:.3f}"
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (MaskedLanguageModelling(), ReplacedTokenDetectionObjective())}
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise UserInputError(f"Unknown --objective {name!r}; choose one of {', '.join(OBJECTIVES)}.")
+    return OBJECTIVES[name]
+
+
+def checked_objective(cfg) -> Objective:
+    """--objective's object, after refusing another objective's options and running its own checks."""
+    objective = get_objective(cfg.objective)
+    for other in OBJECTIVES.values():
+        given = [f"--{name}" for name in other.options if other is not objective and getattr(cfg, name) is not None]
+        if given:
+            raise UserInputError(f"{' and '.join(given)} only apply to --objective {other.name} (this run is "
+                                 f"--objective {objective.name}). Add --objective {other.name} or drop them.")
+    objective.check(cfg)
+    return objective
