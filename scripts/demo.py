@@ -24,6 +24,7 @@ from datasets import load_dataset
 
 from tlnlp import builtin
 from tlnlp.baselines import frozen_embedding_logistic_regression, tfidf_logistic_regression
+from tlnlp.files import RESULTS_FILE
 from tlnlp.objectives import get_objective
 from tlnlp.study import Arm, run_study, write_report
 
@@ -69,7 +70,7 @@ def main() -> int:
 
     clock = Clock()
     stage1 = out / "stage1"
-    if not (stage1 / "all_results.json").exists():
+    if not (stage1 / RESULTS_FILE).exists():
         logging.info("=== Stage 1: pretraining from scratch on wiki-leads (%s) ===", args.stage1_config)
         command = [sys.executable, "-m", "tlnlp.pretrain", "--config", args.stage1_config,
                    "--output_dir", str(stage1), "--overwrite_output_dir"]
@@ -105,7 +106,7 @@ def main() -> int:
             baselines = run_baselines()
         baselines_file.write_text(json.dumps(baselines, indent=2))
 
-    stage1_results = json.loads((stage1 / "all_results.json").read_text())
+    stage1_results = json.loads((stage1 / RESULTS_FILE).read_text())
     command = "python scripts/demo.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results = write_report(out, rows, baselines, f"wiki-topics, {LABELS} labels: transfer vs from scratch", command)
     results["stage1"] = stage1_results

@@ -6,6 +6,7 @@ import pytest
 from datasets import load_dataset
 
 from tlnlp import builtin
+from tlnlp.config import cache_root
 from tlnlp.errors import UserInputError
 
 
@@ -52,7 +53,7 @@ def test_wiki_topics_test_articles_never_enter_the_pretraining_corpus():
 
 def test_splits_are_rebuilt_identically(tmp_path, monkeypatch):
     first = splits("movie-sentences")["test"]["text"]
-    archive = builtin.cache_root() / "archives" / builtin.PATTERN.filename
+    archive = cache_root() / "archives" / builtin.PATTERN.filename
     monkeypatch.setenv("TLNLP_HOME", str(tmp_path))  # a fresh cache, rebuilt from the same archive
     (tmp_path / "archives").mkdir()
     (tmp_path / "archives" / archive.name).symlink_to(archive)

@@ -111,3 +111,16 @@ def test_mixed_precision_auto_follows_the_launcher_then_the_hardware(monkeypatch
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     assert resolve_mixed_precision("auto") == "fp16"  # the launcher's explicit choice wins
     assert resolve_mixed_precision("no") == "no"  # and the script's own option wins over both
+
+
+def test_metric_help_names_the_defaults_the_code_uses():
+    """The help once said regression picks by `neg_mse`; the code picks by `mse`, lower is better."""
+    import dataclasses
+
+    from tlnlp.metrics import DEFAULT_BEST, LOWER_IS_BETTER
+
+    text = next(f for f in dataclasses.fields(FinetuneConfig) if f.name == "metric_for_best_model").metadata["help"]
+    for metric in DEFAULT_BEST.values():
+        assert metric in text
+    assert "neg_" not in text
+    assert all(f"{metric}, where lower is better" in text for metric in set(DEFAULT_BEST.values()) & LOWER_IS_BETTER)

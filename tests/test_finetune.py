@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -434,3 +438,15 @@ def test_predictions_carry_the_text_of_an_auto_detected_text_column(tiny_mlm_dir
     run_main(ft_args(tiny_mlm_dir, files, out, cache_dir, "--num_train_epochs", "1"))
     predictions = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
     assert [p["text"] for p in predictions] == [r["sentence"] for r in rows[60:]]
+
+
+def test_a_log_without_a_terminal_has_progress_lines_not_bar_frames(tiny_mlm_dir, labeled_files, tmp_path, cache_dir):
+    """A batch job's output file: every tqdm redraw used to be kept, joined by carriage returns."""
+    env = {**os.environ, "TLNLP_PROGRESS_SECONDS": "0", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "tlnlp.finetune",
+                           *ft_args(tiny_mlm_dir, labeled_files, tmp_path / "out", cache_dir, "--num_train_epochs", "1",
+                                    "--mixed_precision", "no")],
+                          capture_output=True, text=True, env=env, timeout=300)  # stderr is a pipe, not a terminal
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\r" not in done.stderr and "it/s]" not in done.stderr
+    assert re.search(r"progress: step \d+ of \d+ \(\d+%\)", done.stderr)

@@ -124,3 +124,25 @@ def test_bad_search_input_is_refused_before_training(extra, space, message, tiny
     with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         run_main(args)
     assert not list(out.glob("search/trial_*"))
+
+
+def test_the_searched_model_card_keeps_the_built_in_data_set(tiny_mlm_dir, tmp_path, small_space):
+    """The final run once recorded its data as the search's own files, so the card said "local files" and
+    lost the data set's licence line."""
+    out = tmp_path / "searched"
+    run_main(["--model_name_or_path", str(tiny_mlm_dir), "--dataset_name", "wiki-uncertainty", "--max_train_samples",
+              "40", "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), "--search_space",
+              str(small_space), "--search_folds", "2", "--search_trials", "1", "--max_seq_length", "32"])
+    card = (out / "README.md").read_text()
+    assert "`wiki-uncertainty` (built into tlnlp)" in card and "Licence:" in card
+
+
+def test_a_search_into_a_used_folder_is_refused_with_the_runs_own_message(tiny_mlm_dir, labeled_files, tmp_path,
+                                                                          small_space):
+    """The search once repeated the output-folder check with its own, shorter message."""
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "notes.txt").write_text("an earlier run")
+    with pytest.raises(UserInputError, match="--resume_from_checkpoint latest to continue it"):
+        run_main(search_args(tiny_mlm_dir, labeled_files, out, tmp_path / "cache", small_space, "--search_trials", "1"))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

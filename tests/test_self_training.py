@@ -166,3 +166,26 @@ def test_the_unlabeled_texts_most_like_the_labeled_ones_are_chosen(tiny_mlm_dir,
     # Only the first --unlabeled_pool_size texts are embedded and chosen from: here, none of the copies.
     pool = prepare(parse_config(FinetuneConfig, args + ["--unlabeled_pool_size", "30"]), tmp_path / "data")
     assert pool.unlabeled_pool == 30 and len(pool.unlabeled) == 10 and not set(copies) & set(pool.unlabeled)
+
+
+def test_rounds_report_the_selection_metric_and_the_card_keeps_the_built_in_data_set(tiny_mlm_dir, tmp_path,
+                                                                                      cache_dir):
+    """The result keys name --metric_for_best_model, the metric that picks the kept round (they once said
+    accuracy whatever picked it); each round's card and the run's card name the built-in data set and its
+    licence (the rounds were once recorded as "local files")."""
+    unlabeled = tmp_path / "unlabeled.txt"
+    unlabeled.write_text("\n".join(text for _, text in make_documents(60, seed=7)) + "\n")
+    out = tmp_path / "out"
+    results = run_main(["--model_name_or_path", str(tiny_mlm_dir), "--dataset_name", "wiki-uncertainty",
+                        "--max_train_samples", "60", "--output_dir", str(out), "--cache_dir", str(cache_dir),
+                        "--num_train_epochs", "1", "--max_seq_length", "32", "--learning_rate", "3e-3",
+                        "--unlabeled_file", str(unlabeled), "--pseudo_label_precision", "0.5",
+                        "--metric_for_best_model", "macro_f1"])
+    report = results["self_training"]
+    assert {"teacher_eval_macro_f1", "teacher_test_macro_f1"} <= set(report)
+    assert {"student_eval_macro_f1", "student_test_macro_f1"} <= set(report["rounds"][0])
+    assert not [key for key in json.dumps(report).split('"') if key.endswith("_accuracy")]
+    for card in (out / "README.md", out / "self_training" / "round0" / "README.md",
+                 out / "self_training" / "round1" / "README.md"):
+        text = card.read_text()
+        assert "`wiki-uncertainty` (built into tlnlp)" in text and "Licence:" in text, card

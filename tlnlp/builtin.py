@@ -17,7 +17,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tlnlp.config import cache_root
 from tlnlp.errors import UserInputError
 
 
@@ -65,11 +65,6 @@ MINILM = Package(
 SPLIT_SEED = 20240101  # fixed forever: changing it would change every published test split
 WIKI_TEST_SIZE = 2000
 WIKI_VALIDATION_SIZE = 500
-
-
-def cache_root() -> Path:
-    """Where built-ins, trained tokenizers and tokenized data are cached: $TLNLP_HOME or ~/.cache/tlnlp."""
-    return Path(os.environ.get("TLNLP_HOME", Path.home() / ".cache" / "tlnlp"))
 
 
 def _sha256(path: Path) -> str:

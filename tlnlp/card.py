@@ -10,9 +10,8 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from tlnlp import builtin
+from tlnlp.files import CARD_FILE, CONFIG_FILE, RESULTS_FILE
 from tlnlp.objectives import get_objective
-
-CARD_FILE = "README.md"
 
 
 def _dataset_line(name: str | None, files: list[str]) -> str:
@@ -26,8 +25,8 @@ def _dataset_line(name: str | None, files: list[str]) -> str:
 
 def build_card(output_dir: Path, repo_id: str | None = None) -> ModelCard:
     """The card for a finished tlnlp run, from its all_results.json and training_config.yaml."""
-    results = json.loads((output_dir / "all_results.json").read_text())
-    cfg = yaml.safe_load((output_dir / "training_config.yaml").read_text())
+    results = json.loads((output_dir / RESULTS_FILE).read_text())
+    cfg = yaml.safe_load((output_dir / CONFIG_FILE).read_text())
     stage = results["stage"]
     name = repo_id or output_dir.name
     dataset = cfg.get("dataset_name")

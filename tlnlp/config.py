@@ -8,6 +8,7 @@ follow Hugging Face's `run_mlm_no_trainer.py` / `run_glue_no_trainer.py` where t
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,12 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser
 
-from tlnlp import builtin
 from tlnlp.errors import UserInputError
+
+
+def cache_root() -> Path:
+    """Where built-ins, trained tokenizers and tokenized data are cached: $TLNLP_HOME or ~/.cache/tlnlp."""
+    return Path(os.environ.get("TLNLP_HOME", Path.home() / ".cache" / "tlnlp"))
 
 
 def _help(text: str, default: Any = None, aliases: list[str] | None = None, **kwargs: Any) -> Any:
@@ -178,7 +183,7 @@ class TrainingConfig:
     @property
     def cache_path(self) -> Path:
         """--cache_dir, or the package's cache root."""
-        return Path(self.cache_dir) if self.cache_dir else builtin.cache_root()
+        return Path(self.cache_dir) if self.cache_dir else cache_root()
 
     @property
     def checkpoint_every(self) -> int | None:
@@ -318,7 +323,8 @@ class FinetuneConfig(TrainingConfig):
     )
 
     metric_for_best_model: str | None = _help(
-        "Validation metric that picks the best checkpoint (default: accuracy, micro_f1 or neg_mse by task)."
+        "Validation metric that picks the best checkpoint, and the recipe in a search (default by task: accuracy, "
+        "micro_f1, or for regression mse, where lower is better)."
     )
     restore_best_model: bool = _help(
         "At the end, go back to the best evaluated model (off: keep the model of the last step).", True

@@ -34,6 +34,7 @@ from tlnlp.data import (
 )
 from tlnlp.engines import first_on_each_node
 from tlnlp.errors import TrainingError, UserInputError
+from tlnlp.files import PREDICTIONS_FILE
 from tlnlp.metrics import load_metric, selection_metric
 from tlnlp.modeling import check_tokenizer_and_length, count_parameters, load_model_tokenizer, sub_state_dict
 from tlnlp.trainer import Task, default_param_groups, end_run, preprocessing_done, start_run, train
@@ -50,7 +51,6 @@ from tlnlp.transfer import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEQ_LEN = 128
-PREDICTIONS_FILE = "test_predictions.jsonl"
 
 
 def predict(accelerator, model, dataloader) -> tuple[np.ndarray, np.ndarray | None]:

@@ -17,6 +17,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from tlnlp.card import write_card
 from tlnlp.errors import UserInputError
+from tlnlp.files import CARD_FILE, CONFIG_FILE, RESULTS_FILE
 
 try:  # the HTTP client huggingface_hub uses (httpx2 from huggingface_hub 2.x, httpx before)
     from httpx2 import TransportError
@@ -31,7 +32,7 @@ T = TypeVar("T")
 UPLOAD_FILES = (
     "model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
     "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "classifier.py",
-    "README.md", "all_results.json", "training_config.yaml",
+    CARD_FILE, RESULTS_FILE, CONFIG_FILE,
 )
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0)
 

@@ -32,6 +32,7 @@ from transformers import (
 from transformers.utils import ModelOutput
 
 from tlnlp.errors import UserInputError
+from tlnlp.terminal import progress_bars
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +271,8 @@ def mean_pooled_embeddings(model_dir: str, texts: list[str], max_length: int = 1
         model = AutoModel.from_pretrained(model_dir).eval()
     order = np.argsort([len(text) for text in texts], kind="stable")
     rows = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
-    for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="Embedding", unit="batch"):
+    for start in tqdm(range(0, len(texts), batch_size), disable=not (progress and progress_bars()), desc="Embedding",
+                      unit="batch"):
         chosen = order[start : start + batch_size]
         batch = tokenizer([texts[i] for i in chosen], padding=True, truncation=True, max_length=max_length,
                           return_tensors="pt")

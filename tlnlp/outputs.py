@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,8 @@ from accelerate import Accelerator
 
 from tlnlp.card import write_card
 from tlnlp.config import config_to_dict
-
-RESULTS_FILE = "all_results.json"
-CONFIG_FILE = "training_config.yaml"
+from tlnlp.files import CONFIG_FILE, RESULTS_FILE
+from tlnlp.terminal import progress_bars
 
 
 def setup_logging(accelerator: Accelerator) -> None:
@@ -27,8 +27,11 @@ def setup_logging(accelerator: Accelerator) -> None:
     transformers.logging.set_verbosity_warning() if main else transformers.logging.set_verbosity_error()
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown the log
     if not main:
-        datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
+    if not main or not progress_bars():
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm's default for every other bar (tqdm >= 4.66)
 
 
 def write_run_files(accelerator: Accelerator, cfg: Any, results: dict[str, Any], stage: str,

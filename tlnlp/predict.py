@@ -15,6 +15,7 @@ from transformers import pipeline
 
 import tlnlp  # noqa: F401  (registers tlnlp's classifier class, so custom heads need no remote code)
 from tlnlp.errors import UserInputError
+from tlnlp.terminal import progress_bars
 
 
 def read_texts(path: str, text_column: str) -> list[str]:
@@ -42,7 +43,7 @@ def predict_texts(model: str, texts: list[str], batch_size: int = 32, max_length
                   trust_remote_code: bool = False, progress: bool = True) -> Iterator[dict]:
     classify = pipeline("text-classification", model=model, top_k=None, trust_remote_code=trust_remote_code)
     kwargs = {"truncation": True, **({"max_length": max_length} if max_length else {})}
-    bar = tqdm(total=len(texts), disable=not progress, desc="Predicting", unit="text")
+    bar = tqdm(total=len(texts), disable=not (progress and progress_bars()), desc="Predicting", unit="text")
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
         for text, scores in zip(chunk, classify(chunk, batch_size=batch_size, **kwargs)):

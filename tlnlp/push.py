@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from tlnlp.errors import UserInputError
+from tlnlp.files import RESULTS_FILE
 from tlnlp.hub import push
 
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     folder = Path(args.output_dir)
-    if not (folder / "all_results.json").is_file():
+    if not (folder / RESULTS_FILE).is_file():
         print(f"error: {folder} is not a finished tlnlp run (no all_results.json).", file=sys.stderr)
         return 2
     try:

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from tlnlp.errors import UserInputError
+from tlnlp.files import RESULTS_FILE
 
 logger = logging.getLogger(__name__)
-RESULTS = "all_results.json"
 
 
 @dataclass
@@ -71,7 +71,7 @@ def _run(module: str, args: list[str], label: str) -> None:
 def continued_pretraining(arm: Arm, output_dir: Path, steps: int, pretrain_args: list[str]) -> str:
     """Domain-adaptive pretraining of the arm's model on its corpus, done once and shared by all its runs."""
     folder = output_dir / "dapt" / arm.name
-    if not (folder / RESULTS).exists():
+    if not (folder / RESULTS_FILE).exists():
         _run("tlnlp.pretrain", ["--model_name_or_path", arm.model, "--dataset_name", arm.dapt_corpus, "--output_dir",
                                 str(folder), "--max_train_steps", str(steps), "--overwrite_output_dir", *pretrain_args],
              f"continued pretraining of {arm.model} on {arm.dapt_corpus} ({steps} steps)")
@@ -89,7 +89,7 @@ def run_study(*, arms: list[Arm], dataset: str, label_counts: list[int], seeds: 
             for seed in seeds:
                 index += 1
                 folder = output_dir / "runs" / arm.name / f"labels{n}_seed{seed}"
-                if (folder / RESULTS).exists():
+                if (folder / RESULTS_FILE).exists():
                     logger.info("[%d/%d] %s, %d labels, seed %d: done earlier, skipped", index, total, arm.name, n, seed)
                 else:
                     args = ["--model_name_or_path", start, "--dataset_name", dataset, "--max_train_samples", str(n),
@@ -100,7 +100,7 @@ def run_study(*, arms: list[Arm], dataset: str, label_counts: list[int], seeds: 
                     if arm.kind == "frozen":
                         args += ["--freeze_embeddings", "--freeze_layers", str(arm.freeze_layers)]
                     _run("tlnlp.finetune", args, f"[{index}/{total}] {arm.name}, {n} labels, seed {seed}")
-                results = json.loads((folder / RESULTS).read_text())
+                results = json.loads((folder / RESULTS_FILE).read_text())
                 rows.append({"arm": arm.name, "kind": arm.kind, "freeze_layers": arm.freeze_layers, "labels": n,
                              "seed": seed, **{k: results.get(k) for k in (
                                  "test_accuracy", "test_macro_f1", "eval_accuracy", "train_runtime_s",

@@ -32,8 +32,10 @@ from tlnlp import engines, hub
 from tlnlp.config import TrainingConfig, config_to_dict
 from tlnlp.data import STREAMING_VALIDATION_DOCS, LengthGroupedSampler
 from tlnlp.errors import TrainingError, UserInputError
+from tlnlp.files import EVAL_HISTORY_FILE
 from tlnlp.outputs import setup_logging, write_run_files
 from tlnlp.streaming import ShardedStream, stream_loader
+from tlnlp.terminal import PROGRESS_LINE_SECONDS, progress_bars
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +339,9 @@ class Trainer:
         self._log_summary()
         self._resume_if_asked()
         self.progress = tqdm(total=self.max_steps, initial=self.state["completed_steps"], unit="step",
-                             disable=not self.accelerator.is_local_main_process, desc="Training", dynamic_ncols=True)
+                             disable=not (self.accelerator.is_local_main_process and progress_bars()), desc="Training",
+                             dynamic_ncols=True)
+        self.last_progress_line, self.first_step = time.time(), self.state["completed_steps"]
         self.model.train()
         self._reset_window()
         # The optimizer step and the first non-finite loss (step, value), kept on the device: no host sync.
@@ -439,6 +443,8 @@ class Trainer:
         self.device_step += 1
         self.progress.update(1)
         step = state["completed_steps"]
+        if self.progress.disable and time.time() - self.last_progress_line >= PROGRESS_LINE_SECONDS:
+            self._log_progress_line()
         if step % cfg.logging_steps == 0 or step == self.max_steps:
             self._log_window()
         if cfg.eval_steps and step % cfg.eval_steps == 0:
@@ -447,6 +453,14 @@ class Trainer:
             self._save_checkpoint()
         if step >= self.max_steps:
             self.stop = True
+
+    def _log_progress_line(self) -> None:
+        """What the bar shows, as one log line, for a log without a terminal (see tlnlp.terminal)."""
+        step, elapsed = self.state["completed_steps"], time.time() - self.start_time
+        left = elapsed / max(step - self.first_step, 1) * (self.max_steps - step)
+        logger.info("progress: step %d of %d (%.0f%%), %.0f s elapsed, about %.0f s left", step, self.max_steps,
+                    100 * step / self.max_steps, elapsed, left)
+        self.last_progress_line = time.time()
 
     def _end_epoch(self) -> None:
         if self.state["batches_in_epoch"] == 0:  # an endless loop over an empty stream otherwise
@@ -619,7 +633,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if self.task.save is not None:
                 self.task.save(engines.unwrap(self.accelerator, self.model), self.output_dir, state_dict)
-            (self.output_dir / "eval_history.json").write_text(json.dumps(self.state["history"], indent=2))
+            (self.output_dir / EVAL_HISTORY_FILE).write_text(json.dumps(self.state["history"], indent=2))
         self.accelerator.wait_for_everyone()
 
 

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from tlnlp.classifier import TlnlpClassifierConfig, TlnlpForSequenceClassification
 from tlnlp.errors import UserInputError
 from tlnlp.modeling import HELPER_ROLES, MODEL_ROLE, encoder_parts, layer_stack, preview, quiet_transformers
+from tlnlp.terminal import progress_bars
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ class CachedFeatureClassifier(nn.Module):
         lengths = [len(ids) for ids in dataset["input_ids"]]
         order = sorted(range(len(dataset)), key=lambda i: lengths[i])  # little padding while computing
         items: list[dict | None] = [None] * len(dataset)
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress_bars()):
             chunk = order[start: start + batch_size]
             rows = dataset.select(chunk)
             width = max(lengths[i] for i in chunk)
