@@ -278,8 +278,9 @@ TaskType = Literal["auto", "single_label", "multi_label", "regression"]
 
 
 @dataclass
-class FinetuneConfig(TrainingConfig):
-    """Stage 2: attach a task head to a pretrained encoder and fine-tune it on labeled data."""
+class Stage2Config(TrainingConfig):
+    """Stage 2: attach a task head to a pretrained encoder and fine-tune it on labeled data. These are the
+    options the stage-2 phases read (`tlnlp.finetune`); the recipes' own options are in their groups below."""
 
     test_file: str | None = _help("Test data, evaluated once at the end with the best model.")
     text_pair_column: str | None = _help("Second text column, for sentence-pair tasks.")
@@ -329,6 +330,73 @@ class FinetuneConfig(TrainingConfig):
     restore_best_model: bool = _help(
         "At the end, go back to the best evaluated model (off: keep the model of the last step).", True
     )
+    early_stopping_patience: int | None = _help("Stop after N evaluations without improvement of the best metric.")
+
+    pseudo_labeled_file: str | None = _help(
+        "Extra training rows whose labels a model predicted (self-training writes these): counted apart in "
+        "all_results.json and named in the model card. Same format and columns as --train_file."
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.freeze_layers < 0:
+            raise UserInputError(f"--freeze_layers must be 0 or more, got {self.freeze_layers}.")
+        if not 0 < self.layerwise_lr_decay <= 1:
+            raise UserInputError(f"--layerwise_lr_decay must be in (0, 1], got {self.layerwise_lr_decay}.")
+        if self.head_dropout is not None and not 0 <= self.head_dropout < 1:
+            raise UserInputError(f"--head_dropout must be in [0, 1), got {self.head_dropout}.")
+        if self.head_learning_rate is not None and self.head_learning_rate <= 0:
+            raise UserInputError(f"--head_learning_rate must be greater than 0, got {self.head_learning_rate}.")
+        if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
+            raise UserInputError(
+                f"--early_stopping_patience must be greater than 0, got {self.early_stopping_patience}."
+            )
+        if self.max_train_samples is not None and self.max_train_samples <= 0:
+            raise UserInputError(f"--max_train_samples must be greater than 0, got {self.max_train_samples}.")
+        if self.unfreeze_schedule is not None and self.unfreeze_schedule != "epoch":
+            if not self.unfreeze_schedule.isdigit() or int(self.unfreeze_schedule) <= 0:
+                raise UserInputError(
+                    f"--unfreeze_schedule must be 'epoch' or a positive number of steps, got {self.unfreeze_schedule!r}."
+                )
+        if self.cache_frozen_features and not self.freeze_embeddings:
+            raise UserInputError(
+                "--cache_frozen_features needs --freeze_embeddings (and usually --freeze_layers K): only a frozen "
+                "bottom of the encoder gives the same outputs every epoch."
+            )
+        if self.cache_frozen_features and self.unfreeze_schedule:
+            raise UserInputError(
+                "--cache_frozen_features cannot be combined with --unfreeze_schedule: thawed layers change their outputs."
+            )
+        _ = self.head_hidden_sizes_list  # validates the format before any work starts
+
+    @property
+    def head_lr(self) -> float:
+        """The task head's learning rate: --head_learning_rate, else HEAD_LR_MULTIPLIER x --learning_rate
+        capped at HEAD_LR_CAP (never below the encoder's own rate)."""
+        if self.head_learning_rate:
+            return self.head_learning_rate
+        return max(self.learning_rate, min(HEAD_LR_MULTIPLIER * self.learning_rate, HEAD_LR_CAP))
+
+    @property
+    def head_hidden_sizes_list(self) -> list[int]:
+        text = self.head_hidden_sizes.strip()
+        if not text:
+            return []
+        try:
+            sizes = [int(part) for part in text.split(",")]
+        except ValueError:
+            sizes = []
+        if not sizes or any(size <= 0 for size in sizes):
+            raise UserInputError(
+                f"--head_hidden_sizes must be comma-separated positive integers such as '512,256', got {text!r}."
+            )
+        return sizes
+
+
+@dataclass
+class SearchOptions:
+    """Recipe search (`tlnlp.search`)."""
+
     search_trials: int | None = _help(
         "Search the recipe first: N Optuna trials (TPE) over learning rate, epochs, batch size, warm-up, weight "
         "decay, pooling, frozen layers, layer-wise decay and head dropout, each scored by --search_folds-fold "
@@ -340,9 +408,18 @@ class FinetuneConfig(TrainingConfig):
     search_space: str | None = _help(
         "A YAML file that narrows or widens the search: option: {low, high, log} | [choices] | value | null."
     )
-    early_stopping_patience: int | None = _help("Stop after N evaluations without improvement of the best metric.")
 
-    # Self-training on unlabeled text
+    def __post_init__(self) -> None:
+        if self.search_trials is not None and self.search_trials <= 0:
+            raise UserInputError(f"--search_trials must be greater than 0, got {self.search_trials}.")
+        if not 2 <= self.search_folds <= 20:
+            raise UserInputError(f"--search_folds must be between 2 and 20, got {self.search_folds}.")
+
+
+@dataclass
+class SelfTrainingOptions:
+    """Self-training on unlabeled text (`tlnlp.self_training`)."""
+
     unlabeled_file: str | None = _help(
         "Unlabeled text for self-training (.txt one document per line, .csv, .json, .jsonl): a teacher trained on the "
         "labels labels it, and its confident, class-balanced predictions join the labels to train a student."
@@ -371,49 +448,8 @@ class FinetuneConfig(TrainingConfig):
         "--unlabeled_selection similar chooses among the first this many unlabeled texts, and embeds them all "
         "(MiniLM embedded about 160 sentences a second on 2 CPU cores).", 100000
     )
-    pseudo_labeled_file: str | None = _help(
-        "Extra training rows whose labels a model predicted (self-training writes these): counted apart in "
-        "all_results.json and named in the model card. Same format and columns as --train_file."
-    )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check_self_training()
-        if self.freeze_layers < 0:
-            raise UserInputError(f"--freeze_layers must be 0 or more, got {self.freeze_layers}.")
-        if not 0 < self.layerwise_lr_decay <= 1:
-            raise UserInputError(f"--layerwise_lr_decay must be in (0, 1], got {self.layerwise_lr_decay}.")
-        if self.head_dropout is not None and not 0 <= self.head_dropout < 1:
-            raise UserInputError(f"--head_dropout must be in [0, 1), got {self.head_dropout}.")
-        if self.head_learning_rate is not None and self.head_learning_rate <= 0:
-            raise UserInputError(f"--head_learning_rate must be greater than 0, got {self.head_learning_rate}.")
-        if self.search_trials is not None and self.search_trials <= 0:
-            raise UserInputError(f"--search_trials must be greater than 0, got {self.search_trials}.")
-        if not 2 <= self.search_folds <= 20:
-            raise UserInputError(f"--search_folds must be between 2 and 20, got {self.search_folds}.")
-        if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
-            raise UserInputError(
-                f"--early_stopping_patience must be greater than 0, got {self.early_stopping_patience}."
-            )
-        if self.max_train_samples is not None and self.max_train_samples <= 0:
-            raise UserInputError(f"--max_train_samples must be greater than 0, got {self.max_train_samples}.")
-        if self.unfreeze_schedule is not None and self.unfreeze_schedule != "epoch":
-            if not self.unfreeze_schedule.isdigit() or int(self.unfreeze_schedule) <= 0:
-                raise UserInputError(
-                    f"--unfreeze_schedule must be 'epoch' or a positive number of steps, got {self.unfreeze_schedule!r}."
-                )
-        if self.cache_frozen_features and not self.freeze_embeddings:
-            raise UserInputError(
-                "--cache_frozen_features needs --freeze_embeddings (and usually --freeze_layers K): only a frozen "
-                "bottom of the encoder gives the same outputs every epoch."
-            )
-        if self.cache_frozen_features and self.unfreeze_schedule:
-            raise UserInputError(
-                "--cache_frozen_features cannot be combined with --unfreeze_schedule: thawed layers change their outputs."
-            )
-        _ = self.head_hidden_sizes_list  # validates the format before any work starts
-
-    def _check_self_training(self) -> None:
         unlabeled = self.unlabeled_file or self.unlabeled_dataset
         if self.unlabeled_file and self.unlabeled_dataset:
             raise UserInputError("Give --unlabeled_file or --unlabeled_dataset, not both.")
@@ -426,11 +462,6 @@ class FinetuneConfig(TrainingConfig):
             )
         if unlabeled and self.self_training_rounds is None:
             self.self_training_rounds = 1
-        if self.self_training_rounds and self.search_trials:
-            raise UserInputError(
-                "--search_trials and --self_training_rounds cannot be combined in one run: search first, then "
-                "self-train with --config search/best_config.yaml."
-            )
         if not 0 < self.pseudo_label_precision <= 1:
             raise UserInputError(f"--pseudo_label_precision must be in (0, 1], got {self.pseudo_label_precision}.")
         if self.pseudo_labels_per_class is not None and self.pseudo_labels_per_class <= 0:
@@ -442,28 +473,21 @@ class FinetuneConfig(TrainingConfig):
                                  f"--max_unlabeled_samples ({self.max_unlabeled_samples}): the texts to label are "
                                  "chosen from the pool.")
 
-    @property
-    def head_lr(self) -> float:
-        """The task head's learning rate: --head_learning_rate, else HEAD_LR_MULTIPLIER x --learning_rate
-        capped at HEAD_LR_CAP (never below the encoder's own rate)."""
-        if self.head_learning_rate:
-            return self.head_learning_rate
-        return max(self.learning_rate, min(HEAD_LR_MULTIPLIER * self.learning_rate, HEAD_LR_CAP))
 
-    @property
-    def head_hidden_sizes_list(self) -> list[int]:
-        text = self.head_hidden_sizes.strip()
-        if not text:
-            return []
-        try:
-            sizes = [int(part) for part in text.split(",")]
-        except ValueError:
-            sizes = []
-        if not sizes or any(size <= 0 for size in sizes):
+@dataclass
+class FinetuneConfig(SelfTrainingOptions, SearchOptions, Stage2Config):
+    """The options of `python -m tlnlp.finetune`: stage 2's, then each recipe's group (one flat set on the
+    command line and in YAML files)."""
+
+    def __post_init__(self) -> None:
+        Stage2Config.__post_init__(self)
+        SearchOptions.__post_init__(self)
+        SelfTrainingOptions.__post_init__(self)
+        if self.self_training_rounds and self.search_trials:
             raise UserInputError(
-                f"--head_hidden_sizes must be comma-separated positive integers such as '512,256', got {text!r}."
+                "--search_trials and --self_training_rounds cannot be combined in one run: search first, then "
+                "self-train with --config search/best_config.yaml."
             )
-        return sizes
 
 
 def _yaml_to_argv(path: str, config_class: type) -> list[str]:

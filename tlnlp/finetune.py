@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from tlnlp import builtin, engines
-from tlnlp.config import FinetuneConfig
+from tlnlp.config import FinetuneConfig, Stage2Config
 from tlnlp.data import (
     cached_map,
     check_label_sets,
@@ -150,7 +150,7 @@ class Classifier:
     lr_scales: dict[int, float] = field(default_factory=dict)  # by parameter identity (see apply_recipe)
 
 
-def finetune(cfg: FinetuneConfig, accelerator, raw: DatasetDict, output_dir: Path, *,
+def finetune(cfg: Stage2Config, accelerator, raw: DatasetDict, output_dir: Path, *,
              max_train_samples: int | None = None, pseudo_labeled_file: str | None = None,
              restore_best: bool = True, report_copies: bool = True, keep_model: bool = True,
              preprocessed_dataset_dir: str | None = None, preprocess_only: bool = False) -> dict[str, Any]:
@@ -186,7 +186,7 @@ def read_labeled_splits(*, train_file: str | None, validation_file: str | None, 
     return DatasetDict({k: v for k, v in raw.items() if k in ("train", "validation", "test")})
 
 
-def prepare_labeled_data(cfg: FinetuneConfig, raw: DatasetDict, *, max_train_samples: int | None = None,
+def prepare_labeled_data(cfg: Stage2Config, raw: DatasetDict, *, max_train_samples: int | None = None,
                          pseudo_labeled_file: str | None = None, report_copies: bool = True) -> LabeledData:
     """Phase 1: columns and labels checked, a validation split held out if none was given, the training
     labels subsampled (`max_train_samples`) and pseudo-labeled rows appended (after the subset, which
@@ -214,7 +214,7 @@ def prepare_labeled_data(cfg: FinetuneConfig, raw: DatasetDict, *, max_train_sam
                        copies)
 
 
-def make_classifier(cfg: FinetuneConfig, data: LabeledData) -> Classifier:
+def make_classifier(cfg: Stage2Config, data: LabeledData) -> Classifier:
     """Phase 2: the encoder of --model_name_or_path with a new task head (or, --from_scratch, random
     weights), its tokenizer and the sequence length, checked against each other."""
     source = builtin.resolve_model(cfg.model_name_or_path)
@@ -231,7 +231,7 @@ def make_classifier(cfg: FinetuneConfig, data: LabeledData) -> Classifier:
     return Classifier(model, tokenizer, report, max_seq_length)
 
 
-def apply_recipe(cfg: FinetuneConfig, classifier: Classifier) -> Classifier:
+def apply_recipe(cfg: Stage2Config, classifier: Classifier) -> Classifier:
     """Phase 3: frozen layers, gradual unfreezing and the learning-rate scales (layer-wise decay, the
     head's rate), logged with the head surgery."""
     model = classifier.model
@@ -273,7 +273,7 @@ def tokenize(classifier: Classifier, data: LabeledData, cache_dir: Path, folder:
     return cached_map(data.splits, build, key, cache_dir, folder)
 
 
-def fit(cfg: FinetuneConfig, accelerator, classifier: Classifier, data: LabeledData, tokenized: DatasetDict,
+def fit(cfg: Stage2Config, accelerator, classifier: Classifier, data: LabeledData, tokenized: DatasetDict,
         output_dir: Path, *, restore_best: bool = True, keep_model: bool = True) -> tuple[dict[str, Any], nn.Module]:
     """Phase 4: train with the recipe; returns the results and the prepared model (the best one when
     `restore_best`)."""
