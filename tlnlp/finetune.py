@@ -37,7 +37,7 @@ from tlnlp.errors import TrainingError, UserInputError
 from tlnlp.files import PREDICTIONS_FILE
 from tlnlp.metrics import load_metric, selection_metric
 from tlnlp.modeling import check_tokenizer_and_length, count_parameters, load_model_tokenizer, sub_state_dict
-from tlnlp.trainer import Task, default_param_groups, end_run, preprocessing_done, start_run, train
+from tlnlp.trainer import Task, default_param_groups, end_run, fit_accelerator_to, preprocessing_done, start_run, train
 from tlnlp.transfer import (
     CachedFeatureClassifier,
     HeadSpec,
@@ -156,6 +156,7 @@ def finetune(cfg: Stage2Config, accelerator, raw: DatasetDict, output_dir: Path,
              preprocessed_dataset_dir: str | None = None, preprocess_only: bool = False) -> dict[str, Any]:
     """One fine-tuning of the recipe `cfg` on the labeled splits `raw`, written to `output_dir`: the
     phases in order. `keep_model` False (a search fold) saves only the evaluation history."""
+    fit_accelerator_to(accelerator, cfg)
     set_seed(cfg.seed)  # each run starts the model initialisation and the data order from the seed
     data = prepare_labeled_data(cfg, raw, max_train_samples=max_train_samples,
                                 pseudo_labeled_file=pseudo_labeled_file, report_copies=report_copies)

@@ -1,7 +1,8 @@
 """Transfer-learning studies: several starting points ("arms") x label counts x seeds, with a report.
 
-Every run is an ordinary `python -m tlnlp.finetune` (or `tlnlp.pretrain`) process writing its own
-output folder; a run whose `all_results.json` exists is skipped, so a study can be stopped and re-run.
+Every fine-tuning is a call of the stage-2 phases in this process, on its one Accelerator, into its own
+output folder; the continued pretraining of a `dapt` arm is a `python -m tlnlp.pretrain` process (a stage-1
+run of its own). A run whose `all_results.json` exists is skipped, so a study can be stopped and re-run.
 """
 
 from __future__ import annotations
@@ -17,8 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tlnlp.config import FinetuneConfig, parse_config
+from tlnlp.engines import first_on_each_node
 from tlnlp.errors import UserInputError
 from tlnlp.files import RESULTS_FILE
+from tlnlp.finetune import finetune, read_labeled_splits
+from tlnlp.outputs import write_run_files
+from tlnlp.trainer import check_output_dir, finish, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -83,29 +89,60 @@ def run_study(*, arms: list[Arm], dataset: str, label_counts: list[int], seeds: 
     rows = []
     total = len(arms) * len(label_counts) * len(seeds)
     index = 0
-    for arm in arms:
-        start = continued_pretraining(arm, output_dir, dapt_steps, pretrain_args or []) if arm.kind == "dapt" else arm.model
-        for n in label_counts:
-            for seed in seeds:
-                index += 1
-                folder = output_dir / "runs" / arm.name / f"labels{n}_seed{seed}"
-                if (folder / RESULTS_FILE).exists():
-                    logger.info("[%d/%d] %s, %d labels, seed %d: done earlier, skipped", index, total, arm.name, n, seed)
-                else:
-                    args = ["--model_name_or_path", start, "--dataset_name", dataset, "--max_train_samples", str(n),
-                            "--seed", str(seed), "--output_dir", str(folder), "--overwrite_output_dir", *finetune_args,
-                            *arm.finetune_args]
-                    if arm.kind == "scratch":
-                        args.append("--from_scratch")
-                    if arm.kind == "frozen":
-                        args += ["--freeze_embeddings", "--freeze_layers", str(arm.freeze_layers)]
-                    _run("tlnlp.finetune", args, f"[{index}/{total}] {arm.name}, {n} labels, seed {seed}")
-                results = json.loads((folder / RESULTS_FILE).read_text())
-                rows.append({"arm": arm.name, "kind": arm.kind, "freeze_layers": arm.freeze_layers, "labels": n,
-                             "seed": seed, **{k: results.get(k) for k in (
-                                 "test_accuracy", "test_macro_f1", "eval_accuracy", "train_runtime_s",
-                                 "trainable_parameters", "total_parameters")}})
+    accelerator = None
+    try:
+        for arm in arms:
+            start = continued_pretraining(arm, output_dir, dapt_steps, pretrain_args or []) if arm.kind == "dapt" else arm.model
+            for n in label_counts:
+                for seed in seeds:
+                    index += 1
+                    folder = output_dir / "runs" / arm.name / f"labels{n}_seed{seed}"
+                    if (folder / RESULTS_FILE).exists():
+                        logger.info("[%d/%d] %s, %d labels, seed %d: done earlier, skipped", index, total, arm.name, n,
+                                    seed)
+                    else:
+                        logger.info("=== [%d/%d] %s, %d labels, seed %d ===", index, total, arm.name, n, seed)
+                        cfg = parse_config(FinetuneConfig, run_args(arm, start, dataset, n, seed, folder, finetune_args))
+                        accelerator = accelerator or start_run(cfg, check_output=False)[0]
+                        finetune_into(cfg, accelerator, folder)
+                    results = json.loads((folder / RESULTS_FILE).read_text())
+                    rows.append({"arm": arm.name, "kind": arm.kind, "freeze_layers": arm.freeze_layers, "labels": n,
+                                 "seed": seed, **{k: results.get(k) for k in (
+                                     "test_accuracy", "test_macro_f1", "eval_accuracy", "train_runtime_s",
+                                     "trainable_parameters", "total_parameters")}})
+    finally:
+        if accelerator is not None:
+            finish(accelerator)
     return rows
+
+
+def run_args(arm: Arm, start: str, dataset: str, labels: int, seed: int, folder: Path, finetune_args: list[str]):
+    """The options of one run, as `python -m tlnlp.finetune` would take them."""
+    args = ["--model_name_or_path", start, "--dataset_name", dataset, "--max_train_samples", str(labels),
+            "--seed", str(seed), "--output_dir", str(folder), "--overwrite_output_dir", *finetune_args,
+            *arm.finetune_args]
+    if arm.kind == "scratch":
+        args.append("--from_scratch")
+    if arm.kind == "frozen":
+        args += ["--freeze_embeddings", "--freeze_layers", str(arm.freeze_layers)]
+    return args
+
+
+def finetune_into(cfg: FinetuneConfig, accelerator, folder: Path) -> None:
+    """One run of the study: the phases on the study's Accelerator, with the run's results, configuration and
+    model card written in `folder`."""
+    if cfg.search_trials or cfg.self_training_rounds:
+        raise UserInputError("A study's runs are plain fine-tunings: drop --search_trials and the self-training "
+                             "options from its fine-tuning options.")
+    check_output_dir(cfg)
+    with first_on_each_node(accelerator):
+        raw = read_labeled_splits(train_file=cfg.train_file, validation_file=cfg.validation_file,
+                                  test_file=cfg.test_file, dataset_name=cfg.dataset_name,
+                                  dataset_config_name=cfg.dataset_config_name, csv_delimiter=cfg.csv_delimiter)
+    results = finetune(cfg, accelerator, raw, folder, max_train_samples=cfg.max_train_samples,
+                       pseudo_labeled_file=cfg.pseudo_labeled_file, restore_best=cfg.restore_best_model)
+    write_run_files(accelerator, cfg, results, "finetune")
+    accelerator.free_memory()
 
 
 def summarize(rows: list[dict]) -> list[dict]:

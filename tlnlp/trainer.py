@@ -114,6 +114,20 @@ def make_accelerator(cfg: TrainingConfig) -> Accelerator:
     )
 
 
+def fit_accelerator_to(accelerator: Accelerator, cfg: TrainingConfig) -> None:
+    """A recipe's later run on the process's one Accelerator: its own gradient accumulation; a precision or
+    compilation other than the Accelerator's is refused (they are fixed when it is made)."""
+    accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+    precision = resolve_mixed_precision(cfg.mixed_precision)
+    compiled = accelerator.state.dynamo_plugin.backend.value.lower() != "no"
+    if precision != accelerator.mixed_precision or cfg.torch_compile != compiled:
+        raise UserInputError(
+            f"Runs that share one process share its precision and compilation: this run asks for --mixed_precision "
+            f"{precision} and torch_compile {cfg.torch_compile}, the first run used {accelerator.mixed_precision} "
+            f"and {compiled}. Give every run the same --mixed_precision and --torch_compile."
+        )
+
+
 def loader_workers(cfg: TrainingConfig, accelerator: Accelerator) -> int:
     """--dataloader_num_workers, or 0 on a CPU (workers would take its cores from training) and 2 on a GPU."""
     if cfg.dataloader_num_workers is not None:
