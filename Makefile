@@ -47,7 +47,7 @@ lint: install
 demo: data
 	$(PY) scripts/demo.py --output_dir runs/demo
 
-# The longer stage 1 at which the demo-size encoder beats its from-scratch twin (README, "Stage 1 budget").
+# The longer stage 1 at which the demo-size encoder beats its from-scratch twin (docs/stage1.md, "Stage 1 budget").
 stage1-budget: data
 	$(PY) scripts/demo.py --output_dir runs/stage1-budget --stage1_config configs/stage1_budget.yaml \
 		--stage1_only --seeds 42,43,44

@@ -69,7 +69,7 @@ def tlnlp_run(dataset: str, labels: int, seed: int, length: int, extra: list[str
 def stock_run(dataset: str, labels: int, seed: int, length: int) -> float:
     import bench_finetune
 
-    from tlnlp import builtin
+    from tlnlp.data import builtin
 
     files = builtin.dataset_files(dataset)
     args = argparse.Namespace(train_file=files["train"], validation_file=files["validation"], test_file=files["test"],
@@ -82,7 +82,7 @@ def setfit_run(dataset: str, labels: int, seed: int, length: int) -> float:
     from datasets import load_dataset
     from setfit import SetFitModel, Trainer, TrainingArguments
 
-    from tlnlp import builtin
+    from tlnlp.data import builtin
 
     splits = load_dataset("json", data_files=builtin.dataset_files(dataset))
     train = splits["train"].select(builtin.stratified_indices(splits["train"]["label"], labels, seed).tolist())

@@ -44,7 +44,7 @@ def stock(args: argparse.Namespace, frozen: bool, precision: str) -> dict:
     from torch.utils.data import DataLoader
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, get_scheduler
 
-    from tlnlp import builtin
+    from tlnlp.data import builtin
 
     torch.manual_seed(args.seed)
     splits = load_dataset("json" if args.train_file.endswith((".json", ".jsonl")) else "csv",
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--_result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.train_file is None:
-        from tlnlp import builtin
+        from tlnlp.data import builtin
 
         files = builtin.dataset_files("wiki-topics")
         args.train_file, args.validation_file, args.test_file = files["train"], files["validation"], files["test"]

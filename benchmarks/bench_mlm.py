@@ -23,9 +23,9 @@ import torch
 from datasets import load_dataset
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
 
-from tlnlp import builtin
-from tlnlp.data import mask_batch, pack_texts, pad_for_masking
-from tlnlp.modeling import MaskedLMLoss
+from tlnlp.data import builtin
+from tlnlp.data.prepare import mask_batch, pack_texts, pad_for_masking
+from tlnlp.models.modeling import MaskedLMLoss
 
 
 def blocks(corpus: str | None, tokenizer, seq: int, needed: int) -> list[dict]:

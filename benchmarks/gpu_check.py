@@ -137,7 +137,7 @@ def graph_breaks(size: dict, device: str) -> dict[str, int]:
     fixed-slot head that --torch_compile uses (0 breaks expected for the latter)."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from tlnlp.modeling import MaskedLMLoss
+    from tlnlp.models.modeling import MaskedLMLoss
 
     config = BertConfig(vocab_size=30522, num_hidden_layers=size["layers"], hidden_size=size["hidden"],
                         num_attention_heads=size["heads"], intermediate_size=4 * size["hidden"])

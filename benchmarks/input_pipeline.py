@@ -34,10 +34,10 @@ from gpu_check import PEAK_BF16_FLOPS, flops_per_token
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForLanguageModeling
 
-from tlnlp import builtin
-from tlnlp.data import mask_batch, mlm_rows, pad_for_masking, prepare_mlm_dataset
-from tlnlp.modeling import load_tokenizer
-from tlnlp.streaming import ShardedStream, stream_loader
+from tlnlp.data import builtin
+from tlnlp.data.prepare import mask_batch, mlm_rows, pad_for_masking, prepare_mlm_dataset
+from tlnlp.data.streaming import ShardedStream, stream_loader
+from tlnlp.models.modeling import load_tokenizer
 
 SEQ, BATCH = 128, 32
 

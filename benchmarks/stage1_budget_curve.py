@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from demo import CONFIGS, FINETUNE, LABELS  # noqa: E402  (the demo's stage 1 and fine-tuning recipe)
 
-from tlnlp.study import Arm, _run, run_study, summarize  # noqa: E402
+from tlnlp.recipes.study import Arm, _run, run_study, summarize  # noqa: E402
 
 CALIBRATION_STEPS = 60
 

@@ -35,7 +35,7 @@ PEAK_RSS = ("import resource, subprocess, sys; done = subprocess.run([sys.execut
 def write_corpus(path: Path, size_bytes: int, seed: int = 0) -> int:
     from datasets import load_dataset
 
-    from tlnlp import builtin
+    from tlnlp.data import builtin
 
     lines = [t.replace("\n", " ") for t in load_dataset("json", data_files=builtin.dataset_files("wiki-leads"))["train"]["text"]]
     rng, written = random.Random(seed), 0
@@ -58,10 +58,10 @@ def stream_everything(file: str, seq: int, batch: int, rank: int, ranks: int) ->
     import torch
     from transformers import DataCollatorForLanguageModeling
 
-    from tlnlp import builtin
-    from tlnlp.data import load_raw_datasets, mask_batch, mlm_rows, pad_for_masking
-    from tlnlp.modeling import load_tokenizer
-    from tlnlp.streaming import ShardedStream, stream_loader
+    from tlnlp.data import builtin
+    from tlnlp.data.prepare import load_raw_datasets, mask_batch, mlm_rows, pad_for_masking
+    from tlnlp.data.streaming import ShardedStream, stream_loader
+    from tlnlp.models.modeling import load_tokenizer
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks))  # as tlnlp does under accelerate launch
     tokenizer = load_tokenizer(builtin.model_dir("minilm-l6"))

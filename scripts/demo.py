@@ -22,11 +22,11 @@ from pathlib import Path
 
 from datasets import load_dataset
 
-from tlnlp import builtin
-from tlnlp.baselines import frozen_embedding_logistic_regression, tfidf_logistic_regression
-from tlnlp.files import RESULTS_FILE
-from tlnlp.objectives import get_objective
-from tlnlp.study import Arm, run_study, write_report
+from tlnlp.core.files import RESULTS_FILE
+from tlnlp.data import builtin
+from tlnlp.models.objectives import get_objective
+from tlnlp.recipes.baselines import frozen_embedding_logistic_regression, tfidf_logistic_regression
+from tlnlp.recipes.study import Arm, run_study, write_report
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LABELS = 1000

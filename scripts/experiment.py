@@ -14,8 +14,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from tlnlp.errors import UserInputError
-from tlnlp.study import parse_arm, run_study, write_report
+from tlnlp.core.errors import UserInputError
+from tlnlp.recipes.study import parse_arm, run_study, write_report
 
 
 def main(argv: list[str]) -> int:

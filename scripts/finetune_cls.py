@@ -2,8 +2,8 @@
 
 import sys
 
-from tlnlp.cli import run
-from tlnlp.config import FinetuneConfig
+from tlnlp.core.cli import run
+from tlnlp.core.config import FinetuneConfig
 from tlnlp.finetune import main
 
 if __name__ == "__main__":

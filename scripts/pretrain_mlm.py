@@ -2,8 +2,8 @@
 
 import sys
 
-from tlnlp.cli import run
-from tlnlp.config import PretrainConfig
+from tlnlp.core.cli import run
+from tlnlp.core.config import PretrainConfig
 from tlnlp.pretrain import main
 
 if __name__ == "__main__":

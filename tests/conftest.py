@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from transformers import BertConfig, BertForMaskedLM, ModernBertConfig
 
-from tlnlp.modeling import train_wordpiece
+from tlnlp.models.modeling import train_wordpiece
 
 REPO = Path(__file__).resolve().parent.parent
 TOPICS = {

@@ -68,7 +68,7 @@ def make_inputs(work: Path) -> dict[str, Path]:
     """A corpus, labeled splits, unlabeled text, a search space and a tiny stage-1 model folder."""
     from transformers import BertForMaskedLM
 
-    from tlnlp.modeling import train_wordpiece
+    from tlnlp.models.modeling import train_wordpiece
 
     corpus = work / "corpus.txt"
     corpus.write_text("\n".join(text for _, text in make_documents(400)) + "\n")

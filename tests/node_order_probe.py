@@ -10,7 +10,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from tlnlp.engines import first_on_each_node
+from tlnlp.core.engines import first_on_each_node
 
 report_dir = Path(sys.argv[1])
 accelerator = Accelerator(cpu=True)

@@ -13,17 +13,18 @@ from pathlib import Path
 
 import torch
 
+import tlnlp.core.run
 import tlnlp.finetune
 import tlnlp.pretrain
-import tlnlp.trainer
-from tlnlp.cli import run
-from tlnlp.config import FinetuneConfig, PretrainConfig
+import tlnlp.stage1.pretrain
+from tlnlp.core.cli import run
+from tlnlp.core.config import FinetuneConfig, PretrainConfig
 
 report_dir, stage, args = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 module = tlnlp.pretrain if stage == "pretrain" else tlnlp.finetune
-original_finish = tlnlp.trainer.finish
-original_mask_batch = tlnlp.pretrain.mask_batch
-original_mlm_rows = tlnlp.pretrain.mlm_rows
+original_finish = tlnlp.core.run.finish
+original_mask_batch = tlnlp.stage1.pretrain.mask_batch
+original_mlm_rows = tlnlp.stage1.pretrain.mlm_rows
 seen_rows: list[list[int]] = []
 masked_positions: list[list[list[int]]] = []  # per batch, per row: the positions chosen for the MLM loss
 
@@ -62,7 +63,7 @@ def finish_with_report(accelerator):
     original_finish(accelerator)
 
 
-tlnlp.trainer.finish = finish_with_report  # end_run calls it last, on every rank
-tlnlp.pretrain.mask_batch = recording_mask_batch  # called by the training loop on every batch
-tlnlp.pretrain.mlm_rows = recording_mlm_rows  # called by the stream's workers on each group of documents
+tlnlp.core.run.finish = finish_with_report  # end_run calls it last, on every rank
+tlnlp.stage1.pretrain.mask_batch = recording_mask_batch  # called by the training loop on every batch
+tlnlp.stage1.pretrain.mlm_rows = recording_mlm_rows  # called by the stream's workers on each group of documents
 sys.exit(run(module.main, PretrainConfig if stage == "pretrain" else FinetuneConfig, args))

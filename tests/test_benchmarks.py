@@ -45,7 +45,7 @@ def test_finetune_benchmark_runs_every_variant(tiny_mlm_dir, labeled_files, tmp_
 
 def test_finetune_benchmark_runs_tlnlp_default_precision_under_accelerate_launch(tiny_mlm_dir, labeled_files,
                                                                                   tmp_path):
-    from tlnlp.trainer import cpu_has_fast_bf16
+    from tlnlp.core.precision import cpu_has_fast_bf16
 
     bench = load_benchmark("bench_finetune")
     output = tmp_path / "finetune.json"

@@ -5,9 +5,9 @@ import collections
 import pytest
 from datasets import load_dataset
 
-from tlnlp import builtin
-from tlnlp.config import cache_root
-from tlnlp.errors import UserInputError
+from tlnlp.core.config import cache_root
+from tlnlp.core.errors import UserInputError
+from tlnlp.data import builtin
 
 
 def splits(name):

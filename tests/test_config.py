@@ -1,7 +1,7 @@
 import pytest
 
-from tlnlp.config import HEAD_LR_CAP, HEAD_LR_MULTIPLIER, FinetuneConfig, PretrainConfig, parse_config
-from tlnlp.errors import UserInputError
+from tlnlp.core.config import HEAD_LR_CAP, HEAD_LR_MULTIPLIER, FinetuneConfig, PretrainConfig, parse_config
+from tlnlp.core.errors import UserInputError
 
 
 def test_yaml_fills_config_and_command_line_wins(tmp_path):
@@ -82,7 +82,7 @@ def test_the_heads_default_learning_rate(args, expected):
 
 
 def test_mixed_precision_auto_follows_the_launcher_then_the_hardware(monkeypatch):
-    from tlnlp.trainer import resolve_mixed_precision
+    from tlnlp.core.precision import resolve_mixed_precision
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
@@ -117,7 +117,7 @@ def test_metric_help_names_the_defaults_the_code_uses():
     """The help once said regression picks by `neg_mse`; the code picks by `mse`, lower is better."""
     import dataclasses
 
-    from tlnlp.metrics import DEFAULT_BEST, LOWER_IS_BETTER
+    from tlnlp.stage2.metrics import DEFAULT_BEST, LOWER_IS_BETTER
 
     text = next(f for f in dataclasses.fields(FinetuneConfig) if f.name == "metric_for_best_model").metadata["help"]
     for metric in DEFAULT_BEST.values():

@@ -5,10 +5,10 @@ import torch
 from conftest import make_documents
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling
 
-from tlnlp.builtin import stratified_indices
-from tlnlp.data import load_raw_datasets, pack_texts, resolve_text_column
-from tlnlp.errors import UserInputError
-from tlnlp.modeling import train_wordpiece
+from tlnlp.core.errors import UserInputError
+from tlnlp.data.builtin import stratified_indices
+from tlnlp.data.prepare import load_raw_datasets, pack_texts, resolve_text_column
+from tlnlp.models.modeling import train_wordpiece
 
 
 def load(train_file, **kwargs):

@@ -11,11 +11,11 @@ from test_finetune import run_main as run_finetune
 from test_pretrain import run_main, tiny_args
 from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
-from tlnlp.config import PretrainConfig, parse_config
-from tlnlp.electra import ReplacedTokenDetection
-from tlnlp.errors import UserInputError
+from tlnlp.core.config import PretrainConfig, parse_config
+from tlnlp.core.errors import UserInputError
+from tlnlp.models.electra import ReplacedTokenDetection
 from tlnlp.pretrain import main as pretrain_main
-from tlnlp.transfer import HeadSpec
+from tlnlp.stage2.transfer import HeadSpec
 
 
 def electra_args(corpus_file, out, cache_dir, *extra):
@@ -119,7 +119,7 @@ def test_electra_options_without_electra_are_refused(tmp_path):
 
 
 def test_sampled_replacements_follow_the_generator_distribution():
-    from tlnlp.electra import sample_tokens
+    from tlnlp.models.electra import sample_tokens
 
     logits = torch.log(torch.tensor([[0.1, 0.6, 0.3, 0.0]])).expand(20000, -1)
     draws = sample_tokens(logits, torch.Generator().manual_seed(0))

@@ -21,9 +21,9 @@ from conftest import REPO, free_port, run_script
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, pipeline
 
-from tlnlp.config import FinetuneConfig
-from tlnlp.engines import fill_deepspeed_config
-from tlnlp.errors import UserInputError
+from tlnlp.core.config import FinetuneConfig
+from tlnlp.core.engines import fill_deepspeed_config
+from tlnlp.core.errors import UserInputError
 
 heavy = pytest.mark.heavy
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -327,7 +327,7 @@ def test_accelerate_launch_on_cpu_uses_every_core(tiny_mlm_dir, labeled_files, t
 
 def test_a_one_thread_choice_outside_a_launcher_is_kept():
     """`OMP_NUM_THREADS=1 python scripts/...` is the user's own choice: only a launcher's default is undone."""
-    code = ("from accelerate import Accelerator; from tlnlp.engines import set_cpu_threads; import torch; "
+    code = ("from accelerate import Accelerator; from tlnlp.core.engines import set_cpu_threads; import torch; "
             "print(set_cpu_threads(Accelerator(cpu=True)), torch.get_num_threads())")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -15,13 +15,13 @@ from conftest import REPO, make_documents, run_script, tiny_bert_config, write_l
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, pipeline
 
-from tlnlp.classifier import TlnlpForSequenceClassification
-from tlnlp.config import HEAD_LR_MULTIPLIER, FinetuneConfig, PretrainConfig, parse_config
-from tlnlp.data import LengthGroupedSampler
-from tlnlp.errors import UserInputError
+from tlnlp.core.config import HEAD_LR_MULTIPLIER, FinetuneConfig, PretrainConfig, parse_config
+from tlnlp.core.errors import UserInputError
+from tlnlp.data.prepare import LengthGroupedSampler
 from tlnlp.finetune import main
+from tlnlp.models.classifier import TlnlpForSequenceClassification
 from tlnlp.pretrain import main as pretrain_main
-from tlnlp.transfer import (
+from tlnlp.stage2.transfer import (
     CachedFeatureClassifier,
     HeadSpec,
     UnfreezeSchedule,

@@ -11,11 +11,11 @@ from conftest import REPO, run_script
 from hub_server import FakeHub
 from huggingface_hub import ModelCard
 
-import tlnlp.hub
-from tlnlp.card import card_results
-from tlnlp.config import FinetuneConfig, parse_config
+import tlnlp.hub.repo
+from tlnlp.core.config import FinetuneConfig, parse_config
 from tlnlp.finetune import main as finetune_main
-from tlnlp.hub import HubError, push
+from tlnlp.hub.card import card_results
+from tlnlp.hub.repo import HubError, push
 
 TOKEN = "hf_tlnlpTestSecret0123456789"
 EXPECTED_UPLOAD = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
@@ -26,7 +26,7 @@ EXPECTED_UPLOAD = {"model.safetensors", "config.json", "tokenizer.json", "tokeni
 def hub(monkeypatch, tmp_path):
     server = FakeHub(TOKEN)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(tlnlp.hub, "RETRY_DELAYS_S", (0.01, 0.01, 0.01))
+    monkeypatch.setattr(tlnlp.hub.repo, "RETRY_DELAYS_S", (0.01, 0.01, 0.01))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no saved login from this machine
     monkeypatch.delenv("HF_TOKEN", raising=False)
     yield server

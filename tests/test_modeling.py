@@ -6,8 +6,8 @@ import torch
 from conftest import tiny_bert_config, tiny_modernbert_config
 from transformers import AutoModelForMaskedLM, BertForMaskedLM, BertModel, ModernBertForMaskedLM
 
-from tlnlp.errors import UserInputError
-from tlnlp.modeling import MaskedLMLoss, check_tokenizer_and_length, load_mlm_model
+from tlnlp.core.errors import UserInputError
+from tlnlp.models.modeling import MaskedLMLoss, check_tokenizer_and_length, load_mlm_model
 
 
 def masked_batch(vocab_size: int, seed: int = 0):
@@ -93,8 +93,8 @@ def test_sequence_length_must_fit_positions(tiny_tokenizer):
 
 TRAIN_VOCABULARY = """
 import hashlib, json, sys
-from tlnlp import builtin
-from tlnlp.modeling import train_wordpiece
+from tlnlp.data import builtin
+from tlnlp.models.modeling import train_wordpiece
 with open(builtin.dataset_files("wiki-leads")["train"]) as f:
     texts = [json.loads(line)["text"] for line, _ in zip(f, range(1500))]
 tokenizer = train_wordpiece(texts, vocab_size=3000)
@@ -136,7 +136,7 @@ def test_fixed_slot_head_compiles_without_graph_breaks():
 
 
 def test_fixed_slots_leave_out_only_the_excess_beyond_the_slots():
-    from tlnlp.modeling import prediction_slots
+    from tlnlp.models.modeling import prediction_slots
 
     assert prediction_slots(128, 0.15) == 36 and prediction_slots(8, 0.9) == 8
     torch.manual_seed(0)

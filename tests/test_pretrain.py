@@ -12,9 +12,9 @@ from conftest import REPO, run_script
 from safetensors.torch import load_file
 from transformers import pipeline
 
-import tlnlp.trainer
-from tlnlp.config import PretrainConfig, parse_config
-from tlnlp.errors import UserInputError
+import tlnlp.core.checkpoints
+from tlnlp.core.config import PretrainConfig, parse_config
+from tlnlp.core.errors import UserInputError
 from tlnlp.pretrain import main
 
 
@@ -63,18 +63,18 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(objective, corpus
     common = ["--max_train_steps", "12", "--checkpointing_steps", "4", "--objective", objective]
     run_main(tiny_args(corpus_file, tmp_path / "straight", cache_dir, *common))
 
-    original_save = tlnlp.trainer._Checkpoints.save
+    original_save = tlnlp.core.checkpoints.Checkpoints.save
 
     def save_then_die(self, step, state, stream_state=None):
         original_save(self, step, state, stream_state)
         if step == 8:
             raise KeyboardInterrupt("simulated kill after the step-8 checkpoint")
 
-    monkeypatch.setattr(tlnlp.trainer._Checkpoints, "save", save_then_die)
+    monkeypatch.setattr(tlnlp.core.checkpoints.Checkpoints, "save", save_then_die)
     interrupted = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         run_main(tiny_args(corpus_file, interrupted, cache_dir, *common))
-    monkeypatch.setattr(tlnlp.trainer._Checkpoints, "save", original_save)
+    monkeypatch.setattr(tlnlp.core.checkpoints.Checkpoints, "save", original_save)
     assert not (interrupted / "model.safetensors").exists()
     run_main(tiny_args(corpus_file, interrupted, cache_dir, *common, "--resume_from_checkpoint", "latest"))
 
@@ -150,10 +150,10 @@ def test_two_process_data_parallel_run(corpus_file, tmp_path, cache_dir):
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus_file, tmp_path, cache_dir,
                                                                         monkeypatch):
-    import tlnlp.modeling
-    from tlnlp.errors import TrainingError
+    import tlnlp.models.modeling
+    from tlnlp.core.errors import TrainingError
 
-    forward = tlnlp.modeling.MaskedLMLoss.forward
+    forward = tlnlp.models.modeling.MaskedLMLoss.forward
     calls = {"n": 0}
 
     def poisoned(self, *args, **kwargs):
@@ -163,7 +163,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(corpus_fi
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(tlnlp.modeling.MaskedLMLoss, "forward", poisoned)
+    monkeypatch.setattr(tlnlp.models.modeling.MaskedLMLoss, "forward", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(TrainingError, match="The loss became nan at optimizer step 5 .*The last saved checkpoint is intact"):
         run_main(tiny_args(corpus_file, out, cache_dir, "--max_train_steps", "8", "--checkpointing_steps", "2"))

@@ -18,10 +18,10 @@ from transformers import AutoTokenizer
 
 import tlnlp.finetune
 import tlnlp.pretrain
-from tlnlp.cli import run
-from tlnlp.config import FinetuneConfig, PretrainConfig
-from tlnlp.modeling import train_wordpiece
-from tlnlp.trainer import latest_checkpoint
+from tlnlp.core.checkpoints import latest_checkpoint
+from tlnlp.core.cli import run
+from tlnlp.core.config import FinetuneConfig, PretrainConfig
+from tlnlp.models.modeling import train_wordpiece
 
 STAGES = {"pretrain": (tlnlp.pretrain.main, PretrainConfig), "finetune": (tlnlp.finetune.main, FinetuneConfig)}
 

@@ -17,8 +17,8 @@ from accelerate.state import AcceleratorState
 from conftest import REPO
 from transformers import AutoModelForSequenceClassification
 
-from tlnlp.config import FinetuneConfig, parse_config
-from tlnlp.errors import UserInputError
+from tlnlp.core.config import FinetuneConfig, parse_config
+from tlnlp.core.errors import UserInputError
 from tlnlp.finetune import main
 
 pytest.importorskip("optuna")

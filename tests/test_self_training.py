@@ -6,9 +6,9 @@ import pytest
 from conftest import make_documents
 from test_finetune import ft_args, run_main
 
-from tlnlp.config import FinetuneConfig, parse_config
-from tlnlp.errors import UserInputError
-from tlnlp.self_training import confidence_threshold, select_pseudo_labels, student_below_teacher
+from tlnlp.core.config import FinetuneConfig, parse_config
+from tlnlp.core.errors import UserInputError
+from tlnlp.recipes.self_training import confidence_threshold, select_pseudo_labels, student_below_teacher
 
 
 def test_threshold_is_the_lowest_confidence_that_keeps_the_held_out_precision():
@@ -68,7 +68,7 @@ def test_self_training_adds_confident_class_balanced_pseudo_labels(tiny_mlm_dir,
     rows = [json.loads(line) for line in open(round1["file"])]
     assert len(rows) == round1["pseudo_labels"] and not test_texts & {row["text"] for row in rows}
     # Every kept row was at or above the threshold when the teacher labeled it.
-    from tlnlp.predict import predict_texts
+    from tlnlp.stage2.inference import predict_texts
 
     teacher = out / "self_training" / "round0"
     confidences = [max(p["probabilities"].values()) for p in predict_texts(str(teacher), [r["text"] for r in rows],
@@ -101,7 +101,7 @@ def test_self_training_adds_confident_class_balanced_pseudo_labels(tiny_mlm_dir,
 
 
 def test_the_best_round_on_validation_is_kept_and_a_tie_keeps_the_student():
-    from tlnlp.self_training import best_round
+    from tlnlp.recipes.self_training import best_round
 
     assert best_round(None, [{"eval_accuracy": 0.82}, {"eval_accuracy": 0.80}]) == 0  # the teacher
     assert best_round(None, [{"eval_accuracy": 0.80}, {"eval_accuracy": 0.80}]) == 1
@@ -136,8 +136,8 @@ def test_the_unlabeled_texts_most_like_the_labeled_ones_are_chosen(tiny_mlm_dir,
     --unlabeled_selection similar keeps, in corpus order; 'first', the default, keeps the corpus's first N."""
     import csv
 
-    from tlnlp import modeling
-    from tlnlp.self_training import prepare
+    from tlnlp.models import modeling
+    from tlnlp.recipes.self_training import prepare
 
     with open(labeled_files["train"], newline="") as f:
         copies = [row["text"] for row in csv.DictReader(f)][:10]

@@ -14,12 +14,13 @@ from conftest import REPO, make_documents, run_script
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+import tlnlp.core.loop
+import tlnlp.data.streaming
 import tlnlp.pretrain
-import tlnlp.streaming
-import tlnlp.trainer
-from tlnlp.config import PretrainConfig, parse_config
-from tlnlp.data import sequence_lengths
-from tlnlp.errors import UserInputError
+import tlnlp.stage1.pretrain
+from tlnlp.core.config import PretrainConfig, parse_config
+from tlnlp.core.errors import UserInputError
+from tlnlp.data.prepare import sequence_lengths
 
 
 def numbered_documents(n: int, seed: int = 21) -> list[str]:
@@ -78,16 +79,16 @@ def test_a_resumed_stream_redoes_o1_work_and_ends_bit_identical(tmp_path, monkey
     corpus, validation = tmp_path / "corpus.txt", tmp_path / "validation.txt"
     corpus.write_text("\n".join(numbered_documents(3000)) + "\n")
     validation.write_text("\n".join(t for _, t in make_documents(40, seed=3)) + "\n")
-    monkeypatch.setattr(tlnlp.streaming, "GROUP_DOCS", 8)  # small groups: the bound below is then tight
+    monkeypatch.setattr(tlnlp.data.streaming, "GROUP_DOCS", 8)  # small groups: the bound below is then tight
     counter = tmp_path / "tokenized.txt"
-    original = tlnlp.pretrain.mlm_rows
+    original = tlnlp.stage1.pretrain.mlm_rows
 
     def counting_rows(texts, *args, **kwargs):  # runs in the loader workers: count through a file
         with counter.open("a") as f:
             f.write("".join(f"{doc_id(t)}\n" for t in texts))
         return original(texts, *args, **kwargs)
 
-    monkeypatch.setattr(tlnlp.pretrain, "mlm_rows", counting_rows)
+    monkeypatch.setattr(tlnlp.stage1.pretrain, "mlm_rows", counting_rows)
     common = ["--validation_file", str(validation), "--cache_dir", str(tmp_path / "cache"), "--max_train_steps", "30",
               "--dataloader_num_workers", "2", "--logging_steps", "5"]
     run_main(tiny(corpus, tmp_path / "straight", *common, "--checkpointing_steps", "20"))
@@ -133,7 +134,7 @@ def test_the_loop_does_not_wait_for_the_device_per_micro_batch(tmp_path, monkeyp
         record("bool")
         return to_bool(self)
 
-    train_step = tlnlp.trainer.Trainer._train_step
+    train_step = tlnlp.core.loop.Trainer._train_step
 
     def watched_step(self, batch):
         inside["step"] = True
@@ -144,7 +145,7 @@ def test_the_loop_does_not_wait_for_the_device_per_micro_batch(tmp_path, monkeyp
 
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
     monkeypatch.setattr(torch.Tensor, "__bool__", counting_bool)
-    monkeypatch.setattr(tlnlp.trainer.Trainer, "_train_step", watched_step)
+    monkeypatch.setattr(tlnlp.core.loop.Trainer, "_train_step", watched_step)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(t for _, t in make_documents(300)) + "\n")
     args = tiny(corpus, tmp_path / "run", "--max_train_steps", "8", "--cache_dir", str(tmp_path / "cache"),

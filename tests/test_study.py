@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from tlnlp.errors import UserInputError
-from tlnlp.study import parse_arm, run_study, write_report
+from tlnlp.core.errors import UserInputError
+from tlnlp.recipes.study import parse_arm, run_study, write_report
 
 
 def test_parse_arm():

@@ -2,6 +2,6 @@
 
 # Registers tlnlp's classifier with the transformers Auto classes, so models with a custom head load
 # through AutoModelForSequenceClassification and pipeline() without trust_remote_code.
-from tlnlp import classifier as _classifier  # noqa: F401
+from tlnlp.models import classifier as _classifier  # noqa: F401
 
 __version__ = "0.1.0"

@@ -11,9 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
-from tlnlp.errors import UserInputError
-from tlnlp.files import RESULTS_FILE
-from tlnlp.hub import push
+from tlnlp.core.errors import UserInputError
+from tlnlp.core.files import RESULTS_FILE
+from tlnlp.hub.repo import push
 
 
 def main(argv: list[str] | None = None) -> int:

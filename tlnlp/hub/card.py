@@ -9,9 +9,9 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from tlnlp import builtin
-from tlnlp.files import CARD_FILE, CONFIG_FILE, RESULTS_FILE
-from tlnlp.objectives import get_objective
+from tlnlp.core.files import CARD_FILE, CONFIG_FILE, RESULTS_FILE
+from tlnlp.data import builtin
+from tlnlp.models.objectives import get_objective
 
 
 def _dataset_line(name: str | None, files: list[str]) -> str:

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tlnlp.config import FinetuneConfig, parse_config
-from tlnlp.engines import first_on_each_node
-from tlnlp.errors import UserInputError
-from tlnlp.files import RESULTS_FILE
-from tlnlp.finetune import finetune, read_labeled_splits
-from tlnlp.outputs import write_run_files
-from tlnlp.trainer import check_output_dir, finish, start_run
+from tlnlp.core.config import FinetuneConfig, parse_config
+from tlnlp.core.engines import first_on_each_node
+from tlnlp.core.errors import UserInputError
+from tlnlp.core.files import RESULTS_FILE
+from tlnlp.core.outputs import write_run_files
+from tlnlp.core.run import check_output_dir, finish, start_run
+from tlnlp.stage2.phases import finetune, read_labeled_splits
 
 logger = logging.getLogger(__name__)
 

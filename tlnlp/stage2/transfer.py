@@ -12,10 +12,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
-from tlnlp.classifier import TlnlpClassifierConfig, TlnlpForSequenceClassification
-from tlnlp.errors import UserInputError
-from tlnlp.modeling import HELPER_ROLES, MODEL_ROLE, encoder_parts, layer_stack, preview, quiet_transformers
-from tlnlp.terminal import progress_bars
+from tlnlp.core.errors import UserInputError
+from tlnlp.core.terminal import progress_bars
+from tlnlp.models.classifier import TlnlpClassifierConfig, TlnlpForSequenceClassification
+from tlnlp.models.modeling import HELPER_ROLES, MODEL_ROLE, encoder_parts, layer_stack, preview, quiet_transformers
 
 logger = logging.getLogger(__name__)
 

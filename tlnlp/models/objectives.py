@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tlnlp.errors import UserInputError
-from tlnlp.modeling import MaskedLMLoss, sub_state_dict
+from tlnlp.core.errors import UserInputError
+from tlnlp.models.modeling import MaskedLMLoss, sub_state_dict
 
 
 @dataclass
@@ -114,7 +114,7 @@ class MaskedLanguageModelling(Objective):
 
 class ReplacedTokenDetectionObjective(Objective):
     """ELECTRA (Clark et al. 2020): a small generator fills the masked positions with its samples and the
-    encoder learns, at every token, to tell original from replaced (`tlnlp.electra`)."""
+    encoder learns, at every token, to tell original from replaced (`tlnlp.models.electra`)."""
 
     name = "electra"
     options = ("generator_size_fraction", "discriminator_weight")
@@ -148,7 +148,7 @@ class ReplacedTokenDetectionObjective(Objective):
         return {"mask_replace_prob": 1.0, "random_replace_prob": 0.0}
 
     def build(self, model, cfg, tokenizer) -> Built:
-        from tlnlp.electra import ReplacedTokenDetection, evaluate_electra
+        from tlnlp.models.electra import ReplacedTokenDetection, evaluate_electra
 
         rtd = ReplacedTokenDetection(model.config, cfg.generator_size_fraction, cfg.discriminator_weight,
                                      sparse=cfg.sparse_mlm_head)

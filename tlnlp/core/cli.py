@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from tlnlp.config import parse_config
-from tlnlp.errors import TrainingError, UserInputError
+from tlnlp.core.config import parse_config
+from tlnlp.core.errors import TrainingError, UserInputError
 
 # What gloo and NCCL say when the process at the other end of a collective died or stopped answering.
 PEER_FAILURE_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out",

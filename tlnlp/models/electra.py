@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from tlnlp.modeling import MODEL_ROLE, MaskedLMLoss, model_inputs, per_example_sums, sub_state_dict
+from tlnlp.models.modeling import MODEL_ROLE, MaskedLMLoss, model_inputs, per_example_sums, sub_state_dict
 
 GENERATOR_FOLDER = "generator"
 

@@ -8,7 +8,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
-from tlnlp.modeling import mean_pooled_embeddings
+from tlnlp.models.modeling import mean_pooled_embeddings
 
 
 def _scores(truth, predicted, started: float) -> dict[str, float]:

@@ -34,10 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from tlnlp import hub
-from tlnlp.card import write_card
-from tlnlp.config import FinetuneConfig
-from tlnlp.data import (
+from tlnlp.core.config import FinetuneConfig
+from tlnlp.core.errors import UserInputError
+from tlnlp.core.files import RESULTS_FILE
+from tlnlp.core.outputs import write_run_files
+from tlnlp.core.run import finish, start_run
+from tlnlp.data.prepare import (
     drop_blank_texts,
     ensure_validation,
     load_labeled,
@@ -46,11 +48,10 @@ from tlnlp.data import (
     stratified_subset,
     write_jsonl,
 )
-from tlnlp.errors import UserInputError
-from tlnlp.finetune import finetune, read_labeled_splits
-from tlnlp.metrics import selection_metric
-from tlnlp.outputs import RESULTS_FILE, write_run_files
-from tlnlp.trainer import finish, start_run
+from tlnlp.hub import repo as hub
+from tlnlp.hub.card import write_card
+from tlnlp.stage2.metrics import selection_metric
+from tlnlp.stage2.phases import finetune, read_labeled_splits
 
 logger = logging.getLogger(__name__)
 
@@ -210,8 +211,8 @@ def most_similar(cfg: FinetuneConfig, labeled: list[str], texts: list[str]) -> l
 
 def unit_embeddings(cfg: FinetuneConfig, texts: list[str], progress: bool) -> np.ndarray:
     """The encoder's mean-pooled embeddings, scaled to length 1; in fp32, as the teacher labels (no autocast)."""
-    from tlnlp.builtin import resolve_model
-    from tlnlp.modeling import mean_pooled_embeddings
+    from tlnlp.data.builtin import resolve_model
+    from tlnlp.models.modeling import mean_pooled_embeddings
 
     tokenizer = resolve_model(cfg.tokenizer_name) if cfg.tokenizer_name else None
     rows = mean_pooled_embeddings(resolve_model(cfg.model_name_or_path), texts, cfg.max_seq_length,
@@ -222,7 +223,7 @@ def unit_embeddings(cfg: FinetuneConfig, texts: list[str], progress: bool) -> np
 def cached_unit_embeddings(cfg: FinetuneConfig, texts: list[str]) -> np.ndarray:
     """unit_embeddings of the unlabeled pool, kept under --cache_dir: they do not depend on the labels, so a
     run on other labels or another seed with the same encoder and corpus does not embed the pool again."""
-    from tlnlp.builtin import resolve_model
+    from tlnlp.data.builtin import resolve_model
 
     def identity(name: str | None) -> list:  # a local folder is named by its files too: retrained, it differs
         folder = Path(resolve_model(name)) if name else None
@@ -266,7 +267,7 @@ def train_round(cfg: FinetuneConfig, accelerator, data: Data, output_dir: Path, 
 
 def pseudo_label(cfg: FinetuneConfig, data: Data, teacher: Path, per_class: int, path: Path) -> tuple[Path, dict]:
     """The teacher's confident, class-balanced predictions on the unlabeled texts, written as training rows."""
-    from tlnlp.predict import predict_texts
+    from tlnlp.stage2.inference import predict_texts
 
     validation = [json.loads(line) for line in data.validation.read_text(encoding="utf-8").splitlines()]
     length = cfg.max_seq_length

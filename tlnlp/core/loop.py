@@ -1,18 +1,15 @@
 """The one training loop, shared by pretraining and fine-tuning.
 
 A stage describes itself as a `Task` (model, data, evaluation, how to save); `train` does the rest:
-Accelerate set-up, optimizer and schedule, gradient accumulation and clipping, logging, evaluation,
-best-model tracking with early stopping, resumable checkpoints, and the final save.
+optimizer and schedule, gradient accumulation and clipping, logging, evaluation, best-model tracking
+with early stopping, resumable checkpoints, and the final save. `Trainer.fit` reads top to bottom.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,28 +19,22 @@ from typing import Any
 import safetensors.torch
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, TorchDynamoPlugin, set_seed
+from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from tlnlp import engines, hub
-from tlnlp.config import TrainingConfig, config_to_dict
-from tlnlp.data import STREAMING_VALIDATION_DOCS, LengthGroupedSampler
-from tlnlp.errors import TrainingError, UserInputError
-from tlnlp.files import EVAL_HISTORY_FILE
-from tlnlp.outputs import setup_logging, write_run_files
-from tlnlp.streaming import ShardedStream, stream_loader
-from tlnlp.terminal import PROGRESS_LINE_SECONDS, progress_bars
+from tlnlp.core import engines
+from tlnlp.core.checkpoints import BEST, CHECKPOINTS, STATE_FILE, STREAM_STATE, Checkpoints, latest_checkpoint, load_checkpoint
+from tlnlp.core.config import TrainingConfig, config_to_dict
+from tlnlp.core.errors import TrainingError, UserInputError
+from tlnlp.core.files import EVAL_HISTORY_FILE
+from tlnlp.core.terminal import PROGRESS_LINE_SECONDS, progress_bars
+from tlnlp.data.prepare import STREAMING_VALIDATION_DOCS, LengthGroupedSampler
+from tlnlp.data.streaming import ShardedStream, stream_loader
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINTS = "checkpoints"
-BEST = "best"
-STATE_FILE = "trainer_state.json"
-STREAM_STATE = "stream_state_{rank}.json"
-
 
 @dataclass
 class Task:
@@ -72,68 +63,11 @@ class Task:
     train_lengths: list[int] | None = None
     summary: dict[str, Any] = field(default_factory=dict)  # extra lines for the start-of-run summary
 
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX). Elsewhere oneDNN emulates
-    bf16 through fp32 conversions, slower than plain fp32, so autocast would cost time instead of saving it."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):  # a torch without the probes: assume emulation
-        return False
-
-
-def resolve_mixed_precision(choice: str) -> str:
-    """--mixed_precision auto: the launcher's choice if it made one, else bf16 where the hardware computes it
-    fast (a GPU that supports it, or a CPU with AVX512-BF16/AMX when no GPU is used), else fp32."""
-    if choice != "auto":
-        return choice
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launched != "no":
-        return launched
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if not use_cpu and (torch.cuda.is_available() or torch.backends.mps.is_available()):
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if cpu_has_fast_bf16() else "no"
-
-
-def make_accelerator(cfg: TrainingConfig) -> Accelerator:
-    """Devices come from `accelerate config`/`accelerate launch`; nothing is needed for CPU."""
-    return Accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=cfg.report_to if cfg.with_tracking else None,
-        project_dir=cfg.output_dir,
-        # Seeded shuffling: the same seed gives the same data order, also after a resume.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        # The loop steps the schedule once per optimizer step itself. A prepared scheduler is saved in
-        # checkpoints as plain numbers (loaded with weights_only=True), unlike a registered custom object.
-        step_scheduler_with_optimizer=False,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.ddp_timeout))],
-        # Dynamic shapes: batches vary in length (dynamic padding), which would otherwise recompile per length.
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor", dynamic=True) if cfg.torch_compile else None,
-    )
-
-
-def fit_accelerator_to(accelerator: Accelerator, cfg: TrainingConfig) -> None:
-    """A recipe's later run on the process's one Accelerator: its own gradient accumulation; a precision or
-    compilation other than the Accelerator's is refused (they are fixed when it is made)."""
-    accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
-    precision = resolve_mixed_precision(cfg.mixed_precision)
-    compiled = accelerator.state.dynamo_plugin.backend.value.lower() != "no"
-    if precision != accelerator.mixed_precision or cfg.torch_compile != compiled:
-        raise UserInputError(
-            f"Runs that share one process share its precision and compilation: this run asks for --mixed_precision "
-            f"{precision} and torch_compile {cfg.torch_compile}, the first run used {accelerator.mixed_precision} "
-            f"and {compiled}. Give every run the same --mixed_precision and --torch_compile."
-        )
-
-
 def loader_workers(cfg: TrainingConfig, accelerator: Accelerator) -> int:
     """--dataloader_num_workers, or 0 on a CPU (workers would take its cores from training) and 2 on a GPU."""
     if cfg.dataloader_num_workers is not None:
         return cfg.dataloader_num_workers
     return 0 if accelerator.device.type == "cpu" else 2
-
 
 def default_param_groups(model: nn.Module, learning_rate: float, weight_decay: float,
                          lr_scale: Callable[[nn.Parameter], float] | None = None) -> list[dict]:
@@ -149,124 +83,8 @@ def default_param_groups(model: nn.Module, learning_rate: float, weight_decay: f
         groups.setdefault((lr, decay), []).append(param)
     return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
 
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint; folders without a state file (a save that was killed) are ignored."""
-    folder = output_dir / CHECKPOINTS
-    complete = [p for p in folder.glob("step_*") if (p / STATE_FILE).exists() and not p.name.endswith(".tmp")]
-    return max(complete, key=lambda p: int(p.name.split("_")[1]), default=None)
-
-
-def check_output_dir(cfg: TrainingConfig) -> None:
-    """Refuse to write over an earlier run unless asked to, before anything is loaded or written."""
-    if cfg.preprocess_only:
-        return  # writes only tokenized data
-    output_dir = Path(cfg.output_dir)
-    existing = next((p for p in (output_dir, *output_dir.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise UserInputError(
-            f"--output_dir {output_dir}: {existing} is a file, not a folder. Give a folder path (it is created if "
-            "missing), or move the file."
-        )
-    if cfg.resume_from_checkpoint:
-        if cfg.resume_from_checkpoint == "latest":
-            if latest_checkpoint(output_dir) is None:
-                raise UserInputError(
-                    f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir / CHECKPOINTS}. "
-                    "Start without --resume_from_checkpoint, or point it at a checkpoint folder."
-                )
-        elif not (Path(cfg.resume_from_checkpoint) / STATE_FILE).exists():
-            raise UserInputError(
-                f"--resume_from_checkpoint {cfg.resume_from_checkpoint} is not a complete tlnlp checkpoint "
-                f"(no {STATE_FILE}). Use 'latest' or a folder under {output_dir / CHECKPOINTS}."
-            )
-        return
-    if output_dir.exists() and any(output_dir.iterdir()) and not cfg.overwrite_output_dir:
-        raise UserInputError(
-            f"--output_dir {output_dir} already holds files from an earlier run. Use another folder, "
-            "--overwrite_output_dir to replace it, or --resume_from_checkpoint latest to continue it."
-        )
-
-
-# What tlnlp's checkpoints pickle besides tensors: numpy arrays and the random-number generators' states.
-SAFE_PICKLE_GLOBALS = {
-    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
-    "numpy.dtypes.UInt32DType", "_codecs.encode",
-}
-
-
-def check_checkpoint_is_safe(folder: Path) -> None:
-    """Refuse a checkpoint whose pickled files would run code when loaded.
-
-    Accelerate loads the training state with torch.load(weights_only=True) already; this check runs first,
-    over every pickle in the folder, so a tampered or foreign checkpoint gets a clear refusal instead of a
-    deep unpickling error, and nothing in it is ever executed.
-    """
-    for file in sorted(folder.iterdir()):
-        if file.suffix not in (".bin", ".pkl", ".pt", ".pth"):
-            continue
-        try:
-            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(file))) - SAFE_PICKLE_GLOBALS
-        except Exception as error:  # noqa: BLE001  (any failure to parse means a damaged file)
-            raise UserInputError(
-                f"Checkpoint file {file} is damaged ({type(error).__name__}: {error}). Resume from an earlier "
-                f"checkpoint: --resume_from_checkpoint {folder.parent}/step_..."
-            ) from None
-        if unsafe:
-            raise UserInputError(
-                f"Refusing to resume from {folder}: {file.name} holds pickled objects that would run code when "
-                f"loaded ({', '.join(sorted(unsafe))}). tlnlp checkpoints hold only tensors, numbers and numpy "
-                "arrays; this file was altered or comes from elsewhere. Delete it or resume from another checkpoint."
-            )
-
-
-def load_checkpoint(accelerator: Accelerator, folder: Path) -> None:
-    check_checkpoint_is_safe(folder)
-    try:
-        accelerator.load_state(str(folder))
-    except Exception as error:  # noqa: BLE001  (safetensors, torch and OS errors all mean the same to the user)
-        raise UserInputError(
-            f"Could not load checkpoint {folder} ({type(error).__name__}: {error}). It is damaged or from another "
-            f"model or configuration; resume from an earlier checkpoint under {folder.parent}, or start afresh."
-        ) from None
-
-
-class _Checkpoints:
-    """Atomic, rotated checkpoints: a killed save never leaves a folder that `latest` would pick."""
-
-    def __init__(self, accelerator: Accelerator, output_dir: Path, limit: int | None):
-        self.accelerator, self.folder, self.limit = accelerator, output_dir / CHECKPOINTS, limit
-
-    def save(self, step: int, state: dict, stream_state: dict | None = None) -> None:
-        final = self.folder / f"step_{step:08d}"
-        tmp = final.with_name(final.name + ".tmp")
-        if self.accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp), safe_serialization=True)
-        if stream_state is not None:  # each process's position in its share of the stream
-            tmp.mkdir(parents=True, exist_ok=True)
-            (tmp / STREAM_STATE.format(rank=self.accelerator.process_index)).write_text(json.dumps(stream_state))
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks the save complete
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            self._rotate()
-            logger.info("Saved checkpoint %s", final)
-        self.accelerator.wait_for_everyone()
-
-    def _rotate(self) -> None:
-        if not self.limit:
-            return
-        done = sorted((p for p in self.folder.glob("step_*") if not p.name.endswith(".tmp")), key=lambda p: p.name)
-        for old in done[: -self.limit]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def _is_better(value: float, best: float | None, greater: bool) -> bool:
     return best is None or (value > best if greater else value < best)
-
 
 class Trainer:
     """One run of the training loop over a `Task`. `fit` reads top to bottom; each side concern (one
@@ -337,7 +155,7 @@ class Trainer:
         self.state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "best_metric": None,
                       "best_step": None, "evals_without_improvement": 0, "history": [], "units_seen": 0,
                       "train_loss_sum": 0.0, "train_loss_count": 0}
-        self.checkpoints = _Checkpoints(accelerator, self.output_dir, cfg.save_total_limit)
+        self.checkpoints = Checkpoints(accelerator, self.output_dir, cfg.save_total_limit)
         self.best_file = self.output_dir / CHECKPOINTS / BEST / "model.safetensors"
         self.stop = False
         self.restore_best = task.restore_best
@@ -469,7 +287,7 @@ class Trainer:
             self.stop = True
 
     def _log_progress_line(self) -> None:
-        """What the bar shows, as one log line, for a log without a terminal (see tlnlp.terminal)."""
+        """What the bar shows, as one log line, for a log without a terminal (see tlnlp.core.terminal)."""
         step, elapsed = self.state["completed_steps"], time.time() - self.start_time
         left = elapsed / max(step - self.first_step, 1) * (self.max_steps - step)
         logger.info("progress: step %d of %d (%.0f%%), %.0f s elapsed, about %.0f s left", step, self.max_steps,
@@ -650,54 +468,9 @@ class Trainer:
             (self.output_dir / EVAL_HISTORY_FILE).write_text(json.dumps(self.state["history"], indent=2))
         self.accelerator.wait_for_everyone()
 
-
 def train(cfg: TrainingConfig, task: Task, accelerator: Accelerator, output_dir: Path | None = None,
           checkpoints: bool = True) -> tuple[dict[str, Any], nn.Module]:
     """Train `task.model` as configured, into `output_dir` (default --output_dir); return the results and
     the prepared model, ready for evaluation on every rank. `checkpoints` False: a throwaway run."""
     trainer = Trainer(cfg, task, accelerator, Path(output_dir or cfg.output_dir), checkpoints)
     return trainer.fit(), trainer.model
-
-
-def start_run(cfg: TrainingConfig, check_output: bool = True) -> tuple[Accelerator, str | None]:
-    """What every stage does first: the checks that must pass before any work (output folder, Hub
-    access), then Accelerate, logging and seeds. Returns the accelerator and the Hub repo (or None).
-    `check_output` False: a recipe continuing its own earlier run in the folder."""
-    if check_output:
-        check_output_dir(cfg)
-    accelerator = make_accelerator(cfg)
-    setup_logging(accelerator)
-    engines.set_cpu_threads(accelerator)
-    engines.check_engine(cfg, accelerator)
-    if not cfg.preprocess_only:
-        engines.check_shared_output_dir(accelerator, Path(cfg.output_dir))
-    hub_repo = None if cfg.preprocess_only else hub.preflight(cfg, accelerator)
-    set_seed(cfg.seed)  # the same on every rank: model initialisation must agree
-    return accelerator, hub_repo
-
-
-def preprocessing_done(accelerator: Accelerator, tokenized) -> dict[str, Any]:
-    """--preprocess_only: the tokenized data is on disk; stop before any model training."""
-    sizes = {name: len(split) for name, split in tokenized.items()}
-    logger.info("Preprocessing done (%s). Run again without --preprocess_only to train on it.",
-                ", ".join(f"{k}: {v:,} rows" for k, v in sizes.items()))
-    finish(accelerator)
-    return {"preprocessed_rows": sizes}
-
-
-def end_run(cfg: TrainingConfig, accelerator: Accelerator, results: dict, stage: str, hub_repo: str | None) -> None:
-    """Write the results, configuration and model card, push if asked, and tear down cleanly."""
-    write_run_files(accelerator, cfg, results, stage=stage)
-    try:
-        hub.publish(cfg, accelerator, hub_repo)
-    finally:
-        finish(accelerator)
-
-
-def finish(accelerator: Accelerator) -> None:
-    """Clean teardown, so no rank aborts at exit under multi-process CPU runs."""
-    accelerator.wait_for_everyone()
-    accelerator.free_memory()  # first: DeepSpeed's engine needs the process group to tear itself down
-    accelerator.end_training()  # finishes the trackers (and, in recent Accelerate, the process group)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()

@@ -31,8 +31,8 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
-from tlnlp.errors import UserInputError
-from tlnlp.terminal import progress_bars
+from tlnlp.core.errors import UserInputError
+from tlnlp.core.terminal import progress_bars
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from tlnlp.card import write_card
-from tlnlp.errors import UserInputError
-from tlnlp.files import CARD_FILE, CONFIG_FILE, RESULTS_FILE
+from tlnlp.core.errors import UserInputError
+from tlnlp.core.files import CARD_FILE, CONFIG_FILE, RESULTS_FILE
+from tlnlp.hub.card import write_card
 
 try:  # the HTTP client huggingface_hub uses (httpx2 from huggingface_hub 2.x, httpx before)
     from httpx2 import TransportError

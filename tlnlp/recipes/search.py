@@ -26,13 +26,13 @@ from typing import Any
 
 import yaml
 
-from tlnlp.config import FinetuneConfig, config_to_dict
-from tlnlp.data import load_labeled, stratified_subset, write_jsonl
-from tlnlp.errors import TrainingError, UserInputError
-from tlnlp.finetune import finetune, read_labeled_splits
-from tlnlp.metrics import selection_metric
-from tlnlp.outputs import RESULTS_FILE
-from tlnlp.trainer import end_run, finish, start_run
+from tlnlp.core.config import FinetuneConfig, config_to_dict
+from tlnlp.core.errors import TrainingError, UserInputError
+from tlnlp.core.files import RESULTS_FILE
+from tlnlp.core.run import end_run, finish, start_run
+from tlnlp.data.prepare import load_labeled, stratified_subset, write_jsonl
+from tlnlp.stage2.metrics import selection_metric
+from tlnlp.stage2.phases import finetune, read_labeled_splits
 
 logger = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import transformers
 import yaml
 from accelerate import Accelerator
 
-from tlnlp.card import write_card
-from tlnlp.config import config_to_dict
-from tlnlp.files import CONFIG_FILE, RESULTS_FILE
-from tlnlp.terminal import progress_bars
+from tlnlp.core.config import config_to_dict
+from tlnlp.core.files import CONFIG_FILE, RESULTS_FILE
+from tlnlp.core.terminal import progress_bars
+from tlnlp.hub.card import write_card
 
 
 def setup_logging(accelerator: Accelerator) -> None:

@@ -18,9 +18,9 @@ from accelerate.utils import DistributedType, broadcast_object_list
 from torch import nn
 from transformers import PreTrainedModel
 
-from tlnlp.config import TrainingConfig
-from tlnlp.errors import UserInputError
-from tlnlp.modeling import encoder_parts
+from tlnlp.core.config import TrainingConfig
+from tlnlp.core.errors import UserInputError
+from tlnlp.models.modeling import encoder_parts
 
 logger = logging.getLogger(__name__)
 

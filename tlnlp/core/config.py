@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser
 
-from tlnlp.errors import UserInputError
+from tlnlp.core.errors import UserInputError
 
 
 def cache_root() -> Path:
@@ -207,7 +207,7 @@ class PretrainConfig(TrainingConfig):
     line_by_line: bool = _help(
         "One sequence per line/document, padded per batch, instead of packing texts into full blocks.", False
     )
-    objective: Literal["mlm", "electra"] = _help(  # the names in tlnlp.objectives.OBJECTIVES
+    objective: Literal["mlm", "electra"] = _help(  # the names in tlnlp.models.objectives.OBJECTIVES
         "mlm: masked-language modelling (BERT). electra: replaced-token detection (ELECTRA, Clark et al. 2020): a "
         "small generator fills the masked positions with its samples and the encoder learns to tell, at every "
         "token, original from replaced; the encoder is saved, the generator in generator/. From scratch only.",
@@ -233,7 +233,7 @@ class PretrainConfig(TrainingConfig):
     architecture: Literal["bert", "modernbert"] = _help(
         "From scratch: the encoder family the --model_size preset builds. bert: learned absolute positions, as in "
         "BERT. modernbert: rotary positions and pre-layer-norm (ModernBERT); at small budgets it leaves the "
-        "unigram plateau of MLM training far sooner (see README, 'Stage 1 budget').",
+        "unigram plateau of MLM training far sooner (docs/stage1.md, 'Stage 1 budget').",
         "bert",
     )
     config_name: str | None = _help("A config.json folder or Hub id giving the architecture to train from scratch.")
@@ -271,7 +271,7 @@ class PretrainConfig(TrainingConfig):
                 raise UserInputError(f"--{name} must be greater than 0, got {value}.")
         if self.vocab_size < 100:
             raise UserInputError(f"--vocab_size must be at least 100, got {self.vocab_size}.")
-        # The options of --objective are checked by its object (tlnlp.objectives), which pretrain asks first.
+        # The options of --objective are checked by its object (tlnlp.models.objectives), which pretrain asks first.
 
 
 TaskType = Literal["auto", "single_label", "multi_label", "regression"]
@@ -395,7 +395,7 @@ class Stage2Config(TrainingConfig):
 
 @dataclass
 class SearchOptions:
-    """Recipe search (`tlnlp.search`)."""
+    """Recipe search (`tlnlp.recipes.search`)."""
 
     search_trials: int | None = _help(
         "Search the recipe first: N Optuna trials (TPE) over learning rate, epochs, batch size, warm-up, weight "
@@ -418,7 +418,7 @@ class SearchOptions:
 
 @dataclass
 class SelfTrainingOptions:
-    """Self-training on unlabeled text (`tlnlp.self_training`)."""
+    """Self-training on unlabeled text (`tlnlp.recipes.self_training`)."""
 
     unlabeled_file: str | None = _help(
         "Unlabeled text for self-training (.txt one document per line, .csv, .json, .jsonl): a teacher trained on the "

@@ -14,8 +14,8 @@ import torch
 from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
-from tlnlp import builtin
-from tlnlp.errors import UserInputError
+from tlnlp.core.errors import UserInputError
+from tlnlp.data import builtin
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Data: the built-in data sets and models, loading and tokenizing, streaming."""

@@ -1,0 +1,209 @@
+"""Stage 1: masked-language-model pretraining, from scratch or continued from a checkpoint."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict
+from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, DataCollatorForTokenClassification
+
+from tlnlp.core.config import PretrainConfig
+from tlnlp.core.engines import first_on_each_node, from_main_process
+from tlnlp.core.errors import UserInputError
+from tlnlp.core.loop import Task, loader_workers, train
+from tlnlp.core.run import end_run, preprocessing_done, start_run
+from tlnlp.data import builtin
+from tlnlp.data.prepare import (
+    STREAMING_VALIDATION_DOCS,
+    cached_map,
+    drop_blank_texts,
+    ensure_validation,
+    load_raw_datasets,
+    mask_batch,
+    mask_once,
+    mlm_rows,
+    pad_for_masking,
+    prepare_mlm_dataset,
+    resolve_text_column,
+    sequence_lengths,
+    tokenizer_fingerprint,
+    tokenizing_processes,
+)
+from tlnlp.data.streaming import ShardedStream
+from tlnlp.models.modeling import (
+    check_tokenizer_and_length,
+    load_mlm_model,
+    load_model_tokenizer,
+    load_tokenizer,
+    scratch_config,
+    tokenizer_from_json,
+    train_wordpiece,
+)
+from tlnlp.models.objectives import checked_objective
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_TRAINING_DOCS = 200_000  # enough text for a WordPiece vocabulary; a streamed corpus may be endless
+DEFAULT_SCRATCH_SEQ_LEN = 128
+
+
+def corpus_tokenizer(train, text_column: str, cfg: PretrainConfig) -> str:
+    """A WordPiece tokenizer trained on the corpus (as tokenizers' JSON), cached by corpus and settings.
+
+    Training gives the same vocabulary on every machine (see `train_wordpiece`); the cache saves a second
+    run the training and lets it reuse the tokenized data.
+    """
+    # A streamed corpus has no fingerprint: it is named by its source instead.
+    fingerprint = getattr(train, "_fingerprint", None) or f"{cfg.train_file}/{cfg.dataset_name}/{cfg.dataset_config_name}"
+    # "v2": vocabularies cached before training was made deterministic are not reused.
+    key = hashlib.sha256(f"v2/{fingerprint}/{text_column}/{cfg.vocab_size}/{cfg.lowercase}".encode()).hexdigest()
+    folder = cfg.cache_path / "tokenizers" / key[:20]
+    if (folder / "tokenizer.json").exists():
+        logger.info("Reusing the WordPiece tokenizer trained earlier on this corpus: %s", folder)
+        return (folder / "tokenizer.json").read_text(encoding="utf-8")
+
+    def texts():
+        rows = itertools.islice(iter(train), TOKENIZER_TRAINING_DOCS)
+        return (row[text_column] for row in rows if isinstance(row[text_column], str))
+
+    tokenizer = train_wordpiece(texts, cfg.vocab_size, cfg.lowercase)
+    logger.info("Trained a WordPiece tokenizer on the training corpus: %d tokens.", len(tokenizer))
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another run saved one first: use that
+        shutil.rmtree(tmp, ignore_errors=True)
+    return (folder / "tokenizer.json").read_text(encoding="utf-8")
+
+
+def check_stream_size(train, held_out: int, slots: int) -> None:
+    """A stream needs one document per slot (process x loader worker) beyond its validation head; read
+    that many now, so a too-small corpus is named before any training (and not as a worker's error)."""
+    needed = held_out + slots
+    found = sum(1 for _ in itertools.islice(iter(train), needed))
+    if found < needed:
+        raise UserInputError(
+            f"The streamed corpus holds {found} document(s); it needs at least {needed}: {held_out} held out for "
+            f"validation (give --validation_file to hold none out) and one for each of the {slots} processes x "
+            "loader workers (--dataloader_num_workers)."
+        )
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Stage 1 as configured: a tokenizer (trained, or the checkpoint's), the data, the objective's model,
+    the training loop and the run's files."""
+    objective = checked_objective(cfg)
+    accelerator, hub_repo = start_run(cfg)
+    model_source = builtin.resolve_model(cfg.model_name_or_path)
+
+    with first_on_each_node(accelerator):
+        raw = load_raw_datasets(
+            train_file=cfg.train_file, validation_file=cfg.validation_file, dataset_name=cfg.dataset_name,
+            dataset_config_name=cfg.dataset_config_name, streaming=cfg.streaming, csv_delimiter=cfg.csv_delimiter,
+        )
+        text_column = resolve_text_column(raw["train"], cfg.text_column)
+        raw = drop_blank_texts(raw, text_column)
+        held_out = 0 if "validation" in raw else STREAMING_VALIDATION_DOCS  # a stream's head, when it is the validation
+        raw = ensure_validation(raw, cfg.validation_split_percentage, cfg.seed, cfg.streaming)
+
+    trained_tokenizer = False
+    if cfg.tokenizer_name or model_source:
+        tokenizer = load_model_tokenizer(model_source, builtin.resolve_model(cfg.tokenizer_name), cfg.trust_remote_code)
+    elif cfg.config_name:
+        tokenizer = load_tokenizer(cfg.config_name, cfg.trust_remote_code)
+    else:
+        # Trained (or read from its cache) by the main process alone, then sent to every rank: one training,
+        # not one per process, and a rank can never pick up another vocabulary from a stale node-local cache.
+        tokenizer_json = corpus_tokenizer(raw["train"], text_column, cfg) if accelerator.is_main_process else None
+        tokenizer = tokenizer_from_json(from_main_process(accelerator, tokenizer_json), cfg.lowercase)
+        trained_tokenizer = True
+
+    if model_source:
+        model, report = load_mlm_model(model_source, cfg.trust_remote_code)
+        if report.new:
+            logger.warning(
+                "%s has no MLM head weights (%s): the head is initialised randomly and learned in this run; "
+                "the encoder weights all come from the checkpoint.", cfg.model_name_or_path, ", ".join(report.new)
+            )
+        max_seq_length = cfg.max_seq_length or min(512, model.config.max_position_embeddings)
+    else:
+        max_seq_length = cfg.max_seq_length or DEFAULT_SCRATCH_SEQ_LEN
+        config = scratch_config(
+            tokenizer, model_size=cfg.model_size, config_name=cfg.config_name, architecture=cfg.architecture,
+            max_seq_length=max_seq_length,
+            trust_remote_code=cfg.trust_remote_code,
+            overrides={name: getattr(cfg, name) for name in
+                       ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")},
+        )
+        model = AutoModelForMaskedLM.from_config(config)
+    check_tokenizer_and_length(model.config, tokenizer, max_seq_length)
+
+    # Masks are drawn in the training loop from the global RNG, which checkpoints restore (see Task.on_batch).
+    masker = DataCollatorForLanguageModeling(
+        tokenizer, mlm_probability=cfg.mlm_probability, whole_word_mask=cfg.whole_word_mask, **objective.masking(),
+    )
+    prepare = dict(text_column=text_column, max_seq_length=max_seq_length, line_by_line=cfg.line_by_line,
+                   whole_word_mask=cfg.whole_word_mask)
+
+    def build(splits: DatasetDict) -> DatasetDict:
+        tokenized = {k: prepare_mlm_dataset(v, tokenizer, num_proc=cfg.preprocessing_num_workers or
+                                            tokenizing_processes(len(v)), **prepare)
+                     for k, v in splits.items() if k in ("train", "validation")}
+        # Validation masks are drawn once from a fixed seed, so perplexity is comparable run to run.
+        tokenized["validation"] = mask_once(tokenized["validation"], tokenizer, masker, cfg.seed)
+        return DatasetDict(tokenized)
+
+    if cfg.streaming:
+        slots = accelerator.num_processes * max(1, loader_workers(cfg, accelerator))
+        check_stream_size(raw["train"], held_out, slots)
+        rows = functools.partial(mlm_rows, tokenizer=tokenizer, max_seq_length=max_seq_length,
+                                 line_by_line=cfg.line_by_line, whole_word_mask=cfg.whole_word_mask)
+        train_data = ShardedStream(raw["train"], rows, text_column, rank=accelerator.process_index,
+                                   world_size=accelerator.num_processes, held_out=held_out)
+        # The held-out head of the stream is small: materialize it, so it is masked and evaluated like any split.
+        eval_data = build(DatasetDict({"validation": Dataset.from_list(list(raw["validation"]))}))["validation"]
+    else:
+        with first_on_each_node(accelerator):
+            key = {"tokenizer": tokenizer_fingerprint(tokenizer), **prepare, "mlm_probability": cfg.mlm_probability,
+                   "seed": cfg.seed, "stage": "mlm"}
+            tokenized = cached_map(raw, build, key, cfg.cache_path,
+                                   cfg.preprocessed_dataset_dir and Path(cfg.preprocessed_dataset_dir))
+        if cfg.preprocess_only:
+            return preprocessing_done(accelerator, tokenized)
+        train_data, eval_data = tokenized["train"], tokenized["validation"]
+
+    built = objective.build(model, cfg, tokenizer)
+    del model  # held by `built.model` where the objective keeps it
+    task = Task(
+        model=built.model,
+        evaluate=built.evaluate,
+        save=built.save,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        train_collator=pad_for_masking(tokenizer),
+        on_batch=lambda batch: mask_batch(batch, masker),
+        # Packed sequences all have the same length; lines vary, and grouping them saves padding.
+        train_lengths=sequence_lengths(train_data) if cfg.line_by_line and not cfg.streaming else None,
+        eval_collator=DataCollatorForTokenClassification(tokenizer),  # pads labels with -100
+        summary={
+            "objective": built.summary,
+            "start": cfg.model_name_or_path or (f"from scratch ({cfg.config_name})" if cfg.config_name else
+                                                f"from scratch ({cfg.architecture}, {cfg.model_size or 'tiny'} size)"),
+            "tokenizer": f"{len(tokenizer)} tokens" + (" (trained on this corpus)" if trained_tokenizer else ""),
+            "sequence length": f"{max_seq_length} ({'line by line' if cfg.line_by_line else 'packed'})",
+            "masking": f"{cfg.mlm_probability:.0%}" + (" whole words" if cfg.whole_word_mask else ""),
+        },
+    )
+    results, _ = train(cfg, task, accelerator)
+    results["objective"] = objective.name
+    objective.finish(results)
+    end_run(cfg, accelerator, results, "pretrain", hub_repo)
+    return results
