@@ -450,3 +450,24 @@ def test_a_log_without_a_terminal_has_progress_lines_not_bar_frames(tiny_mlm_dir
     assert done.returncode == 0, done.stderr[-2000:]
     assert "\r" not in done.stderr and "it/s]" not in done.stderr
     assert re.search(r"progress: step \d+ of \d+ \(\d+%\)", done.stderr)
+
+
+def test_a_run_resumed_after_early_stopping_stops_where_the_unbroken_run_did(tiny_mlm_dir, labeled_files, tmp_path,
+                                                                              cache_dir):
+    """Whether to stop is read from the checkpointed state (the evaluations without improvement), so a
+    resume from the step early stopping chose does not train on; it once did, past the unbroken run's end."""
+    rows = _csv_rows(labeled_files["train"])
+    rng = np.random.default_rng(0)
+    for row, label in zip(rows, rng.permutation([r["label"] for r in rows])):
+        row["label"] = label
+    files = {"train": write_labeled(tmp_path / "noisy.csv", rows), "validation": labeled_files["validation"]}
+    args = ["--eval_steps", "1", "--early_stopping_patience", "2", "--num_train_epochs", "4", "--learning_rate", "1e-2",
+            "--checkpointing_steps", "1"]
+    out = tmp_path / "model"
+    unbroken = run_main(ft_args(tiny_mlm_dir, files, out, cache_dir, *args))
+    stopped_at = unbroken["optimizer_steps"]
+    assert stopped_at < 4 * 12  # early stopping ended it
+    checkpoint = out / "checkpoints" / f"step_{stopped_at:08d}"
+    resumed = run_main(ft_args(tiny_mlm_dir, files, out, cache_dir, *args, "--resume_from_checkpoint", str(checkpoint)))
+    assert resumed["optimizer_steps"] == stopped_at
+    assert resumed["best_step"] == unbroken["best_step"] and resumed["eval_accuracy"] == unbroken["eval_accuracy"]

@@ -17,12 +17,10 @@ logger = logging.getLogger(__name__)
 
 
 CHECKPOINTS = "checkpoints"
-
 BEST = "best"
-
 STATE_FILE = "trainer_state.json"
-
 STREAM_STATE = "stream_state_{rank}.json"
+
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint; folders without a state file (a save that was killed) are ignored."""
@@ -30,11 +28,13 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     complete = [p for p in folder.glob("step_*") if (p / STATE_FILE).exists() and not p.name.endswith(".tmp")]
     return max(complete, key=lambda p: int(p.name.split("_")[1]), default=None)
 
+
 # What tlnlp's checkpoints pickle besides tensors: numpy arrays and the random-number generators' states.
 SAFE_PICKLE_GLOBALS = {
     "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
     "numpy.dtypes.UInt32DType", "_codecs.encode",
 }
+
 
 def check_checkpoint_is_safe(folder: Path) -> None:
     """Refuse a checkpoint whose pickled files would run code when loaded.
@@ -60,6 +60,7 @@ def check_checkpoint_is_safe(folder: Path) -> None:
                 "arrays; this file was altered or comes from elsewhere. Delete it or resume from another checkpoint."
             )
 
+
 def load_checkpoint(accelerator: Accelerator, folder: Path) -> None:
     check_checkpoint_is_safe(folder)
     try:
@@ -69,6 +70,7 @@ def load_checkpoint(accelerator: Accelerator, folder: Path) -> None:
             f"Could not load checkpoint {folder} ({type(error).__name__}: {error}). It is damaged or from another "
             f"model or configuration; resume from an earlier checkpoint under {folder.parent}, or start afresh."
         ) from None
+
 
 class Checkpoints:
     """Atomic, rotated checkpoints: a killed save never leaves a folder that `latest` would pick."""

@@ -36,6 +36,7 @@ from tlnlp.data.streaming import ShardedStream, stream_loader
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class Task:
     """What a stage hands to the training loop."""
@@ -63,11 +64,13 @@ class Task:
     train_lengths: list[int] | None = None
     summary: dict[str, Any] = field(default_factory=dict)  # extra lines for the start-of-run summary
 
+
 def loader_workers(cfg: TrainingConfig, accelerator: Accelerator) -> int:
     """--dataloader_num_workers, or 0 on a CPU (workers would take its cores from training) and 2 on a GPU."""
     if cfg.dataloader_num_workers is not None:
         return cfg.dataloader_num_workers
     return 0 if accelerator.device.type == "cpu" else 2
+
 
 def default_param_groups(model: nn.Module, learning_rate: float, weight_decay: float,
                          lr_scale: Callable[[nn.Parameter], float] | None = None) -> list[dict]:
@@ -83,8 +86,10 @@ def default_param_groups(model: nn.Module, learning_rate: float, weight_decay: f
         groups.setdefault((lr, decay), []).append(param)
     return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
 
+
 def _is_better(value: float, best: float | None, greater: bool) -> bool:
     return best is None or (value > best if greater else value < best)
+
 
 class Trainer:
     """One run of the training loop over a `Task`. `fit` reads top to bottom; each side concern (one
@@ -157,7 +162,6 @@ class Trainer:
                       "train_loss_sum": 0.0, "train_loss_count": 0}
         self.checkpoints = Checkpoints(accelerator, self.output_dir, cfg.save_total_limit)
         self.best_file = self.output_dir / CHECKPOINTS / BEST / "model.safetensors"
-        self.stop = False
         self.restore_best = task.restore_best
         if accelerator.num_processes > 1:
             # Every rank draws its own masks and dropout (one process keeps the stream it always had). Model
@@ -179,12 +183,12 @@ class Trainer:
         # The optimizer step and the first non-finite loss (step, value), kept on the device: no host sync.
         self.device_step = torch.tensor(float(self.state["completed_steps"]), device=self.accelerator.device)
         self.nonfinite = torch.zeros(2, device=self.accelerator.device)
-        while self.state["epoch"] < self.num_epochs and not self.stop:
+        while self.state["epoch"] < self.num_epochs and not self._should_stop():
             for batch in self._epoch_batches():
                 self._train_step(batch)
                 if self.accelerator.sync_gradients:
                     self._after_optimizer_step()
-                    if self.stop:
+                    if self._should_stop():
                         break
             else:  # the epoch ran to its end
                 self._end_epoch()
@@ -280,11 +284,16 @@ class Trainer:
         if step % cfg.logging_steps == 0 or step == self.max_steps:
             self._log_window()
         if cfg.eval_steps and step % cfg.eval_steps == 0:
-            self.stop = self._evaluate_and_track()
+            self._evaluate_and_track()
         if cfg.checkpoint_every and self.keeps_checkpoints and step % cfg.checkpoint_every == 0:
             self._save_checkpoint()
-        if step >= self.max_steps:
-            self.stop = True
+
+    def _should_stop(self) -> bool:
+        """The one place the run decides to stop: the step limit, or early stopping's patience spent. Both
+        are read from the state a checkpoint saves, so a resumed run stops where an unbroken one would."""
+        state, patience = self.state, self.task.early_stopping_patience
+        return state["completed_steps"] >= self.max_steps or bool(
+            patience and state["evals_without_improvement"] >= patience)
 
     def _log_progress_line(self) -> None:
         """What the bar shows, as one log line, for a log without a terminal (see tlnlp.core.terminal)."""
@@ -302,7 +311,7 @@ class Trainer:
             )
         self.state.update(epoch=self.state["epoch"] + 1, batches_in_epoch=0)
         if not self.cfg.eval_steps:
-            self.stop = self._evaluate_and_track() or self.stop
+            self._evaluate_and_track()
         if self.cfg.checkpointing_steps == "epoch" and self.keeps_checkpoints:
             self._save_checkpoint()
 
@@ -313,8 +322,8 @@ class Trainer:
 
     # -- evaluation and the best model ---------------------------------------------------------------
 
-    def _evaluate_and_track(self) -> bool:
-        """Evaluate, keep the best model on disk; True when early stopping says stop."""
+    def _evaluate_and_track(self) -> None:
+        """Evaluate, keep the best model on disk, count the evaluations without improvement."""
         accelerator, state, name = self.accelerator, self.state, self.task.metric_for_best_model
         self._stop_if_loss_was_not_finite()
         metrics = self.task.evaluate(accelerator, self.model, self.eval_dl)
@@ -325,21 +334,19 @@ class Trainer:
         if self.tracking:
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
         if name is None:
-            return False
+            return
         if name not in metrics:
             raise UserInputError(f"--metric_for_best_model {name!r} is not computed; choose one of {', '.join(metrics)}.")
         if _is_better(metrics[name], state["best_metric"], self.task.greater_is_better):
             state.update(best_metric=metrics[name], best_step=step, evals_without_improvement=0)
             if self.restore_best:
                 self._save_best()
-            return False
+            return
         state["evals_without_improvement"] += 1
         patience = self.task.early_stopping_patience
-        if patience and state["evals_without_improvement"] >= patience:
+        if patience and state["evals_without_improvement"] == patience:
             logger.info("Early stopping: %s did not improve for %d evaluations (best %.4f at step %d).", name,
                         patience, state["best_metric"], state["best_step"])
-            return True
-        return False
 
     def _save_best(self) -> None:
         # Every rank takes part: FSDP gathers the shards; only the main process writes.
@@ -467,6 +474,7 @@ class Trainer:
                 self.task.save(engines.unwrap(self.accelerator, self.model), self.output_dir, state_dict)
             (self.output_dir / EVAL_HISTORY_FILE).write_text(json.dumps(self.state["history"], indent=2))
         self.accelerator.wait_for_everyone()
+
 
 def train(cfg: TrainingConfig, task: Task, accelerator: Accelerator, output_dir: Path | None = None,
           checkpoints: bool = True) -> tuple[dict[str, Any], nn.Module]:

@@ -21,6 +21,7 @@ def cpu_has_fast_bf16() -> bool:
     except (AttributeError, RuntimeError):  # a torch without the probes: assume emulation
         return False
 
+
 def resolve_mixed_precision(choice: str) -> str:
     """--mixed_precision auto: the launcher's choice if it made one, else bf16 where the hardware computes it
     fast (a GPU that supports it, or a CPU with AVX512-BF16/AMX when no GPU is used), else fp32."""
@@ -33,6 +34,7 @@ def resolve_mixed_precision(choice: str) -> str:
     if not use_cpu and (torch.cuda.is_available() or torch.backends.mps.is_available()):
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     return "bf16" if cpu_has_fast_bf16() else "no"
+
 
 def make_accelerator(cfg: TrainingConfig) -> Accelerator:
     """Devices come from `accelerate config`/`accelerate launch`; nothing is needed for CPU."""
@@ -50,6 +52,7 @@ def make_accelerator(cfg: TrainingConfig) -> Accelerator:
         # Dynamic shapes: batches vary in length (dynamic padding), which would otherwise recompile per length.
         dynamo_plugin=TorchDynamoPlugin(backend="inductor", dynamic=True) if cfg.torch_compile else None,
     )
+
 
 def fit_accelerator_to(accelerator: Accelerator, cfg: TrainingConfig) -> None:
     """A recipe's later run on the process's one Accelerator: its own gradient accumulation; a precision or

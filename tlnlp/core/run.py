@@ -52,6 +52,7 @@ def check_output_dir(cfg: TrainingConfig) -> None:
             "--overwrite_output_dir to replace it, or --resume_from_checkpoint latest to continue it."
         )
 
+
 def start_run(cfg: TrainingConfig, check_output: bool = True) -> tuple[Accelerator, str | None]:
     """What every stage does first: the checks that must pass before any work (output folder, Hub
     access), then Accelerate, logging and seeds. Returns the accelerator and the Hub repo (or None).
@@ -68,6 +69,7 @@ def start_run(cfg: TrainingConfig, check_output: bool = True) -> tuple[Accelerat
     set_seed(cfg.seed)  # the same on every rank: model initialisation must agree
     return accelerator, hub_repo
 
+
 def preprocessing_done(accelerator: Accelerator, tokenized) -> dict[str, Any]:
     """--preprocess_only: the tokenized data is on disk; stop before any model training."""
     sizes = {name: len(split) for name, split in tokenized.items()}
@@ -76,6 +78,7 @@ def preprocessing_done(accelerator: Accelerator, tokenized) -> dict[str, Any]:
     finish(accelerator)
     return {"preprocessed_rows": sizes}
 
+
 def end_run(cfg: TrainingConfig, accelerator: Accelerator, results: dict, stage: str, hub_repo: str | None) -> None:
     """Write the results, configuration and model card, push if asked, and tear down cleanly."""
     write_run_files(accelerator, cfg, results, stage=stage)
@@ -83,6 +86,7 @@ def end_run(cfg: TrainingConfig, accelerator: Accelerator, results: dict, stage:
         hub.publish(cfg, accelerator, hub_repo)
     finally:
         finish(accelerator)
+
 
 def finish(accelerator: Accelerator) -> None:
     """Clean teardown, so no rank aborts at exit under multi-process CPU runs."""
