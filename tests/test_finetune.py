@@ -471,3 +471,4 @@ def test_a_run_resumed_after_early_stopping_stops_where_the_unbroken_run_did(tin
     resumed = run_main(ft_args(tiny_mlm_dir, files, out, cache_dir, *args, "--resume_from_checkpoint", str(checkpoint)))
     assert resumed["optimizer_steps"] == stopped_at
     assert resumed["best_step"] == unbroken["best_step"] and resumed["eval_accuracy"] == unbroken["eval_accuracy"]
+

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 from tlnlp.core.config import FinetuneConfig
-from tlnlp.core.engines import first_on_each_node
 from tlnlp.core.errors import UserInputError
 from tlnlp.core.run import end_run, start_run
 from tlnlp.data import builtin
 from tlnlp.recipes import search, self_training
-from tlnlp.stage2.phases import finetune, read_labeled_splits
+from tlnlp.stage2.phases import finetune_as_configured
 
 
 def main(cfg: FinetuneConfig) -> dict[str, Any]:
-    """The `python -m tlnlp.finetune` command: one fine-tuning run, or a recipe (search, self-training) that
-    composes the phases below."""
+    """The `python -m tlnlp.finetune` command: one fine-tuning run (tlnlp.stage2.phases), or a recipe (search,
+    self-training) built on the same phases."""
     if not cfg.model_name_or_path:
         raise UserInputError(
             "--model_name_or_path is required: a stage 1 output folder, a local encoder, a built-in model "
@@ -28,13 +26,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.self_training_rounds:
         return self_training.run_self_training(cfg)
     accelerator, hub_repo = start_run(cfg)
-    with first_on_each_node(accelerator):
-        raw = read_labeled_splits(train_file=cfg.train_file, validation_file=cfg.validation_file,
-                                  test_file=cfg.test_file, dataset_name=cfg.dataset_name,
-                                  dataset_config_name=cfg.dataset_config_name, csv_delimiter=cfg.csv_delimiter)
-    results = finetune(cfg, accelerator, raw, Path(cfg.output_dir), max_train_samples=cfg.max_train_samples,
-                       pseudo_labeled_file=cfg.pseudo_labeled_file, restore_best=cfg.restore_best_model,
-                       preprocessed_dataset_dir=cfg.preprocessed_dataset_dir, preprocess_only=cfg.preprocess_only)
+    results = finetune_as_configured(cfg, accelerator)
     if cfg.preprocess_only:
         return results
     end_run(cfg, accelerator, results, "finetune", hub_repo)

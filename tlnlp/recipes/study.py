@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from tlnlp.core.config import FinetuneConfig, parse_config
-from tlnlp.core.engines import first_on_each_node
 from tlnlp.core.errors import UserInputError
 from tlnlp.core.files import RESULTS_FILE
 from tlnlp.core.outputs import write_run_files
 from tlnlp.core.run import check_output_dir, finish, start_run
-from tlnlp.stage2.phases import finetune, read_labeled_splits
+from tlnlp.stage2.phases import finetune_as_configured
 
 logger = logging.getLogger(__name__)
 
@@ -135,12 +134,7 @@ def finetune_into(cfg: FinetuneConfig, accelerator, folder: Path) -> None:
         raise UserInputError("A study's runs are plain fine-tunings: drop --search_trials and the self-training "
                              "options from its fine-tuning options.")
     check_output_dir(cfg)
-    with first_on_each_node(accelerator):
-        raw = read_labeled_splits(train_file=cfg.train_file, validation_file=cfg.validation_file,
-                                  test_file=cfg.test_file, dataset_name=cfg.dataset_name,
-                                  dataset_config_name=cfg.dataset_config_name, csv_delimiter=cfg.csv_delimiter)
-    results = finetune(cfg, accelerator, raw, folder, max_train_samples=cfg.max_train_samples,
-                       pseudo_labeled_file=cfg.pseudo_labeled_file, restore_best=cfg.restore_best_model)
+    results = finetune_as_configured(cfg, accelerator)
     write_run_files(accelerator, cfg, results, "finetune")
     accelerator.free_memory()
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
 from tlnlp.core import engines
-from tlnlp.core.config import Stage2Config
+from tlnlp.core.config import FinetuneConfig, Stage2Config
 from tlnlp.core.engines import first_on_each_node
 from tlnlp.core.errors import TrainingError, UserInputError
 from tlnlp.core.files import PREDICTIONS_FILE
@@ -123,6 +123,9 @@ class Classifier:
     max_seq_length: int
     unfreeze: UnfreezeSchedule | None = None
     lr_scales: dict[int, float] = field(default_factory=dict)  # by parameter identity (see apply_recipe)
+    # Counted once the recipe is applied, before training: gradual unfreezing changes the count as it goes.
+    trainable_parameters: int = 0
+    total_parameters: int = 0
 
 
 def finetune(cfg: Stage2Config, accelerator, raw: DatasetDict, output_dir: Path, *,
@@ -150,6 +153,18 @@ def finetune(cfg: Stage2Config, accelerator, raw: DatasetDict, output_dir: Path,
         results.update(test(accelerator, test_model, classifier.tokenizer, tokenized["test"], data, output_dir,
                             cfg.per_device_eval_batch_size))
     return summarize(results, data, classifier, cfg.head_lr)
+
+
+def finetune_as_configured(cfg: FinetuneConfig, accelerator) -> dict[str, Any]:
+    """One fine-tuning on the data, folder and options `cfg` names, as `python -m tlnlp.finetune` runs it
+    (the study's runs too)."""
+    with first_on_each_node(accelerator):
+        raw = read_labeled_splits(train_file=cfg.train_file, validation_file=cfg.validation_file,
+                                  test_file=cfg.test_file, dataset_name=cfg.dataset_name,
+                                  dataset_config_name=cfg.dataset_config_name, csv_delimiter=cfg.csv_delimiter)
+    return finetune(cfg, accelerator, raw, Path(cfg.output_dir), max_train_samples=cfg.max_train_samples,
+                    pseudo_labeled_file=cfg.pseudo_labeled_file, restore_best=cfg.restore_best_model,
+                    preprocessed_dataset_dir=cfg.preprocessed_dataset_dir, preprocess_only=cfg.preprocess_only)
 
 
 def read_labeled_splits(*, train_file: str | None = None, validation_file: str | None = None,
@@ -219,7 +234,7 @@ def apply_recipe(cfg: Stage2Config, classifier: Classifier) -> Classifier:
     if cfg.layerwise_lr_decay < 1 or head_scale != 1:
         by_name = learning_rate_scales(model, cfg.layerwise_lr_decay, head_scale)
         classifier.lr_scales = {id(param): by_name[name] for name, param in model.named_parameters()}
-    trainable, total = count_parameters(model)
+    trainable, total = classifier.trainable_parameters, classifier.total_parameters = count_parameters(model)
     report = classifier.report
     logger.info(
         "Head surgery on %s:\n  loaded from the checkpoint: %d tensors\n  new: %s\n  dropped: %s\n"
@@ -325,9 +340,9 @@ def summarize(results: dict[str, Any], data: LabeledData, classifier: Classifier
     if warning:
         logger.warning(warning)
         results["underfitting_warning"] = warning
-    trainable, total = count_parameters(classifier.model)
     results.update(task_type=data.task_type, label_names=data.label_names, train_set_size=len(data.splits["train"]),
-                   trainable_parameters=trainable, total_parameters=total, head_learning_rate=head_lr)
+                   trainable_parameters=classifier.trainable_parameters,
+                   total_parameters=classifier.total_parameters, head_learning_rate=head_lr)
     if data.pseudo_labeled_rows:
         results["pseudo_labeled_rows"] = data.pseudo_labeled_rows
     return results
