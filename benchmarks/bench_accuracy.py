@@ -13,6 +13,10 @@ tlnlp-self     tlnlp with self-training on the set's unlabeled text (--unlabeled
                movie-sentences.
 tlnlp-self-similar  the same with --unlabeled_selection similar (the unlabeled texts most like the labeled
                ones); not in the default list.
+tlnlp-tapt     tlnlp with --continued_pretraining task: MiniLM continued on the set's training texts first,
+               kept only if the gate finds it better (tlnlp.recipes.continued_pretraining).
+tlnlp-tapt-self  both: continued pretraining, then self-training.
+tlnlp-dapt     --continued_pretraining on the set's unlabeled corpus (the one self-training reads); opt-in.
 tlnlp-search   tlnlp with --search_trials (Optuna TPE). The built-in sets have a validation split, and it
                scores the trials (cross-validation on the labels, --search_folds, is for sets without one).
 
@@ -20,7 +24,7 @@ Writes benchmarks/results/accuracy_cpu.json (every run, mean ± std and wall tim
 beside it (accuracy_cpu.png) and prints a Markdown table. It takes hours on 2 CPU cores: `make bench-accuracy`,
 never part of the tests.
 
-    python benchmarks/bench_accuracy.py --sets wiki-topics,movie-sentences,wiki-uncertainty --seeds 42,43,44
+    python benchmarks/bench_accuracy.py --sets wiki-topics,movie-sentences,wiki-uncertainty,speech-eras --seeds 42,43,44
 
 Run in parts (a set, a recipe or a seed at a time, each with its own --output), the parts make one report:
 
@@ -45,12 +49,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-RECIPES = ("stock", "setfit", "tlnlp", "tlnlp-self", "tlnlp-search")
-OPT_IN_RECIPES = ("tlnlp-self-similar",)
+RECIPES = ("stock", "setfit", "tlnlp", "tlnlp-tapt", "tlnlp-self", "tlnlp-tapt-self", "tlnlp-search")
+OPT_IN_RECIPES = ("tlnlp-self-similar", "tlnlp-dapt")
 # Unlabeled text for self-training: the same kind of text as each labeled set, never its test split.
 # The sentence sets pseudo-label sentences, the paragraph set paragraphs.
 UNLABELED = {"wiki-topics": "wiki-leads", "wiki-uncertainty": "wiki-lead-sentences",
-             "movie-sentences": "movie-review-sentences"}
+             "movie-sentences": "movie-review-sentences", "speech-eras": "speech-passages"}
 
 
 def tlnlp_run(dataset: str, labels: int, seed: int, length: int, extra: list[str], keep: Path | None = None) -> float:
@@ -108,7 +112,9 @@ def run(recipe: str, dataset: str, labels: int, seed: int, length: int, trials: 
             return None
         return setfit_run(dataset, labels, seed, length)
     self_training = ["--unlabeled_dataset", UNLABELED[dataset], "--self_training_rounds", "1"]
-    extra = {"tlnlp": [], "tlnlp-self": self_training,
+    tapt = ["--continued_pretraining", "task"]
+    extra = {"tlnlp": [], "tlnlp-self": self_training, "tlnlp-tapt": tapt, "tlnlp-tapt-self": tapt + self_training,
+             "tlnlp-dapt": ["--continued_pretraining", UNLABELED[dataset]],
              "tlnlp-self-similar": self_training + ["--unlabeled_selection", "similar"],
              "tlnlp-search": ["--search_trials", str(trials), "--search_folds", str(folds)]}[recipe]
     keep = Path(keep_runs) / dataset / recipe / f"seed{seed}" if keep_runs else None
@@ -117,7 +123,7 @@ def run(recipe: str, dataset: str, labels: int, seed: int, length: int, trials: 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sets", default="wiki-topics,movie-sentences,wiki-uncertainty")
+    parser.add_argument("--sets", default="wiki-topics,movie-sentences,wiki-uncertainty,speech-eras")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--labels", type=int, default=1000)

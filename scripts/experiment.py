@@ -2,9 +2,12 @@
 
 Example (the domain study):
   python scripts/experiment.py --dataset movie-sentences --model minilm-l6 --label_counts 1000 --seeds 1,2,3 \
-      --arms pretrained,dapt:movie-reviews,dapt:wiki-leads --dapt_steps 300 --output_dir runs/domain
+      --arms pretrained,dapt:task,dapt:movie-reviews,dapt:wiki-leads --output_dir runs/domain \
+      -- --continued_pretraining_steps 300
 
-Arms: scratch, pretrained, frozen:K, dapt:CORPUS, each optionally @MODEL (else --model).
+Arms: scratch, pretrained, frozen:K, dapt:CORPUS (CORPUS 'task': the set's own texts), each optionally @MODEL
+(else --model). A dapt arm runs `--continued_pretraining CORPUS`; its --continued_pretraining_* options go after
+`--` with the other fine-tuning options.
 Options after `--` go to every fine-tuning run (e.g. -- --learning_rate 1e-4 --num_train_epochs 3).
 """
 
@@ -27,8 +30,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--arms", default="scratch,pretrained", help="Comma-separated arms (see above).")
     parser.add_argument("--label_counts", default="1000", help="Comma-separated numbers of labeled examples.")
     parser.add_argument("--seeds", default="42", help="Comma-separated seeds (sampling and initialisation).")
-    parser.add_argument("--dapt_steps", type=int, default=200, help="Optimizer steps of continued pretraining.")
-    parser.add_argument("--pretrain_args", default="", help="Extra options for continued pretraining, quoted.")
     parser.add_argument("--output_dir", required=True, help="Study folder; finished runs in it are skipped.")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
@@ -39,8 +40,7 @@ def main(argv: list[str]) -> int:
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         rows = run_study(arms=arms, dataset=args.dataset, label_counts=counts, seeds=seeds, output_dir=output_dir,
-                         finetune_args=finetune_args, dapt_steps=args.dapt_steps,
-                         pretrain_args=shlex.split(args.pretrain_args))
+                         finetune_args=finetune_args)
     except (UserInputError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

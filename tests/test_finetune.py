@@ -20,6 +20,7 @@ from tlnlp.core.errors import UserInputError
 from tlnlp.data.prepare import LengthGroupedSampler
 from tlnlp.finetune import main
 from tlnlp.models.classifier import TlnlpForSequenceClassification
+from tlnlp.models.modeling import learning_rate_scales
 from tlnlp.pretrain import main as pretrain_main
 from tlnlp.stage2.transfer import (
     CachedFeatureClassifier,
@@ -27,7 +28,6 @@ from tlnlp.stage2.transfer import (
     UnfreezeSchedule,
     build_classifier,
     freeze,
-    learning_rate_scales,
     pad_features,
 )
 

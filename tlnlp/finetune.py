@@ -3,32 +3,43 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from tlnlp.core.config import FinetuneConfig
 from tlnlp.core.errors import UserInputError
 from tlnlp.core.run import end_run, start_run
 from tlnlp.data import builtin
-from tlnlp.recipes import search, self_training
+from tlnlp.recipes import continued_pretraining, search, self_training
 from tlnlp.stage2.phases import finetune_as_configured
 
 
 def main(cfg: FinetuneConfig) -> dict[str, Any]:
     """The `python -m tlnlp.finetune` command: one fine-tuning run (tlnlp.stage2.phases), or a recipe (search,
-    self-training) built on the same phases."""
+    self-training) built on the same phases; with --continued_pretraining, stage 1 on the task's or a
+    domain's text first, kept only if it helps (tlnlp.recipes.continued_pretraining)."""
     if not cfg.model_name_or_path:
         raise UserInputError(
             "--model_name_or_path is required: a stage 1 output folder, a local encoder, a built-in model "
             f"({', '.join(builtin.MODELS)}) or a Hub id. Add --from_scratch for the no-transfer baseline."
         )
-    if cfg.search_trials:
-        return search.run_search(cfg)
-    if cfg.self_training_rounds:
-        return self_training.run_self_training(cfg)
+    adaptation = None
+    if cfg.continued_pretraining:
+        # A recipe checks its own output folder (it may be resuming); the plain run is checked here, first.
+        cfg, adaptation = continued_pretraining.adapt(cfg, check_output=not (cfg.search_trials or
+                                                                            cfg.self_training_rounds))
+    if cfg.search_trials or cfg.self_training_rounds:
+        results = search.run_search(cfg) if cfg.search_trials else self_training.run_self_training(cfg)
+        if adaptation:
+            results["continued_pretraining"] = adaptation
+            continued_pretraining.record_in_run(Path(cfg.output_dir), adaptation, cfg.hub_model_id)
+        return results
     accelerator, hub_repo = start_run(cfg)
     results = finetune_as_configured(cfg, accelerator)
     if cfg.preprocess_only:
         return results
+    if adaptation:
+        results["continued_pretraining"] = adaptation
     end_run(cfg, accelerator, results, "finetune", hub_repo)
     return results
 

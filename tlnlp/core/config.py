@@ -36,6 +36,15 @@ def _help(text: str, default: Any = None, aliases: list[str] | None = None, **kw
 HEAD_LR_MULTIPLIER = 20
 HEAD_LR_CAP = 1e-2
 
+
+def new_head_lr(learning_rate: float, given: float | None) -> float:
+    """A new (random) head's learning rate: `given`, else HEAD_LR_MULTIPLIER x the encoder's capped at
+    HEAD_LR_CAP (never below the encoder's own rate). Stage 2's task head and stage 1's new MLM head."""
+    if given:
+        return given
+    return max(learning_rate, min(HEAD_LR_MULTIPLIER * learning_rate, HEAD_LR_CAP))
+
+
 SchedulerName = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
 ]
@@ -91,6 +100,9 @@ class TrainingConfig:
     lr_scheduler_type: SchedulerName = _help("Learning-rate schedule after warm-up.", "linear")
     num_warmup_steps: int = _help("Optimizer steps of linear warm-up.", 0)
     max_grad_norm: float = _help("Clip the global gradient norm to this (0 turns clipping off).", 1.0)
+    layerwise_lr_decay: float = _help(
+        "Multiply the learning rate by this factor for each layer further below the head (1.0: no decay).", 1.0
+    )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _help(
         "Autocast precision. auto: what `accelerate launch`/its config says, else bf16 where the hardware computes "
         "it natively (GPUs that support it; CPUs with AVX512-BF16 or AMX), else fp32 ('no'). The test split is "
@@ -159,6 +171,8 @@ class TrainingConfig:
                 raise UserInputError(f"--{name} must be greater than 0, got {value}.")
         if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
             raise UserInputError(f"--dataloader_num_workers must be 0 or more, got {self.dataloader_num_workers}.")
+        if not 0 < self.layerwise_lr_decay <= 1:
+            raise UserInputError(f"--layerwise_lr_decay must be in (0, 1], got {self.layerwise_lr_decay}.")
         for name in ("weight_decay", "num_warmup_steps", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise UserInputError(f"--{name} must be 0 or more, got {getattr(self, name)}.")
@@ -243,6 +257,17 @@ class PretrainConfig(TrainingConfig):
     intermediate_size: int | None = _help("From scratch: feed-forward size (overrides the preset).")
     vocab_size: int = _help("From scratch without --tokenizer_name: WordPiece vocabulary size to train.", 8000)
     lowercase: bool = _help("From scratch: lower-case text when training the tokenizer.", True)
+    head_warmup_steps: int | None = _help(
+        "Continuing a checkpoint that has no MLM head (a sentence-embedding model such as minilm-l6): train only "
+        "the new head for the first N optimizer steps, the encoder frozen, so updates through a random head do "
+        "not disturb what the encoder learned (default: 100 when the head is new, 0 when the checkpoint has one)."
+    )
+    new_head_learning_rate: float | None = _help(
+        f"Continuing a checkpoint that has no MLM head: the new head's learning rate (default: {HEAD_LR_MULTIPLIER} x "
+        f"--learning_rate, at most {HEAD_LR_CAP:g}), as stage 2 gives its new task head: at the encoder's rate a "
+        "random head learns too slowly for the encoder to get useful gradients. A head from the checkpoint learns "
+        "at --learning_rate."
+    )
     sparse_mlm_head: bool = _help(
         "Compute the MLM head only at masked positions (same loss, far less work). Turn off to compare.", True
     )
@@ -269,6 +294,10 @@ class PretrainConfig(TrainingConfig):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserInputError(f"--{name} must be greater than 0, got {value}.")
+        if self.new_head_learning_rate is not None and self.new_head_learning_rate <= 0:
+            raise UserInputError(f"--new_head_learning_rate must be greater than 0, got {self.new_head_learning_rate}.")
+        if self.head_warmup_steps is not None and self.head_warmup_steps < 0:
+            raise UserInputError(f"--head_warmup_steps must be 0 or more, got {self.head_warmup_steps}.")
         if self.vocab_size < 100:
             raise UserInputError(f"--vocab_size must be at least 100, got {self.vocab_size}.")
         # The options of --objective are checked by its object (tlnlp.models.objectives), which pretrain asks first.
@@ -313,9 +342,6 @@ class Stage2Config(TrainingConfig):
         "Gradual unfreezing (ULMFiT): start with the whole encoder frozen and unfreeze one more layer from the top "
         "at each 'epoch', or every N optimizer steps ('N'). Layers held by --freeze_layers stay frozen."
     )
-    layerwise_lr_decay: float = _help(
-        "Multiply the learning rate by this factor for each layer further below the head (1.0: no decay).", 1.0
-    )
     head_learning_rate: float | None = _help(
         f"Learning rate of the new task head (default: {HEAD_LR_MULTIPLIER} x --learning_rate, at most "
         f"{HEAD_LR_CAP:g} unless --learning_rate is higher). The head starts from random weights and the encoder "
@@ -341,8 +367,6 @@ class Stage2Config(TrainingConfig):
         super().__post_init__()
         if self.freeze_layers < 0:
             raise UserInputError(f"--freeze_layers must be 0 or more, got {self.freeze_layers}.")
-        if not 0 < self.layerwise_lr_decay <= 1:
-            raise UserInputError(f"--layerwise_lr_decay must be in (0, 1], got {self.layerwise_lr_decay}.")
         if self.head_dropout is not None and not 0 <= self.head_dropout < 1:
             raise UserInputError(f"--head_dropout must be in [0, 1), got {self.head_dropout}.")
         if self.head_learning_rate is not None and self.head_learning_rate <= 0:
@@ -373,9 +397,7 @@ class Stage2Config(TrainingConfig):
     def head_lr(self) -> float:
         """The task head's learning rate: --head_learning_rate, else HEAD_LR_MULTIPLIER x --learning_rate
         capped at HEAD_LR_CAP (never below the encoder's own rate)."""
-        if self.head_learning_rate:
-            return self.head_learning_rate
-        return max(self.learning_rate, min(HEAD_LR_MULTIPLIER * self.learning_rate, HEAD_LR_CAP))
+        return new_head_lr(self.learning_rate, self.head_learning_rate)
 
     @property
     def head_hidden_sizes_list(self) -> list[int]:
@@ -475,7 +497,53 @@ class SelfTrainingOptions:
 
 
 @dataclass
-class FinetuneConfig(SelfTrainingOptions, SearchOptions, Stage2Config):
+class ContinuedPretrainingOptions:
+    """Continued pretraining before fine-tuning (`tlnlp.recipes.continued_pretraining`)."""
+
+    continued_pretraining: str | None = _help(
+        "Continue the encoder's MLM pretraining before fine-tuning: 'task' (TAPT: the texts of the training split, "
+        "labeled or not, never the validation or test texts), a text file, or a built-in/Hub data set (DAPT: its "
+        "train split). Runs stage 1's code, caches the adapted encoder by its inputs (a second seed or a search "
+        "reuses it), and keeps it only if it scores above the original on the training labels (frozen features, "
+        "--continued_pretraining_folds-fold cross-validation); all_results.json and the model card record both."
+    )
+    continued_pretraining_steps: int = _help("Optimizer steps of the continued pretraining.", 300)
+    continued_pretraining_learning_rate: float = _help(
+        "Peak learning rate of the continued pretraining, for the top encoder layer; lower layers get less "
+        "(--continued_pretraining_layer_decay), so what the checkpoint learned is kept.", 5e-5
+    )
+    continued_pretraining_layer_decay: float = _help(
+        "Layer-wise learning-rate decay of the continued pretraining (1.0: every layer at the full rate).", 0.8
+    )
+    continued_pretraining_batch_size: int = _help("Sequences per optimizer step of the continued pretraining.", 16)
+    continued_pretraining_folds: int = _help(
+        "Folds of the cross-validation that decides whether the adapted encoder is kept.", 5
+    )
+    keep_adapted_encoder: Literal["if_better", "always"] = _help(
+        "if_better: fine-tune the adapted encoder only if its cross-validated score beats the original's by more "
+        "than the standard error of the fold differences; "
+        "always: fine-tune it whatever the score (the scores are still recorded).", "if_better"
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("continued_pretraining_steps", "continued_pretraining_learning_rate",
+                     "continued_pretraining_batch_size"):
+            if not getattr(self, name) > 0:
+                raise UserInputError(f"--{name} must be greater than 0, got {getattr(self, name)}.")
+        if not 0 < self.continued_pretraining_layer_decay <= 1:
+            raise UserInputError(
+                f"--continued_pretraining_layer_decay must be in (0, 1], got {self.continued_pretraining_layer_decay}."
+            )
+        if not 2 <= self.continued_pretraining_folds <= 20:
+            raise UserInputError(
+                f"--continued_pretraining_folds must be between 2 and 20, got {self.continued_pretraining_folds}."
+            )
+        if self.continued_pretraining == "":
+            raise UserInputError("--continued_pretraining needs a value: 'task', a text file or a data set name.")
+
+
+@dataclass
+class FinetuneConfig(ContinuedPretrainingOptions, SelfTrainingOptions, SearchOptions, Stage2Config):
     """The options of `python -m tlnlp.finetune`: stage 2's, then each recipe's group (one flat set on the
     command line and in YAML files)."""
 
@@ -483,6 +551,12 @@ class FinetuneConfig(SelfTrainingOptions, SearchOptions, Stage2Config):
         Stage2Config.__post_init__(self)
         SearchOptions.__post_init__(self)
         SelfTrainingOptions.__post_init__(self)
+        ContinuedPretrainingOptions.__post_init__(self)
+        if self.continued_pretraining and self.from_scratch:
+            raise UserInputError(
+                "--continued_pretraining adapts the pretrained weights of --model_name_or_path; --from_scratch "
+                "discards them. Drop one of the two."
+            )
         if self.self_training_rounds and self.search_trials:
             raise UserInputError(
                 "--search_trials and --self_training_rounds cannot be combined in one run: search first, then "

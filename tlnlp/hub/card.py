@@ -30,7 +30,9 @@ def build_card(output_dir: Path, repo_id: str | None = None) -> ModelCard:
     stage = results["stage"]
     name = repo_id or output_dir.name
     dataset = cfg.get("dataset_name")
-    base = cfg.get("model_name_or_path")
+    adaptation = results.get("continued_pretraining")
+    # Continued pretraining before fine-tuning: the base is the checkpoint it started from, whichever encoder was kept.
+    base = adaptation["original_encoder"] if adaptation else cfg.get("model_name_or_path")
     if base and builtin.is_builtin_model(base):
         base = "sentence-transformers/all-MiniLM-L6-v2"  # the Hub id of the built-in MiniLM
     if base and Path(base).exists():
@@ -62,8 +64,21 @@ def build_card(output_dir: Path, repo_id: str | None = None) -> ModelCard:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(name, stage, cfg, results, metrics, split)}")
 
 
+def _adaptation_line(record: dict) -> str:
+    kept = ("the adapted encoder was kept" if record["kept"] == "adapted" else
+            "the original encoder was kept, the adapted one scoring no higher")
+    return (
+        f"- Continued pretraining: `{record['original_encoder']}` was first pretrained further (masked-language "
+        f"modelling, {record['steps']} steps) on {record['corpus']}, {record['corpus_texts']:,} texts, never the "
+        f"validation or test texts. Gate, on {record['gate_labels']} training labels ({record['gate_folds']}-fold "
+        f"cross-validation of a logistic regression on frozen mean-pooled features): original "
+        f"{record['probe_accuracy_original']:.3f}, adapted {record['probe_accuracy_adapted']:.3f}; {kept}."
+    )
+
+
 def _body(name: str, stage: str, cfg: dict, results: dict, metrics: dict, split: str) -> str:
-    source = cfg.get("model_name_or_path")
+    adaptation = results.get("continued_pretraining")
+    source = adaptation["original_encoder"] if adaptation else cfg.get("model_name_or_path")
     data = _dataset_line(cfg.get("dataset_name"), [cfg.get("train_file"), cfg.get("validation_file")])
     table = "\n".join(f"| {split} {k} | {v:.4f} |" for k, v in metrics.items())
     lines = [f"# {name}", ""]
@@ -104,6 +119,8 @@ def _body(name: str, stage: str, cfg: dict, results: dict, metrics: dict, split:
             + f"; frozen: {', '.join(frozen) or 'nothing'}",
             f"- Trainable parameters: {results.get('trainable_parameters', 0):,} of {results.get('total_parameters', 0):,}",
         ]
+        if adaptation:
+            lines.append(_adaptation_line(adaptation))
         if results.get("pseudo_labeled_rows"):
             lines.append(
                 f"- Pseudo-labels: {results['pseudo_labeled_rows']} of the training rows were labeled by a model, not "

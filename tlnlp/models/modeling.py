@@ -422,3 +422,20 @@ def encoder_parts(model: PreTrainedModel) -> tuple[nn.Module, list[nn.Module]]:
 def sub_state_dict(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of a wrapper's state dict that belong to its submodule `prefix` ('mlm.', 'model.')."""
     return {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
+
+
+def layer_depths(model: PreTrainedModel) -> dict[str, int]:
+    """Depth of each parameter: embeddings 0, encoder layer i -> i+1, everything else (the head) L+1."""
+    embeddings, layers = encoder_parts(model)
+    depth_of = {id(p): 0 for p in embeddings.parameters()}
+    for i, layer in enumerate(layers):
+        depth_of.update({id(p): i + 1 for p in layer.parameters()})
+    top = len(layers) + 1
+    return {name: depth_of.get(id(p), top) for name, p in model.named_parameters()}
+
+
+def learning_rate_scales(model: PreTrainedModel, decay: float, head_scale: float) -> dict[str, float]:
+    """Layer-wise decay: a parameter d layers below the head learns at decay**d of the base rate."""
+    depths = layer_depths(model)
+    top = max(depths.values())
+    return {name: head_scale if depth == top else decay ** (top - depth) for name, depth in depths.items()}

@@ -88,7 +88,9 @@ def run_self_training(cfg: FinetuneConfig) -> dict[str, Any]:
     for number in range(1, cfg.self_training_rounds + 1):
         teacher = folder / f"round{number - 1}"
         pseudo_file, report = pseudo_label(cfg, data, teacher, per_class, folder / f"pseudo_labels_round{number}.jsonl")
-        results = train_round(cfg, accelerator, data, folder / f"round{number}", pseudo=pseudo_file)
+        # No confident pseudo-label: the student trains on the labels alone, as the warning says.
+        results = train_round(cfg, accelerator, data, folder / f"round{number}",
+                              pseudo=pseudo_file if report["pseudo_labels"] else None)
         report.update(round=number, **{f"student_eval_{metric}": results.get(f"eval_{metric}"),
                                        f"student_test_{metric}": results.get(f"test_{metric}")})
         rounds.append(report)

@@ -1,8 +1,9 @@
 """Transfer-learning studies: several starting points ("arms") x label counts x seeds, with a report.
 
 Every fine-tuning is a call of the stage-2 phases in this process, on its one Accelerator, into its own
-output folder; the continued pretraining of a `dapt` arm is a `python -m tlnlp.pretrain` process (a stage-1
-run of its own). A run whose `all_results.json` exists is skipped, so a study can be stopped and re-run.
+output folder; a `dapt:CORPUS` arm fine-tunes with `--continued_pretraining CORPUS` (`task`: the labeled
+set's own training texts), so its encoder is pretrained further once, cached, and gated as the command does
+it. A run whose `all_results.json` exists is skipped, so a study can be stopped and re-run.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import logging
 import os
 import re
 import statistics
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from tlnlp.core.errors import UserInputError
 from tlnlp.core.files import RESULTS_FILE
 from tlnlp.core.outputs import write_run_files
 from tlnlp.core.run import check_output_dir, finish, start_run
+from tlnlp.recipes.continued_pretraining import adapt
 from tlnlp.stage2.phases import finetune_as_configured
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class Arm:
     kind: str  # scratch | pretrained | frozen | dapt
     model: str  # encoder (or, for scratch, the architecture and tokenizer) to start from
     freeze_layers: int = 0
-    dapt_corpus: str | None = None  # continued MLM pretraining on this corpus first
+    dapt_corpus: str | None = None  # continued MLM pretraining on this corpus first ('task': the set's texts)
     name: str = ""
     finetune_args: list[str] = field(default_factory=list)  # extra options for this arm alone
 
@@ -61,37 +61,19 @@ def parse_arm(spec: str, default_model: str | None) -> Arm:
         return Arm(kind, model, dapt_corpus=value)
     raise UserInputError(
         f"Unknown arm {spec!r}. Use scratch, pretrained, frozen:K (K bottom layers frozen) or dapt:CORPUS "
-        "(continued pretraining on CORPUS first), each optionally followed by @MODEL."
+        "(continued pretraining on CORPUS first; 'task': the set's own training texts), each optionally followed by "
+        "@MODEL."
     )
 
 
-def _run(module: str, args: list[str], label: str) -> None:
-    logger.info("=== %s ===", label)
-    command = [sys.executable, "-m", module, *args]
-    done = subprocess.run(command)
-    if done.returncode != 0:
-        raise UserInputError(f"{label} failed (exit {done.returncode}); its output is above. Command: {' '.join(command)}")
-
-
-def continued_pretraining(arm: Arm, output_dir: Path, steps: int, pretrain_args: list[str]) -> str:
-    """Domain-adaptive pretraining of the arm's model on its corpus, done once and shared by all its runs."""
-    folder = output_dir / "dapt" / arm.name
-    if not (folder / RESULTS_FILE).exists():
-        _run("tlnlp.pretrain", ["--model_name_or_path", arm.model, "--dataset_name", arm.dapt_corpus, "--output_dir",
-                                str(folder), "--max_train_steps", str(steps), "--overwrite_output_dir", *pretrain_args],
-             f"continued pretraining of {arm.model} on {arm.dapt_corpus} ({steps} steps)")
-    return str(folder)
-
-
 def run_study(*, arms: list[Arm], dataset: str, label_counts: list[int], seeds: list[int], output_dir: Path,
-              finetune_args: list[str], dapt_steps: int = 200, pretrain_args: list[str] | None = None) -> list[dict]:
+              finetune_args: list[str]) -> list[dict]:
     rows = []
     total = len(arms) * len(label_counts) * len(seeds)
     index = 0
     accelerator = None
     try:
         for arm in arms:
-            start = continued_pretraining(arm, output_dir, dapt_steps, pretrain_args or []) if arm.kind == "dapt" else arm.model
             for n in label_counts:
                 for seed in seeds:
                     index += 1
@@ -101,7 +83,7 @@ def run_study(*, arms: list[Arm], dataset: str, label_counts: list[int], seeds: 
                                     seed)
                     else:
                         logger.info("=== [%d/%d] %s, %d labels, seed %d ===", index, total, arm.name, n, seed)
-                        cfg = parse_config(FinetuneConfig, run_args(arm, start, dataset, n, seed, folder, finetune_args))
+                        cfg = parse_config(FinetuneConfig, run_args(arm, dataset, n, seed, folder, finetune_args))
                         accelerator = accelerator or start_run(cfg, check_output=False)[0]
                         finetune_into(cfg, accelerator, folder)
                     results = json.loads((folder / RESULTS_FILE).read_text())
@@ -115,15 +97,17 @@ def run_study(*, arms: list[Arm], dataset: str, label_counts: list[int], seeds: 
     return rows
 
 
-def run_args(arm: Arm, start: str, dataset: str, labels: int, seed: int, folder: Path, finetune_args: list[str]):
+def run_args(arm: Arm, dataset: str, labels: int, seed: int, folder: Path, finetune_args: list[str]):
     """The options of one run, as `python -m tlnlp.finetune` would take them."""
-    args = ["--model_name_or_path", start, "--dataset_name", dataset, "--max_train_samples", str(labels),
+    args = ["--model_name_or_path", arm.model, "--dataset_name", dataset, "--max_train_samples", str(labels),
             "--seed", str(seed), "--output_dir", str(folder), "--overwrite_output_dir", *finetune_args,
             *arm.finetune_args]
     if arm.kind == "scratch":
         args.append("--from_scratch")
     if arm.kind == "frozen":
         args += ["--freeze_embeddings", "--freeze_layers", str(arm.freeze_layers)]
+    if arm.kind == "dapt":
+        args += ["--continued_pretraining", arm.dapt_corpus]
     return args
 
 
@@ -134,7 +118,12 @@ def finetune_into(cfg: FinetuneConfig, accelerator, folder: Path) -> None:
         raise UserInputError("A study's runs are plain fine-tunings: drop --search_trials and the self-training "
                              "options from its fine-tuning options.")
     check_output_dir(cfg)
+    adaptation = None
+    if cfg.continued_pretraining:  # cached by its inputs: the arm's first run trains it, the others reuse it
+        cfg, adaptation = adapt(cfg, check_output=False)
     results = finetune_as_configured(cfg, accelerator)
+    if adaptation:
+        results["continued_pretraining"] = adaptation
     write_run_files(accelerator, cfg, results, "finetune")
     accelerator.free_memory()
 

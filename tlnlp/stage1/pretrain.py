@@ -11,13 +11,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, DataCollatorForTokenClassification
 
-from tlnlp.core.config import PretrainConfig
+from tlnlp.core.config import PretrainConfig, new_head_lr
 from tlnlp.core.engines import first_on_each_node, from_main_process
 from tlnlp.core.errors import UserInputError
-from tlnlp.core.loop import Task, loader_workers, train
+from tlnlp.core.loop import Task, default_param_groups, loader_workers, train
 from tlnlp.core.run import end_run, preprocessing_done, start_run
 from tlnlp.data import builtin
 from tlnlp.data.prepare import (
@@ -39,6 +40,7 @@ from tlnlp.data.prepare import (
 from tlnlp.data.streaming import ShardedStream
 from tlnlp.models.modeling import (
     check_tokenizer_and_length,
+    learning_rate_scales,
     load_mlm_model,
     load_model_tokenizer,
     load_tokenizer,
@@ -52,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 TOKENIZER_TRAINING_DOCS = 200_000  # enough text for a WordPiece vocabulary; a streamed corpus may be endless
 DEFAULT_SCRATCH_SEQ_LEN = 128
+DEFAULT_HEAD_WARMUP = 100  # DATA.md: MiniLM's new head reaches ~9% masked accuracy after 150 head-only steps
 
 
 def corpus_tokenizer(train, text_column: str, cfg: PretrainConfig) -> str:
@@ -97,11 +100,54 @@ def check_stream_size(train, held_out: int, slots: int) -> None:
         )
 
 
+class HeadWarmup:
+    """Head-only warm-up: for the first `steps` optimizer steps only the new MLM head's parameters are
+    updated. The others keep `requires_grad` (data-parallel training registers them once) but their
+    gradients are dropped before each step: no update, no optimizer state, no decay. A random head's first
+    gradients are large and meaningless; through a frozen encoder they cannot disturb what it learned."""
+
+    def __init__(self, model: torch.nn.Module, new_parameter_names: list[str], steps: int):
+        new = set(new_parameter_names)
+        self.waiting = [p for name, p in model.named_parameters() if name not in new and p.requires_grad]
+        self.steps = steps
+
+    def __call__(self, step: int, epoch: int) -> None:
+        if step < self.steps:
+            for param in self.waiting:
+                param.grad = None
+        elif step == self.steps:
+            logger.info("Head-only warm-up done after %d steps: the encoder trains from now on.", self.steps)
+
+
+def head_warmup_steps(cfg: PretrainConfig, new_head: list[str], total_steps: int | None) -> int:
+    """--head_warmup_steps, or by default 100 steps when the checkpoint has no MLM head (a random head) and
+    none when it has one, at most half of a run whose --max_train_steps is given."""
+    if cfg.head_warmup_steps is not None:
+        if total_steps and cfg.head_warmup_steps >= total_steps:
+            logger.warning("--head_warmup_steps %d covers the whole run of %d steps: the encoder will not train.",
+                           cfg.head_warmup_steps, total_steps)
+        return cfg.head_warmup_steps
+    steps = DEFAULT_HEAD_WARMUP if new_head else 0
+    return min(steps, total_steps // 2) if total_steps else steps
+
+
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Stage 1 as configured: a tokenizer (trained, or the checkpoint's), the data, the objective's model,
-    the training loop and the run's files."""
-    objective = checked_objective(cfg)
+    """Stage 1 as configured, as `python -m tlnlp.pretrain` runs it: the run's checks and Accelerate, the
+    training (`run_pretraining`) and the run's files."""
+    checked_objective(cfg)
     accelerator, hub_repo = start_run(cfg)
+    results = run_pretraining(cfg, accelerator)
+    if cfg.preprocess_only:
+        return results
+    end_run(cfg, accelerator, results, "pretrain", hub_repo)
+    return results
+
+
+def run_pretraining(cfg: PretrainConfig, accelerator) -> dict[str, Any]:
+    """Stage 1 on the given Accelerator: a tokenizer (trained, or the checkpoint's), the data, the
+    objective's model and the training loop, which saves the model in --output_dir. A recipe (continued
+    pretraining before fine-tuning) calls this and writes the run's files itself."""
+    objective = checked_objective(cfg)
     model_source = builtin.resolve_model(cfg.model_name_or_path)
 
     with first_on_each_node(accelerator):
@@ -126,8 +172,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         tokenizer = tokenizer_from_json(from_main_process(accelerator, tokenizer_json), cfg.lowercase)
         trained_tokenizer = True
 
+    new_head: list[str] = []
     if model_source:
         model, report = load_mlm_model(model_source, cfg.trust_remote_code)
+        new_head = list(report.new)
         if report.new:
             logger.warning(
                 "%s has no MLM head weights (%s): the head is initialised randomly and learned in this run; "
@@ -180,6 +228,18 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             return preprocessing_done(accelerator, tokenized)
         train_data, eval_data = tokenized["train"], tokenized["validation"]
 
+    # A new (random) head learns faster than the trained encoder, as stage 2's task head does; layer-wise
+    # decay slows the layers further from it. By parameter identity: the objective may wrap the model.
+    head_scale = new_head_lr(cfg.learning_rate, cfg.new_head_learning_rate) / cfg.learning_rate if new_head else 1.0
+    scales = {}
+    if cfg.layerwise_lr_decay < 1 or head_scale != 1:
+        by_name = learning_rate_scales(model, cfg.layerwise_lr_decay, head_scale)
+        scales = {id(p): by_name[name] for name, p in model.named_parameters()}
+    warmup_steps = head_warmup_steps(cfg, new_head, cfg.max_train_steps)
+    warmup = HeadWarmup(model, new_head, warmup_steps) if warmup_steps else None
+    if warmup:
+        logger.info("Head-only warm-up: the first %d optimizer steps train only the new MLM head (%s); the encoder "
+                    "is frozen meanwhile.", warmup_steps, ", ".join(new_head))
     built = objective.build(model, cfg, tokenizer)
     del model  # held by `built.model` where the objective keeps it
     task = Task(
@@ -193,6 +253,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         # Packed sequences all have the same length; lines vary, and grouping them saves padding.
         train_lengths=sequence_lengths(train_data) if cfg.line_by_line and not cfg.streaming else None,
         eval_collator=DataCollatorForTokenClassification(tokenizer),  # pads labels with -100
+        param_groups=(lambda m: default_param_groups(m, cfg.learning_rate, cfg.weight_decay,
+                                                     lambda p: scales.get(id(p), 1.0))) if scales else None,
+        before_optimizer_step=warmup,
         summary={
             "objective": built.summary,
             "start": cfg.model_name_or_path or (f"from scratch ({cfg.config_name})" if cfg.config_name else
@@ -200,10 +263,16 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             "tokenizer": f"{len(tokenizer)} tokens" + (" (trained on this corpus)" if trained_tokenizer else ""),
             "sequence length": f"{max_seq_length} ({'line by line' if cfg.line_by_line else 'packed'})",
             "masking": f"{cfg.mlm_probability:.0%}" + (" whole words" if cfg.whole_word_mask else ""),
+            **({"head-only warm-up": f"{warmup_steps} steps"} if warmup else {}),
+            **({"layer-wise decay": f"{cfg.layerwise_lr_decay:g}"} if cfg.layerwise_lr_decay < 1 else {}),
+            **({"new head's learning rate": f"{head_scale * cfg.learning_rate:g}"} if new_head else {}),
         },
     )
     results, _ = train(cfg, task, accelerator)
     results["objective"] = objective.name
+    if new_head:
+        results["new_head_learning_rate"] = head_scale * cfg.learning_rate
+    if warmup:
+        results["head_warmup_steps"] = warmup_steps
     objective.finish(results)
-    end_run(cfg, accelerator, results, "pretrain", hub_repo)
     return results

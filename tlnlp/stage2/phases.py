@@ -40,7 +40,13 @@ from tlnlp.data.prepare import (
     tokenize_labeled,
     tokenizer_fingerprint,
 )
-from tlnlp.models.modeling import check_tokenizer_and_length, count_parameters, load_model_tokenizer, sub_state_dict
+from tlnlp.models.modeling import (
+    check_tokenizer_and_length,
+    count_parameters,
+    learning_rate_scales,
+    load_model_tokenizer,
+    sub_state_dict,
+)
 from tlnlp.stage2.metrics import load_metric, selection_metric
 from tlnlp.stage2.transfer import (
     CachedFeatureClassifier,
@@ -48,7 +54,6 @@ from tlnlp.stage2.transfer import (
     UnfreezeSchedule,
     build_classifier,
     freeze,
-    learning_rate_scales,
     pad_features,
 )
 

@@ -1,0 +1,176 @@
+"""Continued pretraining before fine-tuning (--continued_pretraining): the head-only warm-up, the corpus,
+the cache, the gate and the bad input refused before any training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_bert_config
+from safetensors.torch import load_file
+from transformers import BertModel, GPT2Config, GPT2Model
+
+from tlnlp.core.config import FinetuneConfig, PretrainConfig, parse_config
+from tlnlp.core.errors import UserInputError
+from tlnlp.finetune import main
+from tlnlp.pretrain import main as pretrain_main
+from tlnlp.recipes import continued_pretraining as cp
+
+
+@pytest.fixture(scope="module")
+def headless_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved encoder without an MLM head, as minilm-l6 is shipped."""
+    folder = tmp_path_factory.mktemp("headless")
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config(len(tiny_tokenizer)), add_pooling_layer=True).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def finetune_args(labeled_files, source, out, cache_dir, *extra):
+    return ["--model_name_or_path", str(source), "--train_file", str(labeled_files["train"]),
+            "--validation_file", str(labeled_files["validation"]), "--test_file", str(labeled_files["test"]),
+            "--output_dir", str(out), "--cache_dir", str(cache_dir), "--num_train_epochs", "1",
+            "--per_device_train_batch_size", "16", "--max_seq_length", "32", "--mixed_precision", "no",
+            "--continued_pretraining_steps", "6", "--continued_pretraining_folds", "3", *extra]
+
+
+def encoder_weights(folder):
+    state = load_file(str(folder / "model.safetensors"))
+    return {k.removeprefix("bert."): v for k, v in state.items() if not k.startswith("cls.")}
+
+
+def test_head_warmup_leaves_the_encoder_unchanged_and_is_skipped_with_a_head(tmp_path, headless_dir, tiny_mlm_dir,
+                                                                             corpus_file, cache_dir):
+    common = ["--train_file", str(corpus_file), "--max_seq_length", "32", "--per_device_train_batch_size", "8",
+              "--mixed_precision", "no", "--cache_dir", str(cache_dir), "--learning_rate", "1e-3"]
+    # The whole run is warm-up: the encoder must come out exactly as it went in.
+    pretrain_main(parse_config(PretrainConfig, ["--model_name_or_path", str(headless_dir), "--output_dir",
+                                                str(tmp_path / "warm"), "--max_train_steps", "4",
+                                                "--head_warmup_steps", "4", *common]))
+    before = {k: v for k, v in load_file(str(headless_dir / "model.safetensors")).items() if not k.startswith("pooler.")}
+    after = encoder_weights(tmp_path / "warm")
+    assert set(before) <= set(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    results = json.loads((tmp_path / "warm" / "all_results.json").read_text())
+    assert results["head_warmup_steps"] == 4
+    assert results["new_head_learning_rate"] == 1e-2  # 20 x 1e-3, at the cap
+    # Past the warm-up (by default 100 steps, at most half the run) the encoder trains.
+    pretrain_main(parse_config(PretrainConfig, ["--model_name_or_path", str(headless_dir), "--output_dir",
+                                                str(tmp_path / "both"), "--max_train_steps", "4", *common]))
+    assert json.loads((tmp_path / "both" / "all_results.json").read_text())["head_warmup_steps"] == 2
+    assert not all(torch.equal(before[k], encoder_weights(tmp_path / "both")[k]) for k in before)
+    # A checkpoint with its MLM head gets no warm-up.
+    pretrain_main(parse_config(PretrainConfig, ["--model_name_or_path", str(tiny_mlm_dir), "--output_dir",
+                                                str(tmp_path / "headed"), "--max_train_steps", "2", *common]))
+    headed = json.loads((tmp_path / "headed" / "all_results.json").read_text())
+    assert "head_warmup_steps" not in headed and "new_head_learning_rate" not in headed
+
+
+def test_tapt_reads_only_training_texts_caches_and_records_the_gate(tmp_path, labeled_files, headless_dir, cache_dir):
+    results = main(parse_config(FinetuneConfig, finetune_args(labeled_files, headless_dir, tmp_path / "a", cache_dir,
+                                                              "--continued_pretraining", "task")))
+    record = results["continued_pretraining"]
+    folder = cp.Path(record["adapted_encoder"])
+    corpus = [json.loads(line)["text"] for line in (folder / cp.CORPUS_FILE).read_text().splitlines()]
+    train = [row.split(",", 1)[0] for row in labeled_files["train"].read_text().splitlines()[1:]]
+    held_out = {row.split(",", 1)[0] for split in ("validation", "test")
+                for row in labeled_files[split].read_text().splitlines()[1:]}
+    assert sorted(corpus) == sorted(train)
+    assert not set(corpus) & held_out
+    assert record["gate_labels"] == len(train) and record["kept"] in ("adapted", "original")
+    for key in ("probe_accuracy_original", "probe_accuracy_adapted", "probe_difference_standard_error"):
+        assert 0 <= record[key] <= 1
+    saved = json.loads((tmp_path / "a" / "all_results.json").read_text())
+    assert saved["continued_pretraining"] == json.loads(json.dumps(record))
+    assert "Continued pretraining" in (tmp_path / "a" / "README.md").read_text()
+    assert not record["reused_from_cache"] and record["head_warmup_steps"] == 3
+
+    # A second seed reuses the adapted encoder: its weights are not written again.
+    weights = folder / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    again = main(parse_config(FinetuneConfig, finetune_args(labeled_files, headless_dir, tmp_path / "b", cache_dir,
+                                                            "--continued_pretraining", "task", "--seed", "7")))
+    assert again["continued_pretraining"]["reused_from_cache"]
+    assert again["continued_pretraining"]["adapted_encoder"] == str(folder)
+    assert weights.stat().st_mtime_ns == mtime
+
+
+def test_the_gate_keeps_the_original_when_the_adapted_encoder_scores_lower(tmp_path, labeled_files, headless_dir,
+                                                                          cache_dir, monkeypatch):
+    real = cp.probe_scores
+    calls = []
+
+    def adapted_worse(features, labels, folds, seed):
+        calls.append(1)
+        scores = real(features, labels, folds, seed)
+        return scores - 0.2 if len(calls) == 2 else scores  # the second call scores the adapted encoder
+
+    monkeypatch.setattr(cp, "probe_scores", adapted_worse)
+    results = main(parse_config(FinetuneConfig, finetune_args(labeled_files, headless_dir, tmp_path / "o", cache_dir,
+                                                              "--continued_pretraining", "task")))
+    record = results["continued_pretraining"]
+    assert record["kept"] == "original"
+    assert record["probe_accuracy_adapted"] == pytest.approx(record["probe_accuracy_original"] - 0.2)
+    config = (tmp_path / "o" / "training_config.yaml").read_text()
+    assert f"model_name_or_path: {headless_dir}" in config  # fine-tuned from the original
+    assert "the original encoder was kept" in (tmp_path / "o" / "README.md").read_text()
+
+
+def test_probe_scores_separate_separable_classes():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 50)
+    informative = rng.normal(size=(100, 8)) + labels[:, None] * 3
+    noise = rng.normal(size=(100, 8))
+    assert cp.probe_scores(informative, labels, 5, 0).mean() > 0.9
+    assert cp.probe_scores(noise, labels, 5, 0).mean() < 0.75
+
+
+def test_bad_input_is_refused_before_any_training(tmp_path, labeled_files, headless_dir, cache_dir, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained despite bad input")
+
+    monkeypatch.setattr(cp, "run_pretraining", no_training)
+
+    def run(source, *extra):
+        return main(parse_config(FinetuneConfig, finetune_args(labeled_files, source, tmp_path / "x", cache_dir, *extra)))
+
+    missing = tmp_path / "nowhere.txt"
+    with pytest.raises(UserInputError, match="no such file"):
+        run(headless_dir, "--continued_pretraining", str(missing))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(UserInputError, match="no text|empty|no rows"):
+        run(headless_dir, "--continued_pretraining", str(empty))
+    held_out_only = tmp_path / "held_out.txt"
+    held_out_only.write_text(labeled_files["test"].read_text().splitlines()[1].split(",", 1)[0] + "\n")
+    with pytest.raises(UserInputError, match="validation or test"):
+        run(headless_dir, "--continued_pretraining", str(held_out_only))
+    with pytest.raises(UserInputError, match="--from_scratch"):
+        run(headless_dir, "--continued_pretraining", "task", "--from_scratch")
+    with pytest.raises(UserInputError, match="tokens but the model.s embeddings"):
+        other = tmp_path / "other_vocab"
+        torch.manual_seed(0)
+        BertModel(tiny_bert_config(50)).save_pretrained(other)
+        run(other, "--continued_pretraining", "task", "--tokenizer_name", str(headless_dir))
+    no_mlm = tmp_path / "gpt2"
+    GPT2Model(GPT2Config(vocab_size=200, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(no_mlm)
+    with pytest.raises(UserInputError, match="masked-language-model class"):
+        run(no_mlm, "--continued_pretraining", "task")
+    assert not (tmp_path / "x").exists()
+
+
+
+def test_it_composes_with_self_training(tmp_path, labeled_files, headless_dir, corpus_file, cache_dir):
+    out = tmp_path / "st"
+    results = main(parse_config(FinetuneConfig, finetune_args(
+        labeled_files, headless_dir, out, cache_dir, "--continued_pretraining", "task", "--keep_adapted_encoder",
+        "always", "--unlabeled_file", str(corpus_file), "--self_training_rounds", "1")))
+    record = results["continued_pretraining"]
+    assert record["kept"] == "adapted"
+    saved = json.loads((out / "all_results.json").read_text())
+    assert saved["continued_pretraining"]["adapted_encoder"] == record["adapted_encoder"]
+    assert len(saved["self_training"]["rounds"]) == 1  # a round with no confident pseudo-label still completes
+    assert "Continued pretraining" in (out / "README.md").read_text()

@@ -1,0 +1,308 @@
+"""Continued pretraining before fine-tuning, in one command (Gururangan et al. 2020, "Don't Stop Pretraining"):
+
+    python -m tlnlp.finetune --model_name_or_path minilm-l6 --dataset_name speech-eras --max_train_samples 1000 \\
+        --continued_pretraining task --output_dir runs/tapt
+
+- The corpus: `task` (TAPT) is the texts of the training split, labeled or not, after the validation split
+  is held out; a file or a data set (DAPT) is its train split. Texts that are exactly a validation or test
+  text are always dropped from it, so the adapted encoder never saw what it is judged on.
+- Stage 1 runs through stage 1's own code (`tlnlp.stage1.pretrain.run_pretraining`) on the process's
+  Accelerator: MLM, line by line at the fine-tuning sequence length. A checkpoint without an MLM head
+  gets a head-only warm-up and the new head a higher learning rate; layer-wise decay of the learning rate
+  moves the encoder least where it learned most.
+- The adapted encoder is cached under the cache folder by everything that made it (checkpoint, corpus,
+  options, precision), not by the fine-tuning seed: a second seed, a search or a self-training run reuse it.
+- The gate: the original and the adapted encoder each give frozen mean-pooled features of the training
+  texts; a logistic regression scored by k-fold cross-validation on the training labels says how well each
+  separates the classes. The adapted encoder is fine-tuned only if it scores higher, by more than the
+  standard error of the paired fold differences (--keep_adapted_encoder always: whatever the score).
+  The same figures measure the damage continued pretraining did to what the encoder already knew. They
+  are a proxy for the fine-tuned score, decided on every training label rather than on the small
+  validation split; both, and the decision, go to all_results.json and the model card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tlnlp.core.config import FinetuneConfig, PretrainConfig
+from tlnlp.core.engines import first_on_each_node, from_main_process
+from tlnlp.core.errors import UserInputError
+from tlnlp.core.files import RESULTS_FILE
+from tlnlp.core.outputs import write_run_files
+from tlnlp.core.precision import fit_accelerator_to, resolve_mixed_precision
+from tlnlp.core.run import start_run
+from tlnlp.data import builtin
+from tlnlp.data.prepare import drop_blank_texts, ensure_validation, load_raw_datasets, resolve_text_column
+from tlnlp.hub.card import write_card
+from tlnlp.models.modeling import check_tokenizer_and_length, load_model_tokenizer, mean_pooled_embeddings
+from tlnlp.stage1.pretrain import run_pretraining
+from tlnlp.stage2.phases import DEFAULT_SEQ_LEN, prepare_labeled_data, read_labeled_splits
+
+logger = logging.getLogger(__name__)
+
+FOLDER = "adapted-encoders"  # under the cache folder
+CORPUS_FILE = "corpus.jsonl"  # the texts stage 1 read, kept beside the adapted encoder
+COMPLETE = "COMPLETE"
+STAGE1_SEED = 42  # fixed, so every fine-tuning seed shares one adapted encoder
+FEW_GATE_LABELS = 200  # below this, a difference of a few points between the encoders is noise
+
+
+@dataclasses.dataclass
+class Corpus:
+    texts: list[str]
+    source: str  # for logs and the card: "the task's training texts", "--continued_pretraining FILE"
+
+
+def check_model_has_mlm_class(cfg: FinetuneConfig) -> None:
+    """Before any work: continued pretraining needs a masked-LM class for the checkpoint's architecture, and
+    a tokenizer that fits its embeddings."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
+
+    source = builtin.resolve_model(cfg.model_name_or_path)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    if type(config) not in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "auto_map", {}).get("AutoModelForMaskedLM"):
+        raise UserInputError(
+            f"--continued_pretraining: {cfg.model_name_or_path} is a {config.model_type!r} model, for which transformers "
+            "has no masked-language-model class (AutoModelForMaskedLM), so it cannot be pretrained further with MLM. "
+            "Fine-tune it without --continued_pretraining, or start from an encoder such as BERT."
+        )
+    tokenizer = load_model_tokenizer(source, builtin.resolve_model(cfg.tokenizer_name), cfg.trust_remote_code)
+    check_tokenizer_and_length(config, tokenizer, stage1_seq_len(cfg, config))
+
+
+def stage1_seq_len(cfg: FinetuneConfig, config) -> int:
+    """The fine-tuning sequence length: stage 1 then learns from texts cut as stage 2 will see them."""
+    return cfg.max_seq_length or min(DEFAULT_SEQ_LEN, config.max_position_embeddings)
+
+
+def read_corpus(cfg: FinetuneConfig, held_out_texts: set[str]) -> Corpus:
+    """The texts to continue pretraining on, without any validation or test text, or a clear error."""
+    value = cfg.continued_pretraining
+    if value == "task":
+        raw = read_labeled_splits(train_file=cfg.train_file, validation_file=cfg.validation_file,
+                                  dataset_name=cfg.dataset_name, dataset_config_name=cfg.dataset_config_name,
+                                  csv_delimiter=cfg.csv_delimiter)
+        # The same held-out validation split as fine-tuning's (same percentage, same seed).
+        train = ensure_validation(raw, cfg.validation_split_percentage, cfg.seed)["train"]
+        columns = [resolve_text_column(train, cfg.text_column)] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+        source = "the task's training texts (TAPT)"
+    else:
+        is_file = Path(value).exists()
+        looks_like_a_path = bool(Path(value).suffix) or value.startswith((".", "/", "~"))
+        if not is_file and not builtin.is_builtin_dataset(value) and looks_like_a_path:
+            raise UserInputError(
+                f"--continued_pretraining {value!r}: no such file, and not a built-in data set "
+                f"({', '.join(d for d, v in builtin.DATASETS.items())}). Give 'task' (the training texts), a text "
+                "file (.txt, .csv, .json, .jsonl) or a data set name."
+            )
+        train = load_raw_datasets(train_file=value if is_file else None, validation_file=None,
+                                  dataset_name=None if is_file else value, dataset_config_name=None,
+                                  csv_delimiter=cfg.csv_delimiter, train_option="--continued_pretraining")["train"]
+        columns = [resolve_text_column(train, None, "--continued_pretraining's text column")]
+        source = f"{value} (DAPT)"
+    train = drop_blank_texts({"train": train}, columns[0])["train"]
+    texts = [t for column in columns for t in train[column] if isinstance(t, str) and t.strip()]
+    kept = [t for t in texts if t not in held_out_texts]
+    if len(kept) < len(texts):
+        logger.info("Continued pretraining: %d text(s) of the corpus are validation or test texts and were dropped.",
+                    len(texts) - len(kept))
+    if not kept:
+        raise UserInputError(
+            f"--continued_pretraining {value}: the corpus holds no text to pretrain on "
+            f"({len(texts)} non-blank text(s), {len(texts) - len(kept)} of them validation or test texts). "
+            "Give a corpus with unlabeled text of the task's kind."
+        )
+    return Corpus(kept, source)
+
+
+def cache_key(cfg: FinetuneConfig, corpus: Corpus, seq_len: int) -> str:
+    """Everything that makes the adapted encoder, and nothing that does not (the fine-tuning seed)."""
+    source = builtin.resolve_model(cfg.model_name_or_path)
+    identity = {"model": cfg.model_name_or_path, "tokenizer": cfg.tokenizer_name}
+    weights = sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin")) if Path(source).is_dir() else []
+    identity["files"] = [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in weights]
+    texts = hashlib.sha256("\n\0".join(corpus.texts).encode()).hexdigest()
+    options = {name: getattr(cfg, name) for name in (
+        "continued_pretraining_steps", "continued_pretraining_learning_rate", "continued_pretraining_layer_decay",
+        "continued_pretraining_batch_size")}
+    # The stage-1 settings not given here are in `stage1_config`; "v" changes when they do.
+    key = {"v": 2, **identity, "texts": texts, **options, "seq_len": seq_len, "seed": STAGE1_SEED,
+           "precision": resolve_mixed_precision(cfg.mixed_precision)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def stage1_config(cfg: FinetuneConfig, output_dir: Path, corpus_file: Path, seq_len: int, processes: int) -> PretrainConfig:
+    steps = cfg.continued_pretraining_steps
+    return PretrainConfig(
+        output_dir=str(output_dir), overwrite_output_dir=True, seed=STAGE1_SEED, train_file=str(corpus_file),
+        model_name_or_path=cfg.model_name_or_path, tokenizer_name=cfg.tokenizer_name,
+        trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir, line_by_line=True, max_seq_length=seq_len,
+        per_device_train_batch_size=max(1, cfg.continued_pretraining_batch_size // processes),
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        learning_rate=cfg.continued_pretraining_learning_rate, layerwise_lr_decay=cfg.continued_pretraining_layer_decay,
+        weight_decay=0.01, max_train_steps=steps, num_warmup_steps=math.ceil(0.06 * steps),
+        eval_steps=steps, mixed_precision=cfg.mixed_precision, torch_compile=cfg.torch_compile,
+        logging_steps=cfg.logging_steps, preprocessing_num_workers=cfg.preprocessing_num_workers,
+        dataloader_num_workers=cfg.dataloader_num_workers, ddp_timeout=cfg.ddp_timeout,
+    )
+
+
+def adapted_encoder(cfg: FinetuneConfig, accelerator, corpus: Corpus, seq_len: int) -> tuple[Path, dict, bool]:
+    """The encoder continued on `corpus`: from the cache, or trained now and cached. Returns its folder,
+    its stage-1 results and whether it was reused."""
+    folder = cfg.cache_path / FOLDER / cache_key(cfg, corpus, seq_len)
+    if (folder / COMPLETE).exists():
+        logger.info("Continued pretraining: reusing the adapted encoder in %s (same checkpoint, corpus and options).",
+                    folder)
+        return folder, json.loads((folder / RESULTS_FILE).read_text()), True
+    work = folder.with_name(folder.name + ".partial")
+    corpus_file = work / CORPUS_FILE
+    if accelerator.is_main_process:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        with corpus_file.open("w", encoding="utf-8") as f:
+            for text in corpus.texts:
+                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    accelerator.wait_for_everyone()
+    pcfg = stage1_config(cfg, work, corpus_file, seq_len, accelerator.num_processes)
+    logger.info("Continued pretraining of %s on %s: %d texts, %d steps of %d sequences, learning rate %g with "
+                "layer-wise decay %g.", cfg.model_name_or_path, corpus.source, len(corpus.texts), pcfg.max_train_steps,
+                pcfg.per_device_train_batch_size * accelerator.num_processes, pcfg.learning_rate,
+                pcfg.layerwise_lr_decay)
+    fit_accelerator_to(accelerator, pcfg)
+    results = run_pretraining(pcfg, accelerator)
+    write_run_files(accelerator, pcfg, {"continued_from": cfg.model_name_or_path, "corpus": corpus.source, **results},
+                    stage="pretrain", output_dir=work)
+    accelerator.free_memory()
+    if accelerator.is_main_process:
+        (work / COMPLETE).write_text("")
+        shutil.rmtree(folder, ignore_errors=True)
+        work.rename(folder)  # whole or not at all: a killed run is trained again, never half reused
+    accelerator.wait_for_everyone()
+    return folder, json.loads((folder / RESULTS_FILE).read_text()), False
+
+
+def probe_scores(features: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Per-fold accuracy of a logistic regression on the frozen features, by stratified k-fold CV."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folds = min(folds, int(np.bincount(labels).min()))
+    if folds < 2:
+        raise UserInputError("The continued-pretraining gate needs at least 2 training examples of every class.")
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    scores = []
+    for train, held in splitter.split(features, labels):
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1))
+        scores.append(probe.fit(features[train], labels[train]).score(features[held], labels[held]))
+    return np.array(scores)
+
+
+def gate(cfg: FinetuneConfig, data, original: str, adapted: str, seq_len: int) -> dict[str, Any]:
+    """Score both encoders on the training labels (same folds) and decide which one is fine-tuned."""
+    train = data.splits["train"]
+    texts = list(train[data.text_column])
+    labels = np.array([data.label2id[label] for label in train[data.label_column]])
+    with torch.no_grad():
+        scores = {name: probe_scores(mean_pooled_embeddings(path, texts, seq_len), labels,
+                                     cfg.continued_pretraining_folds, cfg.seed)
+                  for name, path in (("original", original), ("adapted", adapted))}
+    difference = scores["adapted"] - scores["original"]
+    spread = float(difference.std(ddof=1) / math.sqrt(len(difference))) if len(difference) > 1 else float("nan")
+    # Kept only when better by more than the folds' own noise: an encoder within noise of the original is
+    # not worth the risk that stage 1 made the model worse.
+    keep = cfg.keep_adapted_encoder == "always" or difference.mean() > (spread if math.isfinite(spread) else 0.0)
+    record = {
+        "gate_labels": len(labels), "gate_folds": len(difference),
+        "probe_accuracy_original": float(scores["original"].mean()),
+        "probe_accuracy_adapted": float(scores["adapted"].mean()),
+        "probe_difference": float(difference.mean()), "probe_difference_standard_error": spread,
+        "kept": "adapted" if keep else "original",
+    }
+    logger.info(
+        "Continued-pretraining gate on %d training labels (%d-fold cross-validation, frozen mean-pooled features + "
+        "logistic regression): original %.3f, adapted %.3f, difference %+.3f (standard error %.3f). Fine-tuning the "
+        "%s encoder%s.", len(labels), len(difference), record["probe_accuracy_original"],
+        record["probe_accuracy_adapted"], record["probe_difference"], spread, record["kept"],
+        " (--keep_adapted_encoder always)" if cfg.keep_adapted_encoder == "always" else "",
+    )
+    if len(labels) < FEW_GATE_LABELS:
+        logger.warning("The gate decided on %d training labels: below about %d, differences of a few points are "
+                       "noise. More labels, or --keep_adapted_encoder always if you trust the corpus, fix that.",
+                       len(labels), FEW_GATE_LABELS)
+    return record
+
+
+def adapt(cfg: FinetuneConfig, check_output: bool = True) -> tuple[FinetuneConfig, dict[str, Any]]:
+    """Continue the encoder's pretraining on the corpus (or reuse it from the cache), gate it, and return
+    the configuration to fine-tune with (its --model_name_or_path the encoder kept) and the record."""
+    if cfg.preprocess_only:
+        raise UserInputError("--preprocess_only tokenizes and stops; --continued_pretraining trains. Run them apart.")
+    if cfg.task_type in ("multi_label", "regression"):
+        raise UserInputError(
+            f"--continued_pretraining's gate scores single-label classification; this task is {cfg.task_type}. "
+            "Continue pretraining with scripts/pretrain_mlm.py and fine-tune the result."
+        )
+    check_model_has_mlm_class(cfg)
+    accelerator, _ = start_run(cfg, check_output=check_output)
+    with first_on_each_node(accelerator):
+        raw = read_labeled_splits(train_file=cfg.train_file, validation_file=cfg.validation_file,
+                                  test_file=cfg.test_file, dataset_name=cfg.dataset_name,
+                                  dataset_config_name=cfg.dataset_config_name, csv_delimiter=cfg.csv_delimiter)
+        data = prepare_labeled_data(cfg, raw, max_train_samples=cfg.max_train_samples, report_copies=False)
+        if data.task_type != "single_label":
+            raise UserInputError(
+                f"--continued_pretraining's gate scores single-label classification; this task is {data.task_type}. "
+                "Continue pretraining with scripts/pretrain_mlm.py and fine-tune the result."
+            )
+        held_out = {t for split in ("validation", "test") if split in data.splits
+                    for t in data.splits[split][data.text_column]}
+        corpus = read_corpus(cfg, held_out)
+    from transformers import AutoConfig
+
+    seq_len = stage1_seq_len(cfg, AutoConfig.from_pretrained(builtin.resolve_model(cfg.model_name_or_path),
+                                                             trust_remote_code=cfg.trust_remote_code))
+    started = time.perf_counter()
+    folder, stage1, reused = adapted_encoder(cfg, accelerator, corpus, seq_len)
+    minutes = (time.perf_counter() - started) / 60
+    original = builtin.resolve_model(cfg.model_name_or_path)
+    decision = from_main_process(accelerator, gate(cfg, data, original, str(folder), seq_len)
+                                 if accelerator.is_main_process else None)
+    record = {
+        "corpus": corpus.source, "corpus_texts": len(corpus.texts), "steps": cfg.continued_pretraining_steps,
+        "head_warmup_steps": stage1.get("head_warmup_steps", 0),
+        "perplexity": stage1.get("eval_perplexity"),
+        "minutes": round(minutes, 2), "reused_from_cache": reused, "adapted_encoder": str(folder),
+        "original_encoder": cfg.model_name_or_path, **decision,
+    }
+    chosen = str(folder) if decision["kept"] == "adapted" else cfg.model_name_or_path
+    return dataclasses.replace(cfg, model_name_or_path=chosen), record
+
+
+def record_in_run(output_dir: Path, record: dict[str, Any], hub_model_id: str | None) -> None:
+    """A recipe's finished run (search, self-training): the continued-pretraining record joins its
+    all_results.json, and its model card is made again to say so."""
+    from accelerate import PartialState
+
+    results_file = output_dir / RESULTS_FILE
+    if not PartialState().is_main_process or not results_file.exists():
+        return
+    results = json.loads(results_file.read_text())
+    results["continued_pretraining"] = record
+    results_file.write_text(json.dumps(results, indent=2, default=float))
+    write_card(output_dir, hub_model_id)
