@@ -1,6 +1,7 @@
 """The built-in data sets (fetched from registry packages by `make data`): counts, labels, no leaks."""
 
 import collections
+import re
 
 import pytest
 from datasets import load_dataset
@@ -8,6 +9,9 @@ from datasets import load_dataset
 from tlnlp.core.config import cache_root
 from tlnlp.core.errors import UserInputError
 from tlnlp.data import builtin
+
+
+EMAIL_TRAIN = 2699  # of the first collection's 6,500 mails, after exact repeats and the validation split
 
 
 def splits(name):
@@ -26,6 +30,9 @@ def splits(name):
         ("movie-review-sentences", {"train": 48659}, 0),
         ("speech-eras", {"train": 18553, "validation": 500, "test": 1000}, 4),
         ("speech-passages", {"train": 18553}, 0),
+        ("brown-genres", {"train": 11792, "validation": 500, "test": 1000}, 4),
+        ("brown-passages", {"train": 11792}, 0),
+        ("email-spam", {"train": EMAIL_TRAIN, "validation": 500, "test": 1000}, 2),
     ],
 )
 def test_documented_counts_and_labels(name, sizes, labels):
@@ -44,6 +51,23 @@ def test_speech_eras_hold_out_whole_addresses():
     assert set(splits("speech-passages")["train"]["text"]) == train  # the unlabeled text is the training text
     assert collections.Counter(data["train"]["label"]) == {"1790-1860": 5118, "1861-1932": 7614, "1933-1980": 2663,
                                                            "1981-2021": 3158}
+
+
+def test_brown_genres_hold_out_whole_documents():
+    data = splits("brown-genres")
+    train_documents = set(data["train"]["document"]) | set(data["validation"]["document"])
+    assert not train_documents & set(data["test"]["document"])
+    assert len(train_documents) == 375  # 500 documents, every fourth held out
+    assert set(splits("brown-passages")["train"]["text"]) == set(data["train"]["text"])
+    tagged = re.compile(r"\w/(at|nn|in|vbd|jj)\b")  # the corpus's part-of-speech tags: dropped
+    assert not any(tagged.search(text) for text in data["train"]["text"])
+
+
+def test_email_spam_tests_on_the_later_collection_without_copies():
+    data = splits("email-spam")
+    assert not set(data["test"]["text"]) & (set(data["train"]["text"]) | set(data["validation"]["text"]))
+    assert collections.Counter(data["test"]["label"]) == {"ham": 514, "spam": 486}
+    assert not any(text.lstrip().lower().startswith(("received:", "return-path:")) for text in data["train"]["text"])
 
 
 def test_wiki_topics_distribution_and_no_description_leak():

