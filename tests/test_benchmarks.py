@@ -185,3 +185,54 @@ def test_accuracy_parts_merge_into_one_report_where_a_rerun_supersedes(tmp_path)
     table = bench.markdown(report)
     assert "| tlnlp | 0.701 ± 0.101 | – | 30 s (30) |" in table  # 0.7005 rounds up, as the seed 0.8015 does
     assert "| | 0.600 / 0.700 / 0.802 | – | |" in table
+
+
+def tiny_set(folder, seed: int):
+    """A labeled set as bench_defaults reads a folder: train.jsonl and test.jsonl."""
+    from conftest import make_documents, write_labeled
+
+    rows = [{"text": text, "label": topic} for topic, text in make_documents(240, seed=seed)]
+    folder.mkdir(parents=True)
+    write_labeled(folder / "train.jsonl", rows[:180])
+    write_labeled(folder / "test.jsonl", rows[180:])
+    return folder
+
+
+def test_defaults_benchmark_runs_every_arm_on_each_set_and_writes_json_and_table(tiny_mlm_dir, tmp_path):
+    bench = load_benchmark("bench_defaults")
+    sets = [tiny_set(tmp_path / "set-a", 1), tiny_set(tmp_path / "set-b", 2)]
+    output = tmp_path / "defaults.json"
+    report = bench.main(["--candidate", "--num_train_epochs 1", "--sets", ",".join(map(str, sets)), "--seeds", "42",
+                         "--labels", "60", "--max_seq_length", "32", "--model", str(tiny_mlm_dir),
+                         "--output", str(output)])
+    saved = json.loads(output.read_text())
+    assert saved["verdict"] == json.loads(json.dumps(report["verdict"]))
+    assert {(r["set"], r["arm"]) for r in saved["runs"]} == {
+        (s, arm) for s in ("set-a", "set-b") for arm in ("default", "candidate", "stock")}
+    assert all(0 <= r["accuracy"] <= 1 and r["wall_time_s"] > 0 for r in saved["runs"])
+    # One epoch against the default three: a shorter run, which the report must show.
+    default, candidate = ([r for r in saved["runs"] if r["arm"] == arm and r["set"] == "set-a"][0]
+                          for arm in ("default", "candidate"))
+    assert candidate["optimizer_steps"] < default["optimizer_steps"]
+    table = output.with_suffix(".md").read_text()
+    assert "| `set-a` |" in table and "| `set-b` |" in table and "Adoptable:" in table
+
+
+def test_a_candidate_that_loses_on_one_set_is_not_adoptable():
+    bench = load_benchmark("bench_defaults")
+    gains = {"a": {"default": [0.80, 0.81, 0.79], "candidate": [0.83, 0.84, 0.82]},
+             "b": {"default": [0.70, 0.72, 0.71], "candidate": [0.72, 0.73, 0.73]}}
+    assert bench.verdict(gains)["adoptable"]
+    # Set c loses 5 points against a seed spread of 1: the mean still gains, the candidate is refused.
+    losing = {**gains, "c": {"default": [0.60, 0.61, 0.62], "candidate": [0.55, 0.56, 0.57]},
+              "d": {"default": [0.5, 0.5, 0.5], "candidate": [0.6, 0.6, 0.6]}}
+    decision = bench.verdict(losing)
+    assert decision["mean_difference"] > 0 and decision["worst_set"] == "c"
+    assert not decision["per_set"]["c"]["within_spread"] and not decision["adoptable"]
+    # A gain carried by one set alone fails leave-one-set-out.
+    carried = {"a": {"default": [0.5, 0.5], "candidate": [0.6, 0.6]},
+               "b": {"default": [0.70, 0.72], "candidate": [0.695, 0.715]},
+               "c": {"default": [0.70, 0.72], "candidate": [0.695, 0.715]}}
+    decision = bench.verdict(carried)
+    assert decision["mean_difference"] > 0 and decision["holds_without"]["a"] is False
+    assert not decision["adoptable"]

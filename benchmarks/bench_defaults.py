@@ -1,0 +1,198 @@
+"""Should a default change? A candidate setting against the current defaults on every built-in labeled set.
+
+Each set is run the way a user with N labels runs it: the N stratified labels are the training file and
+nothing else (no validation file, so tlnlp holds out its own share of those labels), and the set's full
+test split scores the result. For each set and seed, in one process after another:
+
+default     `python -m tlnlp.finetune` with its defaults (only --max_seq_length set, as for every recipe);
+candidate   the same with the candidate's options (--candidate "--restore_best_model false");
+stock       the `run_glue_no_trainer.py` recipe on the same N labels (benchmarks/bench_finetune.py), for
+            reference (--no_stock leaves it out).
+
+The report gives, per set, the mean of candidate - default over the seeds, the spread of those paired
+differences, and the seed spread of the default (the standard deviation of its scores); then the mean
+difference over the sets and the worst set. The rule for adopting the candidate as the default:
+
+  1. the mean difference over the sets is positive,
+  2. no set loses more than its seed spread (mean difference >= -seed spread), and
+  3. both still hold with any one set left out (leave-one-set-out).
+
+    python benchmarks/bench_defaults.py --candidate "--restore_best_model false" --name keep-last \
+        --output benchmarks/results/defaults_keep_last.json
+
+Writes the JSON (rewritten after every run, so a stop loses little) and prints a Markdown table for
+BENCHMARKS.md. Hours on 2 CPU cores for six sets and three seeds: never part of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def labeled_sets() -> list[str]:
+    from tlnlp.data import builtin
+
+    return [name for name, dataset in builtin.DATASETS.items() if dataset.labeled]
+
+
+def user_files(dataset: str, labels: int, seed: int, folder: Path) -> dict[str, str]:
+    """What a user with `labels` labels has: those labels (stratified, seeded, as --max_train_samples takes
+    them) as train.jsonl, and the set's test split. `dataset` is a built-in name or a folder holding
+    train.jsonl and test.jsonl."""
+    from tlnlp.data import builtin
+
+    source = Path(dataset)
+    files = ({"train": str(source / "train.jsonl"), "test": str(source / "test.jsonl")} if source.is_dir()
+             else builtin.dataset_files(dataset))
+    rows = [json.loads(line) for line in Path(files["train"]).read_text(encoding="utf-8").splitlines() if line]
+    if labels > len(rows):
+        raise SystemExit(f"{dataset}: --labels {labels} is more than its {len(rows)} training rows.")
+    chosen = builtin.stratified_indices([r["label"] for r in rows], labels, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "train.jsonl").open("w", encoding="utf-8") as f:
+        for i in chosen.tolist():
+            f.write(json.dumps({"text": rows[i]["text"], "label": rows[i]["label"]}) + "\n")
+    return {"train": str(folder / "train.jsonl"), "test": files["test"]}
+
+
+def tlnlp_run(files: dict[str, str], model: str, seed: int, length: int, options: list[str]) -> dict:
+    """One `python -m tlnlp.finetune` process; its test scores and wall time."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "tlnlp.finetune", "--model_name_or_path", model, "--train_file",
+                   files["train"], "--test_file", files["test"], "--seed", str(seed), "--max_seq_length",
+                   str(length), "--output_dir", out, *options]
+        started = time.time()
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{shlex.join(command)} failed:\n{done.stderr[-3000:]}")
+        results = json.loads((Path(out) / "all_results.json").read_text())
+    return {"accuracy": results["test_accuracy"], "macro_f1": results.get("test_macro_f1"),
+            "wall_time_s": time.time() - started, "best_step": results.get("best_step"),
+            "optimizer_steps": results.get("optimizer_steps")}
+
+
+def stock_run(files: dict[str, str], model: str, seed: int, length: int, folder: Path) -> dict:
+    import bench_finetune
+
+    # The stock recipe evaluates after each epoch but keeps the last model: a few rows serve that pass.
+    validation = folder / "stock_validation.jsonl"
+    validation.write_text("".join(Path(files["train"]).read_text(encoding="utf-8").splitlines(True)[:16]))
+    args = argparse.Namespace(train_file=files["train"], validation_file=str(validation), test_file=files["test"],
+                              labels=None, seed=seed, model=model, max_seq_length=length, batch_size=16,
+                              eval_batch_size=64, learning_rate=1e-4, epochs=3, frozen_epochs=3, freeze_layers=0)
+    started = time.time()
+    result = bench_finetune.stock(args, frozen=False, precision="no")
+    return {"accuracy": result["test_accuracy"], "wall_time_s": time.time() - started}
+
+
+def spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def verdict(sets: dict[str, dict]) -> dict:
+    """Per-set and overall differences, and whether the candidate may become the default (see the module
+    docstring). `sets` maps a set to {"default": [scores by seed], "candidate": [...]}."""
+    per_set = {}
+    for name, runs in sets.items():
+        differences = [c - d for c, d in zip(runs["candidate"], runs["default"])]
+        per_set[name] = {"difference": statistics.mean(differences), "difference_spread": spread(differences),
+                         "seed_spread": spread(runs["default"]), "differences": differences}
+        per_set[name]["within_spread"] = per_set[name]["difference"] >= -per_set[name]["seed_spread"]
+
+    def holds(names: list[str]) -> bool:
+        return bool(names) and statistics.mean(per_set[n]["difference"] for n in names) > 0 and all(
+            per_set[n]["within_spread"] for n in names)
+
+    names = list(per_set)
+    worst = min(names, key=lambda n: per_set[n]["difference"]) if names else None
+    left_out = {n: holds([m for m in names if m != n]) for n in names} if len(names) > 1 else {}
+    return {"per_set": per_set,
+            "mean_difference": statistics.mean(per_set[n]["difference"] for n in names) if names else None,
+            "worst_set": worst, "worst_difference": per_set[worst]["difference"] if worst else None,
+            "holds_without": left_out,
+            "adoptable": holds(names) and all(left_out.values())}
+
+
+def markdown(report: dict) -> str:
+    decision = report["verdict"]
+    lines = [f"Candidate `{report['candidate']}` against the defaults, {report['labels']:,} labels, seeds "
+             f"{', '.join(map(str, report['seeds']))} (test accuracy, mean over seeds):", "",
+             "| set | stock | default | candidate | candidate - default (spread) | default's seed spread | "
+             "within spread | holds without this set |", "|---|---:|---:|---:|---:|---:|:---:|:---:|"]
+    for name, runs in report["sets"].items():
+        if name not in decision["per_set"]:
+            continue
+        row = decision["per_set"][name]
+        stock = f"{statistics.mean(runs['stock']):.3f}" if runs.get("stock") else "–"
+        lines.append(
+            f"| `{name}` | {stock} | {statistics.mean(runs['default']):.3f} | {statistics.mean(runs['candidate']):.3f} "
+            f"| {row['difference']:+.3f} ({row['difference_spread']:.3f}) | {row['seed_spread']:.3f} | "
+            f"{'yes' if row['within_spread'] else 'no'} | "
+            f"{'yes' if decision['holds_without'].get(name, True) else 'no'} |")
+    lines += ["", f"Mean difference {decision['mean_difference']:+.4f}; worst set `{decision['worst_set']}` "
+              f"({decision['worst_difference']:+.3f}). Adoptable: **{'yes' if decision['adoptable'] else 'no'}**."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--candidate", required=True, help="The candidate's options, as on the command line.")
+    parser.add_argument("--name", default="candidate", help="A short name for the candidate, for the report.")
+    parser.add_argument("--sets", default="all", help="Comma-separated built-in labeled sets (or folders holding "
+                        "train.jsonl and test.jsonl); 'all': every built-in labeled set.")
+    parser.add_argument("--seeds", default="42,43,44")
+    parser.add_argument("--labels", type=int, default=1000)
+    parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--model", default="minilm-l6", help="Encoder for every run (a built-in name or a folder).")
+    parser.add_argument("--no_stock", action="store_true", help="Leave out the stock recipe.")
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "defaults.json"))
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sets = labeled_sets() if args.sets == "all" else args.sets.split(",")
+    command = "python benchmarks/bench_defaults.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    report: dict = {"command": command, "candidate": args.candidate, "name": args.name, "labels": args.labels,
+                    "seeds": seeds, "encoder": args.model, "sets": {}, "runs": []}
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    candidate = shlex.split(args.candidate)
+    with tempfile.TemporaryDirectory() as scratch:
+        for dataset in sets:
+            name = Path(dataset).name
+            scores = report["sets"].setdefault(name, {"default": [], "candidate": [], "stock": []})
+            for seed in seeds:
+                files = user_files(dataset, args.labels, seed, Path(scratch) / name / str(seed))
+                arms = {"default": lambda: tlnlp_run(files, args.model, seed, args.max_seq_length, []),
+                        "candidate": lambda: tlnlp_run(files, args.model, seed, args.max_seq_length, candidate)}
+                if not args.no_stock:
+                    arms["stock"] = lambda: stock_run(files, args.model, seed, args.max_seq_length,
+                                                      Path(scratch) / name / str(seed))
+                for arm, run in arms.items():
+                    result = run()
+                    scores[arm].append(result["accuracy"])
+                    report["runs"].append({"set": name, "seed": seed, "arm": arm, **result})
+                    print(f"{name:17} seed {seed} {arm:9}: {result['accuracy']:.4f} ({result['wall_time_s']:.0f} s)",
+                          flush=True)
+                    report["verdict"] = verdict({n: s for n, s in report["sets"].items()
+                                                 if len(s["candidate"]) == len(s["default"]) > 0})
+                    output.write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    report["table"] = table
+    output.write_text(json.dumps(report, indent=2))
+    output.with_suffix(".md").write_text(f"`{command}`\n\n{table}\n")
+    print(table)
+    return report
+
+
+if __name__ == "__main__":
+    main()
