@@ -55,15 +55,23 @@ def user_files(dataset: str, labels: int, seed: int, folder: Path) -> dict[str, 
     source = Path(dataset)
     files = ({"train": str(source / "train.jsonl"), "test": str(source / "test.jsonl")} if source.is_dir()
              else builtin.dataset_files(dataset))
-    rows = [json.loads(line) for line in Path(files["train"]).read_text(encoding="utf-8").splitlines() if line]
+
+    def read(path: str) -> list[dict]:
+        return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+
+    rows = read(files["train"])
     if labels > len(rows):
         raise SystemExit(f"{dataset}: --labels {labels} is more than its {len(rows)} training rows.")
     chosen = builtin.stratified_indices([r["label"] for r in rows], labels, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "train.jsonl").open("w", encoding="utf-8") as f:
-        for i in chosen.tolist():
-            f.write(json.dumps({"text": rows[i]["text"], "label": rows[i]["label"]}) + "\n")
-    return {"train": str(folder / "train.jsonl"), "test": files["test"]}
+    written = {}
+    # Text and label only: a built-in split's other columns (title, document) are not a user's.
+    for split, split_rows in (("train", [rows[i] for i in chosen.tolist()]), ("test", read(files["test"]))):
+        written[split] = str(folder / f"{split}.jsonl")
+        with open(written[split], "w", encoding="utf-8") as f:
+            for row in split_rows:
+                f.write(json.dumps({"text": row["text"], "label": row["label"]}) + "\n")
+    return written
 
 
 def tlnlp_run(files: dict[str, str], model: str, seed: int, length: int, options: list[str]) -> dict:
@@ -94,6 +102,19 @@ def stock_run(files: dict[str, str], model: str, seed: int, length: int, folder:
     started = time.time()
     result = bench_finetune.stock(args, frozen=False, precision="no")
     return {"accuracy": result["test_accuracy"], "wall_time_s": time.time() - started}
+
+
+def stock_from(path: Path, labels: int) -> dict[tuple[str, int], float]:
+    """(set, seed) -> the stock recipe's test accuracy in a bench_accuracy.py report made with `labels` labels."""
+    report = json.loads(path.read_text())
+    if report.get("labels", labels) != labels:
+        raise SystemExit(f"--stock_scores {path} was made with {report['labels']} labels, not {labels}.")
+    scores = {}
+    for name, table in report["sets"].items():
+        stock = table.get("stock", {})
+        for seed, accuracy in zip(stock.get("seeds", report.get("seeds", [])), stock.get("per_seed", [])):
+            scores[(name, seed)] = accuracy
+    return scores
 
 
 def spread(values: list[float]) -> float:
@@ -156,6 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--model", default="minilm-l6", help="Encoder for every run (a built-in name or a folder).")
     parser.add_argument("--no_stock", action="store_true", help="Leave out the stock recipe.")
+    parser.add_argument("--stock_scores", metavar="JSON", help="Take the stock recipe's scores from this "
+                        "bench_accuracy.py report where it has them for a set and seed (the same labels: both take "
+                        "them with stratified_indices(labels, seed)), instead of running it again.")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "defaults.json"))
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -166,23 +190,28 @@ def main(argv: list[str] | None = None) -> dict:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     candidate = shlex.split(args.candidate)
+    earlier_stock = stock_from(Path(args.stock_scores), args.labels) if args.stock_scores else {}
+    if earlier_stock:
+        report["stock_scores_from"] = args.stock_scores
     with tempfile.TemporaryDirectory() as scratch:
         for dataset in sets:
             name = Path(dataset).name
             scores = report["sets"].setdefault(name, {"default": [], "candidate": [], "stock": []})
             for seed in seeds:
-                files = user_files(dataset, args.labels, seed, Path(scratch) / name / str(seed))
-                arms = {"default": lambda: tlnlp_run(files, args.model, seed, args.max_seq_length, []),
-                        "candidate": lambda: tlnlp_run(files, args.model, seed, args.max_seq_length, candidate)}
-                if not args.no_stock:
-                    arms["stock"] = lambda: stock_run(files, args.model, seed, args.max_seq_length,
-                                                      Path(scratch) / name / str(seed))
-                for arm, run in arms.items():
-                    result = run()
+                folder = Path(scratch) / name / str(seed)
+                files = user_files(dataset, args.labels, seed, folder)
+                for arm in ("default", "candidate") + (() if args.no_stock else ("stock",)):
+                    if arm == "stock" and (name, seed) in earlier_stock:
+                        result = {"accuracy": earlier_stock[(name, seed)], "from": args.stock_scores}
+                    elif arm == "stock":
+                        result = stock_run(files, args.model, seed, args.max_seq_length, folder)
+                    else:
+                        result = tlnlp_run(files, args.model, seed, args.max_seq_length,
+                                           candidate if arm == "candidate" else [])
                     scores[arm].append(result["accuracy"])
                     report["runs"].append({"set": name, "seed": seed, "arm": arm, **result})
-                    print(f"{name:17} seed {seed} {arm:9}: {result['accuracy']:.4f} ({result['wall_time_s']:.0f} s)",
-                          flush=True)
+                    took = f"{result['wall_time_s']:.0f} s" if "wall_time_s" in result else f"from {result['from']}"
+                    print(f"{name:17} seed {seed} {arm:9}: {result['accuracy']:.4f} ({took})", flush=True)
                     report["verdict"] = verdict({n: s for n, s in report["sets"].items()
                                                  if len(s["candidate"]) == len(s["default"]) > 0})
                     output.write_text(json.dumps(report, indent=2))

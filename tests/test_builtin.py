@@ -10,7 +10,6 @@ from tlnlp.core.config import cache_root
 from tlnlp.core.errors import UserInputError
 from tlnlp.data import builtin
 
-
 EMAIL_TRAIN = 2699  # of the first collection's 6,500 mails, after exact repeats and the validation split
 
 

@@ -397,12 +397,56 @@ def test_copies_of_training_rows_and_a_constant_classifier_are_reported(tiny_mlm
     assert json.loads(json.dumps(results))["underfitting_warning"]
     config = (out / "training_config.yaml").read_text()
     assert "max_seq_length: 40" in config  # --max_length is the same option
+    # The sanity baseline: TF-IDF + logistic regression on the same 80 labels beats a constant classifier.
+    baseline = results["sanity_baseline"]
+    assert baseline["fine_tuned_below_baseline"] is True and baseline["eval_accuracy"] > results["eval_accuracy"]
+    assert "below TF-IDF + logistic regression" in baseline["warning"] and baseline["warning"] in caplog.text
+    # 23 validation examples picked the best epoch: the decision says how little that is.
+    assert results["eval_examples"] == 23 and "only 23 validation examples" in results["small_validation_warning"]
 
     healthy = tmp_path / "healthy"
     run_main(ft_args(tiny_mlm_dir, {"train": files["train"], "validation": files["validation"]}, healthy, cache_dir,
                      "--num_train_epochs", "6"))
     results = json.loads((healthy / "all_results.json").read_text())
     assert results["eval_predicted_classes"] > 1 and "underfitting_warning" not in results
+    # (TF-IDF separates these keyword topics perfectly, so the tiny model stays below it here too; that the
+    # warning stays away above the baseline is test_the_sanity_baseline_warns_only_below_it's part.)
+    assert results["sanity_baseline"]["fine_tuned_eval"] == results["eval_accuracy"]
+
+
+def test_eval_history_counts_epochs_by_the_optimizer_steps(tiny_mlm_dir, labeled_files, tmp_path, cache_dir):
+    """180 rows at batch 16 are 12 optimizer steps an epoch. The last evaluation of a 3-epoch run is at step
+    36, epoch 3 (it was written as epoch 2: the run stops before the epoch counter moves on)."""
+    out = tmp_path / "model"
+    run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--num_train_epochs", "3"))
+    history = json.loads((out / "eval_history.json").read_text())
+    assert [(h["step"], h["epoch"]) for h in history] == [(12, 1), (24, 2), (36, 3)]
+    steps = tmp_path / "by_steps"
+    run_main(ft_args(tiny_mlm_dir, labeled_files, steps, cache_dir, "--num_train_epochs", "1", "--eval_steps", "6"))
+    history = json.loads((steps / "eval_history.json").read_text())
+    assert [(h["step"], h["epoch"]) for h in history] == [(6, 0.5), (12, 1)]
+
+
+def test_a_decision_on_few_validation_examples_warns_and_names_the_fix(caplog):
+    from tlnlp.stage2.metrics import SMALL_VALIDATION, decided_on
+
+    assert decided_on("The best epoch", SMALL_VALIDATION, "Use more.") is None
+    assert "decided on 200 validation examples" in caplog.text and "WARNING" not in caplog.text
+    warning = decided_on("The best epoch", 50, "Give a --validation_file.")
+    assert "only 50 validation examples" in warning and "one example is 2.0 points" in warning
+    assert warning.endswith("Give a --validation_file.") and warning in caplog.text
+
+
+def test_the_sanity_baseline_warns_only_below_it():
+    from tlnlp.stage2.sanity import sanity_baseline
+
+    texts = [f"goal match team {i}" for i in range(20)] + [f"atom energy cell {i}" for i in range(20)]
+    labels = ["sports"] * 20 + ["science"] * 20
+    args = (texts[::2], labels[::2], texts[1::2], labels[1::2])
+    low = sanity_baseline(*args, {"eval_accuracy": 0.5}, "accuracy", seed=0)
+    assert low["eval_accuracy"] == 1.0 and low["fine_tuned_below_baseline"] and "warning" in low
+    high = sanity_baseline(*args, {"eval_accuracy": 1.0, "eval_macro_f1": 1.0}, "macro_f1", seed=0)
+    assert high["compared_by"] == "macro_f1" and not high["fine_tuned_below_baseline"] and "warning" not in high
 
 
 @pytest.mark.slow
@@ -472,3 +516,19 @@ def test_a_run_resumed_after_early_stopping_stops_where_the_unbroken_run_did(tin
     assert resumed["optimizer_steps"] == stopped_at
     assert resumed["best_step"] == unbroken["best_step"] and resumed["eval_accuracy"] == unbroken["eval_accuracy"]
 
+
+
+def test_a_small_training_set_trains_whole_epochs_up_to_the_minimum_steps(tiny_mlm_dir, labeled_files, tmp_path,
+                                                                          cache_dir, caplog):
+    # 180 rows at batch 16: 12 steps an epoch, so 3 epochs are 36 steps; a minimum of 50 makes 5 epochs (60).
+    out = tmp_path / "model"
+    results = run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--num_train_epochs", "3",
+                               "--min_train_steps", "50"))
+    assert results["optimizer_steps"] == 60 and results["epochs"] == 5
+    assert "fewer than the 50 a small training set needs" in caplog.text
+    history = json.loads((out / "eval_history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+    # --max_train_steps is the user's own choice: never lengthened.
+    capped = run_main(ft_args(tiny_mlm_dir, labeled_files, tmp_path / "capped", cache_dir, "--max_train_steps", "20",
+                              "--min_train_steps", "50"))
+    assert capped["optimizer_steps"] == 20

@@ -8,7 +8,12 @@ from test_finetune import ft_args, run_main
 
 from tlnlp.core.config import FinetuneConfig, parse_config
 from tlnlp.core.errors import UserInputError
-from tlnlp.recipes.self_training import confidence_threshold, select_pseudo_labels, student_below_teacher
+from tlnlp.recipes.self_training import (
+    confidence_floor,
+    confidence_threshold,
+    select_pseudo_labels,
+    student_below_teacher,
+)
 
 
 def test_threshold_is_the_lowest_confidence_that_keeps_the_held_out_precision():
@@ -20,6 +25,14 @@ def test_threshold_is_the_lowest_confidence_that_keeps_the_held_out_precision():
     assert threshold == 0.8 and precision == 1.0
     # Fewer than 5 held-out predictions never set a threshold on their own.
     assert confidence_threshold([0.9, 0.8], [True, True], 0.5) == (float("inf"), 0.0)
+
+
+def test_the_threshold_never_goes_below_halfway_between_chance_and_certainty():
+    assert confidence_floor(2) == 0.75 and confidence_floor(4) == 0.625
+    # 50 held-out examples, two classes: 90% precision is met at a confidence barely above chance.
+    confidences = [0.99] * 30 + [0.6] * 15 + [0.534] * 5
+    correct = [True] * 30 + [True] * 14 + [False] + [True] * 4 + [False]
+    assert confidence_threshold(confidences, correct, 0.9)[0] == 0.534 < confidence_floor(2)
 
 
 def test_selection_keeps_only_confident_rows_and_caps_each_class():
@@ -73,7 +86,9 @@ def test_self_training_adds_confident_class_balanced_pseudo_labels(tiny_mlm_dir,
     teacher = out / "self_training" / "round0"
     confidences = [max(p["probabilities"].values()) for p in predict_texts(str(teacher), [r["text"] for r in rows],
                                                                            max_length=48, progress=False)]
-    assert min(confidences) >= round1["threshold"] - 1e-5
+    assert min(confidences) >= round1["threshold"] - 1e-5 and round1["threshold"] >= round1["threshold_floor"]
+    assert round1["threshold_floor"] == confidence_floor(3) and round1["validation_examples"] == 60
+    assert report["validation_examples"] == 60 and "only 60 validation examples" in report["small_validation_warning"]
     student = json.loads((out / "self_training" / "round1" / "all_results.json").read_text())
     assert student["pseudo_labeled_rows"] == len(rows) and student["train_set_size"] == 180 + len(rows)
     assert "Pseudo-labels" in (out / "self_training" / "round1" / "README.md").read_text()

@@ -37,6 +37,12 @@ HEAD_LR_MULTIPLIER = 20
 HEAD_LR_CAP = 1e-2
 
 
+# Stage 2's least number of optimizer steps (--min_train_steps). Chosen so that the defaults at 1,000 labels are
+# untouched (3 epochs of 950 at batch 8: 357 steps) while 200 labels train long enough to learn: BENCHMARKS.md,
+# "Training length on small sets".
+MIN_TRAIN_STEPS = 0
+
+
 def new_head_lr(learning_rate: float, given: float | None) -> float:
     """A new (random) head's learning rate: `given`, else HEAD_LR_MULTIPLIER x the encoder's capped at
     HEAD_LR_CAP (never below the encoder's own rate). Stage 2's task head and stage 1's new MLM head."""
@@ -357,6 +363,12 @@ class Stage2Config(TrainingConfig):
         "At the end, go back to the best evaluated model (off: keep the model of the last step).", True
     )
     early_stopping_patience: int | None = _help("Stop after N evaluations without improvement of the best metric.")
+    min_train_steps: int = _help(
+        "Train at least this many optimizer steps: when --num_train_epochs gives fewer (a small training set), "
+        "whole epochs are added until it does (0: off; ignored with --max_train_steps). 3 epochs of 200 labels "
+        "are about 40 steps at batch 16, too few for a new head to leave a constant classifier "
+        "(BENCHMARKS.md, 'Training length on small sets').", MIN_TRAIN_STEPS
+    )
 
     pseudo_labeled_file: str | None = _help(
         "Extra training rows whose labels a model predicted (self-training writes these): counted apart in "
@@ -371,6 +383,8 @@ class Stage2Config(TrainingConfig):
             raise UserInputError(f"--head_dropout must be in [0, 1), got {self.head_dropout}.")
         if self.head_learning_rate is not None and self.head_learning_rate <= 0:
             raise UserInputError(f"--head_learning_rate must be greater than 0, got {self.head_learning_rate}.")
+        if self.min_train_steps < 0:
+            raise UserInputError(f"--min_train_steps must be 0 or more, got {self.min_train_steps}.")
         if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
             raise UserInputError(
                 f"--early_stopping_patience must be greater than 0, got {self.early_stopping_patience}."
@@ -453,7 +467,8 @@ class SelfTrainingOptions:
     )
     pseudo_label_precision: float = _help(
         "Keep a pseudo-label only above the confidence at which the teacher's predictions on the held-out labels "
-        "are this precise (the threshold is chosen on the validation split, never the test split).", 0.9
+        "are this precise (the threshold is chosen on the validation split, never the test split), and never "
+        "below halfway between chance and certainty (0.75 for two classes).", 0.9
     )
     pseudo_labels_per_class: int | None = _help(
         "At most this many pseudo-labels per class, the most confident (default: the labeled examples per class)."

@@ -55,6 +55,9 @@ class Task:
     greater_is_better: bool = True
     restore_best: bool = True  # end with the best evaluated model (when one is tracked), not the last
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    # Fewer optimizer steps than this from --num_train_epochs: train whole epochs until there are this many.
+    # Ignored with --max_train_steps, which the user set on purpose.
+    min_train_steps: int = 0
     before_optimizer_step: Callable[[int, int], None] | None = None  # (completed_steps, epoch)
     # Applied to each training batch inside the loop, on the CPU, before it moves to the device. Random
     # work (MLM masking) belongs here, not in the collator: the data loader prefetches a batch ahead, so
@@ -150,6 +153,12 @@ class Trainer:
         else:
             self.max_steps = math.ceil(cfg.num_train_epochs * self.steps_per_epoch)
             self.num_epochs = math.ceil(cfg.num_train_epochs)
+            if self.max_steps < task.min_train_steps:
+                self.num_epochs = math.ceil(task.min_train_steps / self.steps_per_epoch)
+                logger.info("%g epochs would be %d optimizer steps, fewer than the %d a small training set needs "
+                            "(--min_train_steps): training %d epochs (%d steps).", cfg.num_train_epochs, self.max_steps,
+                            task.min_train_steps, self.num_epochs, self.num_epochs * self.steps_per_epoch)
+                self.max_steps = self.num_epochs * self.steps_per_epoch
         if self.max_steps < 1:
             raise UserInputError("The run would take 0 optimizer steps: give more training data or --max_train_steps.")
         self.scheduler = accelerator.prepare_scheduler(get_scheduler(
@@ -329,7 +338,10 @@ class Trainer:
         metrics = self.task.evaluate(accelerator, self.model, self.eval_dl)
         self.model.train()
         step = state["completed_steps"]
-        state["history"].append({"step": step, "epoch": state["epoch"], **metrics})
+        # Epochs done, counted from the steps: the run's last evaluation comes after its last step, which
+        # stops the loop before the epoch counter moves on (so counting epochs would repeat the one before).
+        epoch = round(step / self.steps_per_epoch, 3) if self.steps_per_epoch else state["epoch"]
+        state["history"].append({"step": step, "epoch": epoch, **metrics})
         logger.info("eval at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if self.tracking:
             accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)

@@ -138,6 +138,12 @@ def ensure_validation(raw, validation_split_percentage: float, seed: int, stream
     return DatasetDict({**raw, "train": split["train"], "validation": split["test"]})
 
 
+def count_lines(path: Path) -> int:
+    """Rows of a JSON-lines (or one-text-a-line) file: its lines that are not blank."""
+    with Path(path).open(encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def write_jsonl(path: Path, rows, columns: list[str]) -> Path:
     """`rows` (dicts) as JSON lines with just `columns`, written whole or not at all (a temporary file, then
     a rename), so processes that write the same file never leave a half-written one."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
-from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
 from tlnlp.models.modeling import mean_pooled_embeddings
+from tlnlp.stage2 import sanity
 
 
 def _scores(truth, predicted, started: float) -> dict[str, float]:
@@ -19,10 +19,8 @@ def _scores(truth, predicted, started: float) -> dict[str, float]:
 
 def tfidf_logistic_regression(train_texts, train_labels, test_texts, test_labels) -> dict[str, float]:
     started = time.time()
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
-    classifier = LogisticRegression(max_iter=2000, C=10.0)
-    classifier.fit(vectorizer.fit_transform(train_texts), train_labels)
-    return _scores(test_labels, classifier.predict(vectorizer.transform(test_texts)), started)
+    model = sanity.tfidf_logistic_regression(train_texts, train_labels)
+    return _scores(test_labels, model.predict(test_texts), started)
 
 
 def frozen_embedding_logistic_regression(model_dir, train_texts, train_labels, test_texts, test_labels,

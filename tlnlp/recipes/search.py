@@ -30,8 +30,8 @@ from tlnlp.core.config import FinetuneConfig, config_to_dict
 from tlnlp.core.errors import TrainingError, UserInputError
 from tlnlp.core.files import RESULTS_FILE
 from tlnlp.core.run import end_run, finish, start_run
-from tlnlp.data.prepare import load_labeled, stratified_subset, write_jsonl
-from tlnlp.stage2.metrics import selection_metric
+from tlnlp.data.prepare import count_lines, load_labeled, stratified_subset, write_jsonl
+from tlnlp.stage2.metrics import decided_on, selection_metric
 from tlnlp.stage2.phases import finetune, read_labeled_splits
 
 logger = logging.getLogger(__name__)
@@ -252,6 +252,10 @@ def run_search(cfg: FinetuneConfig) -> dict[str, Any]:
     logger.info("Recipe search: %d of %d trials done%s; %s by %d-fold cross-validation of %s.", done,
                 cfg.search_trials, " (resumed)" if resuming else "", metric, len(folds), "the training labels"
                 if len(folds) > 1 else "--validation_file")
+    if len(folds) == 1:
+        decided_on("The recipe search's choice of trial", count_lines(folds[0][1]),
+                   "Leave out --validation_file to score each trial by cross-validation on all the training labels "
+                   "(--search_folds).")
 
     def objective(trial) -> float:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")

@@ -6,7 +6,8 @@ class-balanced predictions join the labels to train a student, which teaches the
         --unlabeled_dataset wiki-leads --self_training_rounds 1 --output_dir runs/self-trained
 
 - Confidence threshold: the lowest teacher confidence at which the teacher's predictions on the held-out
-  labels (the validation split; never the test split) reach --pseudo_label_precision.
+  labels (the validation split; never the test split) reach --pseudo_label_precision, and never below
+  the floor halfway between chance and certainty (0.75 for two classes; `confidence_floor`).
 - Class balance: at most --pseudo_labels_per_class per class (default: the labeled examples per class),
   the most confident first, so a class the teacher favours cannot swamp the others.
 - Which unlabeled texts: at most --max_unlabeled_samples, the first ones, or with --unlabeled_selection
@@ -40,6 +41,7 @@ from tlnlp.core.files import RESULTS_FILE
 from tlnlp.core.outputs import write_run_files
 from tlnlp.core.run import finish, start_run
 from tlnlp.data.prepare import (
+    count_lines,
     drop_blank_texts,
     ensure_validation,
     load_labeled,
@@ -50,7 +52,7 @@ from tlnlp.data.prepare import (
 )
 from tlnlp.hub import repo as hub
 from tlnlp.hub.card import write_card
-from tlnlp.stage2.metrics import selection_metric
+from tlnlp.stage2.metrics import decided_on, selection_metric
 from tlnlp.stage2.phases import finetune, read_labeled_splits
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,10 @@ def run_self_training(cfg: FinetuneConfig) -> dict[str, Any]:
 
     below = student_below_teacher(cfg.metric_for_best_model, round_results[0], round_results[-1])
     kept = best_round(cfg.metric_for_best_model, round_results) if cfg.restore_best_model else len(round_results) - 1
+    validation_examples = count_lines(data.validation)
+    small = decided_on("The kept self-training round", validation_examples,
+                       "Give a --validation_file of 200 or more examples, or keep the last student with "
+                       "--restore_best_model false.") if cfg.restore_best_model else None
     if kept != len(round_results) - 1:
         logger.warning("Self-training keeps round %d (%s), the best on the validation split, as the run's model "
                        "(--no_restore_best_model keeps the last student).", kept,
@@ -109,7 +115,8 @@ def run_self_training(cfg: FinetuneConfig) -> dict[str, Any]:
     results = round_results[kept] | {"self_training": {
         "rounds": rounds, "kept_round": kept, "unlabeled_selection": cfg.unlabeled_selection,
         "unlabeled_pool": data.unlabeled_pool, "pseudo_label_precision": cfg.pseudo_label_precision,
-        "pseudo_labels_per_class": per_class,
+        "pseudo_labels_per_class": per_class, "validation_examples": validation_examples,
+        **({"small_validation_warning": small} if small else {}),
         f"teacher_eval_{metric}": round_results[0].get(f"eval_{metric}"),
         f"teacher_test_{metric}": round_results[0].get(f"test_{metric}"), "student_below_teacher": below,
     }}
@@ -279,6 +286,15 @@ def pseudo_label(cfg: FinetuneConfig, data: Data, teacher: Path, per_class: int,
     threshold, precision = confidence_threshold([max(p["probabilities"].values()) for p in held_out],
                                                 [p["label"] == t for p, t in zip(held_out, truth)],
                                                 cfg.pseudo_label_precision)
+    decided_on("The pseudo-label confidence threshold", len(validation),
+               "Give a --validation_file of 200 or more examples; the threshold never goes below the floor "
+               "halfway between chance and certainty.")
+    floor = confidence_floor(data.classes)
+    if threshold < floor:
+        logger.info("The threshold that reaches precision %.2f on the validation split, %.3f, is below the floor "
+                    "%.3f (halfway between chance, 1/%d, and certainty): the floor is used.",
+                    cfg.pseudo_label_precision, threshold, floor, data.classes)
+        threshold = floor
     predicted = list(predict_texts(str(teacher), data.unlabeled, max_length=length))
     chosen = select_pseudo_labels(predicted, threshold, per_class)
     label_type = type(json.loads(data.labels.read_text(encoding="utf-8").splitlines()[0])[data.label_column])
@@ -287,7 +303,8 @@ def pseudo_label(cfg: FinetuneConfig, data: Data, teacher: Path, per_class: int,
     counts = {}
     for row in chosen:
         counts[row["label"]] = counts.get(row["label"], 0) + 1
-    report = {"threshold": threshold, "held_out_precision": precision, "pseudo_labels": len(chosen),
+    report = {"threshold": threshold, "threshold_floor": floor, "validation_examples": len(validation),
+              "held_out_precision": precision, "pseudo_labels": len(chosen),
               "pseudo_labels_per_class": dict(sorted(counts.items())), "unlabeled_texts": len(data.unlabeled),
               "file": str(path)}
     logger.info("Pseudo-labels from %s: %d of %d unlabeled texts above confidence %.3f (held-out precision %.3f "
@@ -314,6 +331,13 @@ def confidence_threshold(confidences: list[float], correct: list[bool], precisio
     return float(np.asarray(confidences)[order][last]), float(hits[last] / counts[last])
 
 
+def confidence_floor(classes: int) -> float:
+    """The lowest confidence a pseudo-label may have: halfway between chance (1/classes) and certainty. On a
+    small validation split the precision target can be met by luck at a confidence barely above chance
+    (0.534 for two classes was seen on 50 examples), and such pseudo-labels teach the student nothing."""
+    return (1 + 1 / max(classes, 1)) / 2
+
+
 def select_pseudo_labels(predictions: list[dict], threshold: float, per_class: int) -> list[dict]:
     """Predictions at or above `threshold`, at most `per_class` per class, the most confident first."""
     by_class: dict[str, list[dict]] = {}
@@ -326,7 +350,3 @@ def select_pseudo_labels(predictions: list[dict], threshold: float, per_class: i
         chosen += rows[:per_class]
     return chosen
 
-
-def count_lines(path: Path) -> int:
-    with path.open(encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())

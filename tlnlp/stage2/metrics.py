@@ -6,11 +6,15 @@ need nothing from the network and are used exactly like loaded modules (`add_bat
 
 from __future__ import annotations
 
+import logging
+
 import datasets
 import evaluate
 import numpy as np
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+logger = logging.getLogger(__name__)
 
 _EMPTY = {"citation": "", "inputs_description": "predictions and references"}
 
@@ -83,3 +87,20 @@ def selection_metric(name: str | None, task_type: str) -> tuple[str, bool]:
 def load_metric(task_type: str) -> evaluate.Metric:
     # In memory: every process computes on the gathered predictions, with no shared cache files to race on.
     return METRICS[task_type](keep_in_memory=True)
+
+
+# Below this many validation examples a choice between models is mostly noise: with 50 examples one example is 2
+# points, and the standard error of an accuracy near 0.8 is about 6 points (sqrt(0.8 * 0.2 / 50)).
+SMALL_VALIDATION = 200
+
+
+def decided_on(decision: str, examples: int, fix: str) -> str | None:
+    """Log how many validation examples `decision` was made on; below SMALL_VALIDATION, return (and log) a
+    warning that names `fix`, the option that gives the decision more examples."""
+    logger.info("%s: decided on %d validation examples.", decision, examples)
+    if examples >= SMALL_VALIDATION:
+        return None
+    warning = (f"{decision} was decided on only {examples} validation examples: there one example is "
+               f"{100 / max(examples, 1):.1f} points, and differences under a few points are noise. {fix}")
+    logger.warning(warning)
+    return warning

@@ -47,7 +47,8 @@ from tlnlp.models.modeling import (
     load_model_tokenizer,
     sub_state_dict,
 )
-from tlnlp.stage2.metrics import load_metric, selection_metric
+from tlnlp.stage2.metrics import decided_on, load_metric, selection_metric
+from tlnlp.stage2.sanity import sanity_baseline
 from tlnlp.stage2.transfer import (
     CachedFeatureClassifier,
     HeadSpec,
@@ -151,6 +152,10 @@ def finetune(cfg: Stage2Config, accelerator, raw: DatasetDict, output_dir: Path,
         return preprocessing_done(accelerator, tokenized)
     results, trained = fit(cfg, accelerator, classifier, data, tokenized, output_dir, restore_best=restore_best,
                            keep_model=keep_model)
+    if keep_model and data.task_type == "single_label":  # a search fold only scores a recipe
+        baseline = sanity_check(cfg, data, results)
+        if baseline:
+            results["sanity_baseline"] = baseline
     if "test" in tokenized:
         # The prepared model (FSDP gathers its shards in forward); the cached-feature wrapper reads features,
         # so the test split, which has none cached, goes through the plain classifier inside it.
@@ -325,16 +330,42 @@ def fit(cfg: Stage2Config, accelerator, classifier: Classifier, data: LabeledDat
         greater_is_better=greater_is_better,
         restore_best=restore_best,
         early_stopping_patience=cfg.early_stopping_patience,
+        min_train_steps=cfg.min_train_steps,
         before_optimizer_step=classifier.unfreeze,
         summary={"task": f"{task_type} ({len(names)} labels)" if task_type != "regression" else "regression",
                  "start": classifier.report.source, "sequence length": classifier.max_seq_length},
     )
     results, trained = train(cfg, task, accelerator, output_dir=output_dir, checkpoints=keep_model)
+    results["eval_examples"] = len(eval_data)
+    if restore_best:
+        warning = decided_on(
+            "The best epoch (--restore_best_model)", len(eval_data),
+            "Give a --validation_file of 200 or more examples, raise --validation_split_percentage (now "
+            f"{cfg.validation_split_percentage:g}%), or keep the last model with --restore_best_model false.")
+        if warning:
+            results["small_validation_warning"] = warning
     if cache_seconds:  # the caching is part of the training cost
         results["feature_cache_s"] = cache_seconds
         results["train_runtime_s"] += cache_seconds
         results["train_examples_per_s"] = results["train_examples"] / results["train_runtime_s"]
     return results, trained
+
+
+def sanity_check(cfg: Stage2Config, data: LabeledData, results: dict[str, Any]) -> dict[str, Any]:
+    """TF-IDF + logistic regression on the same training labels, scored on the same validation split, beside
+    the fine-tuned model's validation score (tlnlp.stage2.sanity)."""
+    def texts(split) -> list[str]:
+        first = split[data.text_column]
+        if not data.text_pair_column:
+            return first
+        return [f"{a} {b}" for a, b in zip(first, split[data.text_pair_column])]
+
+    train, validation = data.splits["train"], data.splits["validation"]
+    if data.label_column not in validation.column_names:
+        return {}
+    metric = selection_metric(cfg.metric_for_best_model, data.task_type)[0]
+    return sanity_baseline(texts(train), train[data.label_column], texts(validation), validation[data.label_column],
+                           results, metric, cfg.seed)
 
 
 def summarize(results: dict[str, Any], data: LabeledData, classifier: Classifier, head_lr: float) -> dict[str, Any]:
