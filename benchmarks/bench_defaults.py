@@ -117,6 +117,18 @@ def stock_from(path: Path, labels: int) -> dict[tuple[str, int], float]:
     return scores
 
 
+def scores_by_set(runs: list[dict], seeds: list[int]) -> dict[str, dict[str, list[float]]]:
+    """Each set's scores per arm, in seed order, for the seeds where both default and candidate ran."""
+    by = {(r["set"], r["seed"], r["arm"]): r["accuracy"] for r in runs}
+    sets: dict[str, dict[str, list[float]]] = {}
+    for name in dict.fromkeys(r["set"] for r in runs):
+        paired = [s for s in seeds if (name, s, "default") in by and (name, s, "candidate") in by]
+        sets[name] = {arm: [by[(name, s, arm)] for s in paired if (name, s, arm) in by]
+                      for arm in ("default", "candidate", "stock")}
+        sets[name]["seeds"] = paired
+    return sets
+
+
 def spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -185,33 +197,47 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     sets = labeled_sets() if args.sets == "all" else args.sets.split(",")
     command = "python benchmarks/bench_defaults.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    report: dict = {"command": command, "candidate": args.candidate, "name": args.name, "labels": args.labels,
-                    "seeds": seeds, "encoder": args.model, "sets": {}, "runs": []}
     output = Path(args.output)
+    report: dict = {"command": command, "candidate": args.candidate, "name": args.name, "labels": args.labels,
+                    "seeds": seeds, "encoder": args.model, "max_seq_length": args.max_seq_length, "sets": {},
+                    "runs": []}
+    done: dict[tuple[str, int, str], dict] = {}
+    if output.exists():  # a stopped benchmark continues: the runs it finished are kept, not redone
+        earlier = json.loads(output.read_text())
+        same = {k: earlier.get(k) for k in ("candidate", "labels", "encoder", "max_seq_length")}
+        if same != {k: report[k] for k in same}:
+            raise SystemExit(f"{output} holds another benchmark ({same}); give another --output.")
+        done = {(r["set"], r["seed"], r["arm"]): r for r in earlier["runs"]}
+        print(f"Continuing {output}: {len(done)} runs done.", flush=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     candidate = shlex.split(args.candidate)
     earlier_stock = stock_from(Path(args.stock_scores), args.labels) if args.stock_scores else {}
     if earlier_stock:
         report["stock_scores_from"] = args.stock_scores
+    arms = ("default", "candidate") + (() if args.no_stock else ("stock",))
     with tempfile.TemporaryDirectory() as scratch:
-        for dataset in sets:
-            name = Path(dataset).name
-            scores = report["sets"].setdefault(name, {"default": [], "candidate": [], "stock": []})
-            for seed in seeds:
+        # Seed by seed over every set: a stopped run has a first verdict over all the sets soonest.
+        for seed in seeds:
+            for dataset in sets:
+                name = Path(dataset).name
                 folder = Path(scratch) / name / str(seed)
-                files = user_files(dataset, args.labels, seed, folder)
-                for arm in ("default", "candidate") + (() if args.no_stock else ("stock",)):
-                    if arm == "stock" and (name, seed) in earlier_stock:
-                        result = {"accuracy": earlier_stock[(name, seed)], "from": args.stock_scores}
-                    elif arm == "stock":
-                        result = stock_run(files, args.model, seed, args.max_seq_length, folder)
+                files = None
+                for arm in arms:
+                    if (name, seed, arm) in done:
+                        result = done[(name, seed, arm)]
+                    elif arm == "stock" and (name, seed) in earlier_stock:
+                        result = {"set": name, "seed": seed, "arm": arm, "accuracy": earlier_stock[(name, seed)],
+                                  "from": args.stock_scores}
                     else:
-                        result = tlnlp_run(files, args.model, seed, args.max_seq_length,
-                                           candidate if arm == "candidate" else [])
-                    scores[arm].append(result["accuracy"])
-                    report["runs"].append({"set": name, "seed": seed, "arm": arm, **result})
-                    took = f"{result['wall_time_s']:.0f} s" if "wall_time_s" in result else f"from {result['from']}"
-                    print(f"{name:17} seed {seed} {arm:9}: {result['accuracy']:.4f} ({took})", flush=True)
+                        files = files or user_files(dataset, args.labels, seed, folder)
+                        run = (stock_run(files, args.model, seed, args.max_seq_length, folder) if arm == "stock" else
+                               tlnlp_run(files, args.model, seed, args.max_seq_length,
+                                         candidate if arm == "candidate" else []))
+                        result = {"set": name, "seed": seed, "arm": arm, **run}
+                        took = f"{result['wall_time_s']:.0f} s" if "wall_time_s" in result else f"from {result['from']}"
+                        print(f"{name:17} seed {seed} {arm:9}: {result['accuracy']:.4f} ({took})", flush=True)
+                    report["runs"].append(result)
+                    report["sets"] = scores_by_set(report["runs"], seeds)
                     report["verdict"] = verdict({n: s for n, s in report["sets"].items()
                                                  if len(s["candidate"]) == len(s["default"]) > 0})
                     output.write_text(json.dumps(report, indent=2))

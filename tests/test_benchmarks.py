@@ -216,6 +216,11 @@ def test_defaults_benchmark_runs_every_arm_on_each_set_and_writes_json_and_table
     assert candidate["optimizer_steps"] < default["optimizer_steps"]
     table = output.with_suffix(".md").read_text()
     assert "| `set-a` |" in table and "| `set-b` |" in table and "Adoptable:" in table
+    # Run again, it continues: every run is done, so nothing is trained and the report is the same.
+    again = bench.main(["--candidate", "--num_train_epochs 1", "--sets", ",".join(map(str, sets)), "--seeds", "42",
+                        "--labels", "60", "--max_seq_length", "32", "--model", str(tiny_mlm_dir),
+                        "--output", str(output)])
+    assert again["runs"] == saved["runs"]
 
 
 def test_a_candidate_that_loses_on_one_set_is_not_adoptable():
