@@ -159,8 +159,9 @@ def verdict(sets: dict[str, dict]) -> dict:
 
 def markdown(report: dict) -> str:
     decision = report["verdict"]
-    lines = [f"Candidate `{report['candidate']}` against the defaults, {report['labels']:,} labels, seeds "
-             f"{', '.join(map(str, report['seeds']))} (test accuracy, mean over seeds):", "",
+    base = f" (both with `{report['base']}`)" if report.get("base") else ""
+    lines = [f"Candidate `{report['candidate']}` against the defaults{base}, {report['labels']:,} labels, seeds "
+             f"{', '.join(map(str, report['seeds']))} (test accuracy, mean over the seeds both arms ran):", "",
              "| set | stock | default | candidate | candidate - default (spread) | default's seed spread | "
              "within spread | holds without this set |", "|---|---:|---:|---:|---:|---:|:---:|:---:|"]
     for name, runs in report["sets"].items():
@@ -181,6 +182,8 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidate", required=True, help="The candidate's options, as on the command line.")
+    parser.add_argument("--base", default="", help="Options both tlnlp arms share, e.g. a user's frozen-bottom setting "
+                        "('--freeze_layers 4 --head_hidden_sizes 64'); the candidate's come after them.")
     parser.add_argument("--name", default="candidate", help="A short name for the candidate, for the report.")
     parser.add_argument("--sets", default="all", help="Comma-separated built-in labeled sets (or folders holding "
                         "train.jsonl and test.jsonl); 'all': every built-in labeled set.")
@@ -198,19 +201,19 @@ def main(argv: list[str] | None = None) -> dict:
     sets = labeled_sets() if args.sets == "all" else args.sets.split(",")
     command = "python benchmarks/bench_defaults.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     output = Path(args.output)
-    report: dict = {"command": command, "candidate": args.candidate, "name": args.name, "labels": args.labels,
-                    "seeds": seeds, "encoder": args.model, "max_seq_length": args.max_seq_length, "sets": {},
-                    "runs": []}
+    report: dict = {"command": command, "candidate": args.candidate, "base": args.base, "name": args.name,
+                    "labels": args.labels, "seeds": seeds, "encoder": args.model,
+                    "max_seq_length": args.max_seq_length, "sets": {}, "runs": []}
     done: dict[tuple[str, int, str], dict] = {}
     if output.exists():  # a stopped benchmark continues: the runs it finished are kept, not redone
         earlier = json.loads(output.read_text())
-        same = {k: earlier.get(k) for k in ("candidate", "labels", "encoder", "max_seq_length")}
+        same = {k: earlier.get(k, "") for k in ("candidate", "base", "labels", "encoder", "max_seq_length")}
         if same != {k: report[k] for k in same}:
             raise SystemExit(f"{output} holds another benchmark ({same}); give another --output.")
         done = {(r["set"], r["seed"], r["arm"]): r for r in earlier["runs"]}
         print(f"Continuing {output}: {len(done)} runs done.", flush=True)
     output.parent.mkdir(parents=True, exist_ok=True)
-    candidate = shlex.split(args.candidate)
+    candidate, base = shlex.split(args.candidate), shlex.split(args.base)
     earlier_stock = stock_from(Path(args.stock_scores), args.labels) if args.stock_scores else {}
     if earlier_stock:
         report["stock_scores_from"] = args.stock_scores
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
                         files = files or user_files(dataset, args.labels, seed, folder)
                         run = (stock_run(files, args.model, seed, args.max_seq_length, folder) if arm == "stock" else
                                tlnlp_run(files, args.model, seed, args.max_seq_length,
-                                         candidate if arm == "candidate" else []))
+                                         base + (candidate if arm == "candidate" else [])))
                         result = {"set": name, "seed": seed, "arm": arm, **run}
                         took = f"{result['wall_time_s']:.0f} s" if "wall_time_s" in result else f"from {result['from']}"
                         print(f"{name:17} seed {seed} {arm:9}: {result['accuracy']:.4f} ({took})", flush=True)
