@@ -174,8 +174,13 @@ def markdown(report: dict) -> str:
             f"| {row['difference']:+.3f} ({row['difference_spread']:.3f}) | {row['seed_spread']:.3f} | "
             f"{'yes' if row['within_spread'] else 'no'} | "
             f"{'yes' if decision['holds_without'].get(name, True) else 'no'} |")
+    planned = report.get("planned_sets") or list(report["sets"])
+    pairs = sum(len(report["sets"].get(name, {}).get("seeds", [])) for name in planned)
+    short = pairs < len(planned) * len(report["seeds"])
     lines += ["", f"Mean difference {decision['mean_difference']:+.4f}; worst set `{decision['worst_set']}` "
-              f"({decision['worst_difference']:+.3f}). Adoptable: **{'yes' if decision['adoptable'] else 'no'}**."]
+              f"({decision['worst_difference']:+.3f}). Adoptable: **{'yes' if decision['adoptable'] else 'no'}**"
+              + (f" on what has run so far ({pairs} of {len(planned) * len(report['seeds'])} set-seed pairs): "
+                 "not a decision until every pair has run." if short else ".")]
     return "\n".join(lines)
 
 
@@ -196,14 +201,23 @@ def main(argv: list[str] | None = None) -> dict:
                         "bench_accuracy.py report where it has them for a set and seed (the same labels: both take "
                         "them with stratified_indices(labels, seed)), instead of running it again.")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "defaults.json"))
+    parser.add_argument("--table_only", action="store_true", help="Run nothing: print the table of --output as it "
+                        "stands (a stopped or partial benchmark) and write it beside it as .md.")
     args = parser.parse_args(argv)
+    if args.table_only:
+        report = json.loads(Path(args.output).read_text())
+        table = markdown(report)
+        Path(args.output).with_suffix(".md").write_text(f"`{report['command']}`\n\n{table}\n")
+        print(table)
+        return report
     seeds = [int(s) for s in args.seeds.split(",")]
     sets = labeled_sets() if args.sets == "all" else args.sets.split(",")
     command = "python benchmarks/bench_defaults.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     output = Path(args.output)
     report: dict = {"command": command, "candidate": args.candidate, "base": args.base, "name": args.name,
                     "labels": args.labels, "seeds": seeds, "encoder": args.model,
-                    "max_seq_length": args.max_seq_length, "sets": {}, "runs": []}
+                    "max_seq_length": args.max_seq_length, "planned_sets": [Path(d).name for d in sets],
+                    "sets": {}, "runs": []}
     done: dict[tuple[str, int, str], dict] = {}
     if output.exists():  # a stopped benchmark continues: the runs it finished are kept, not redone
         earlier = json.loads(output.read_text())

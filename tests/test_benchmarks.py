@@ -221,6 +221,8 @@ def test_defaults_benchmark_runs_every_arm_on_each_set_and_writes_json_and_table
                         "--labels", "60", "--max_seq_length", "32", "--model", str(tiny_mlm_dir),
                         "--output", str(output)])
     assert again["runs"] == saved["runs"]
+    assert bench.markdown(bench.main(["--candidate", "-", "--output", str(output), "--table_only"])) == table.split(
+        "\n\n", 1)[1].rstrip("\n")
 
 
 def test_a_candidate_that_loses_on_one_set_is_not_adoptable():
