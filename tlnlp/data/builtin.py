@@ -292,16 +292,21 @@ def _speech_eras() -> dict[str, list[dict]]:
         era = next(name for end, name in SPEECH_ERAS if speech["year"] < end)
         split = "test" if index % 4 == 3 else "train"
         rows[split] += [{"text": passage, "label": era} for passage in _passages(speech["text"])]
-    test = stratified_indices([r["label"] for r in rows["test"]], 1000, SPLIT_SEED)
     # Some passages recur word for word in other addresses (set formulas, quoted statutes): such a passage
     # stays with the test addresses and leaves the training ones.
     test_texts = {r["text"] for r in rows["test"]}
-    train = [r for r in rows["train"] if r["text"] not in test_texts]
+    return _held_out_splits([r for r in rows["train"] if r["text"] not in test_texts], rows["test"])
+
+
+def _held_out_splits(train: list[dict], test_pool: list[dict]) -> dict[str, list[dict]]:
+    """A set split by source (address, document, collection): 1,000 stratified test rows from the held-out
+    sources' `test_pool`, 500 stratified validation rows from the training sources, the rest to train."""
+    test = stratified_indices([r["label"] for r in test_pool], 1000, SPLIT_SEED)
     validation = set(stratified_indices([r["label"] for r in train], 500, SPLIT_SEED + 1).tolist())
     return {
         "train": [r for i, r in enumerate(train) if i not in validation],
         "validation": [train[i] for i in sorted(validation)],
-        "test": [rows["test"][i] for i in test.tolist()],
+        "test": [test_pool[i] for i in test.tolist()],
     }
 
 
@@ -351,14 +356,7 @@ def _genre_passages() -> dict[str, list[dict]]:
 
 def _brown_genres() -> dict[str, list[dict]]:
     rows = _genre_passages()
-    train = rows["train"]
-    test = stratified_indices([r["label"] for r in rows["test"]], 1000, SPLIT_SEED)
-    validation = set(stratified_indices([r["label"] for r in train], 500, SPLIT_SEED + 1).tolist())
-    return {
-        "train": [r for i, r in enumerate(train) if i not in validation],
-        "validation": [train[i] for i in sorted(validation)],
-        "test": [rows["test"][i] for i in test.tolist()],
-    }
+    return _held_out_splits(rows["train"], rows["test"])
 
 
 def _brown_passages() -> dict[str, list[dict]]:
@@ -412,14 +410,7 @@ def _email_spam() -> dict[str, list[dict]]:
             seen.add(text)
             split, label = groups[group]
             rows[split].append({"text": text, "label": label})
-    train = rows["train"]
-    test = stratified_indices([r["label"] for r in rows["test"]], 1000, SPLIT_SEED)
-    validation = set(stratified_indices([r["label"] for r in train], 500, SPLIT_SEED + 1).tolist())
-    return {
-        "train": [r for i, r in enumerate(train) if i not in validation],
-        "validation": [train[i] for i in sorted(validation)],
-        "test": [rows["test"][i] for i in test.tolist()],
-    }
+    return _held_out_splits(rows["train"], rows["test"])
 
 
 @dataclass(frozen=True)
