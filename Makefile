@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 
-.PHONY: install deepspeed data test test-all lint golden demo stage1-budget bench bench-streaming-2ranks bench-accuracy budget-curve clean
+.PHONY: install deepspeed data gpu-bundle gpu-bundle-local test test-all lint golden demo stage1-budget bench bench-streaming-2ranks bench-accuracy budget-curve clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,13 +27,25 @@ deepspeed: $(VENV)/.deepspeed
 data: install
 	$(PY) -m tlnlp.builtin fetch all
 
+# Offline bundles for a machine with no package index (benchmarks/gpu_check.sh --bundle DIR; README, "GPU nodes
+# without internet"): the wheels a CUDA image lacks, at the versions tested here, with the GPU check's data and
+# tokenizer. gpu-bundle: for CPython 3.12 on Linux x86-64, the GPU node's; gpu-bundle-local: for .venv's Python,
+# which the CPU rehearsal and the node-version test install from.
+BUNDLE_DATA := --datasets wiki-leads,wiki-topics --tokenizers minilm-l6
+gpu-bundle: data
+	$(PY) -m tlnlp.bundle --output .gpu-bundle --python 3.12 $(BUNDLE_DATA)
+
+gpu-bundle-local: data
+	$(PY) -m tlnlp.bundle --output .gpu-bundle-local $(BUNDLE_DATA)
+
 # Everyday suite (under 10 minutes on 2 cores): everything but the `heavy` end-to-end runs.
 test: data
 	$(PY) -m pytest -q -m "not heavy"
 
 # Everything, as CI runs it: adds two "nodes" on one machine, FSDP2 and DeepSpeed ZeRO-2 on 2 CPU processes,
-# a rank killed mid-run, torch.compile, the dry GPU check (about 6 more minutes).
-test-all: data deepspeed
+# a rank killed mid-run, torch.compile, the dry GPU check from the offline bundle, and the GPU node's library
+# versions in an environment of their own (about 12 more minutes).
+test-all: data deepspeed gpu-bundle-local
 	$(PY) -m pytest -q
 
 # Fixed-seed tiny runs of every stage and recipe, hashed against tests/golden.json (about 1 minute): run

@@ -123,3 +123,47 @@ def test_an_npm_package_without_npm_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UserInputError, match="no `npm` command"):
         builtin.download(builtin.SOTU)
     assert not list(tmp_path.rglob("*.tgz"))
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_an_offline_machine_fails_at_once_without_calling_pip(tmp_path, monkeypatch, variable):
+    monkeypatch.setenv("TLNLP_HOME", str(tmp_path))
+    monkeypatch.setenv(variable, "1")
+    calls = []
+    monkeypatch.setattr(builtin.subprocess, "run", lambda *a, **k: calls.append(a))
+    with pytest.raises(UserInputError, match=f"not in {tmp_path}/archives, and {variable} is set.*tlnlp.bundle"):
+        builtin.dataset_files("wiki-topics")
+    assert calls == [] and not (tmp_path / "datasets" / "wiki-topics").exists()
+    monkeypatch.setenv(variable, "0")  # explicitly online: no refusal
+    assert builtin.offline() is None
+
+
+@pytest.mark.slow
+def test_the_gpu_nodes_bundle_fits_its_64_mib_and_is_checked_file_by_file(tmp_path, capsys):
+    from tlnlp.bundle import main
+    from tlnlp.data.bundle import MISSING_ON_GPU_IMAGES, verify
+
+    bundle = tmp_path / "bundle"
+    assert main(["--output", str(bundle), "--python", "3.12", "--datasets", "wiki-leads,wiki-topics",
+                 "--tokenizers", "minilm-l6"]) == 0  # what `make gpu-bundle` makes
+    manifest = verify(bundle)
+    assert manifest["bytes"] < 64 * 2**20 and manifest["python"] == "3.12"
+    wheels = {w.split("-")[0]: w for w in manifest["wheels"]}
+    assert sorted(wheels) == sorted(MISSING_ON_GPU_IMAGES)
+    assert all(w.endswith("-none-any.whl") and ("py3-" in w or "py312-" in w) for w in wheels.values()), wheels
+    assert {r.split("==")[0] for r in manifest["requirements"]} == set(MISSING_ON_GPU_IMAGES)
+    tokenizer = bundle / "home" / "models" / "minilm-l6"
+    assert (tokenizer / "tokenizer.json").exists() and not (tokenizer / "model.safetensors").exists()
+    assert (bundle / "home" / "datasets" / "wiki-topics" / "test.jsonl").exists()
+    (bundle / "home" / "datasets" / "wiki-topics" / "test.jsonl").write_text("changed\n")
+    with pytest.raises(UserInputError, match="1 file.*home/datasets/wiki-topics/test.jsonl"):
+        verify(bundle)
+    assert main(["--verify", str(bundle)]) == 2 and "changed since the bundle was made" in capsys.readouterr().err
+
+
+def test_a_bundle_of_unknown_built_ins_is_refused_before_anything_is_made(tmp_path):
+    from tlnlp.data.bundle import build
+
+    with pytest.raises(UserInputError, match="Not built-in: wiki-topic, minilm"):
+        build(tmp_path / "bundle", datasets=("wiki-topic",), tokenizers=("minilm",))
+    assert not list(tmp_path.iterdir())

@@ -187,6 +187,8 @@ class Trainer:
                              disable=not (self.accelerator.is_local_main_process and progress_bars()), desc="Training",
                              dynamic_ncols=True)
         self.last_progress_line, self.first_step = time.time(), self.state["completed_steps"]
+        # For the results: time to the first optimizer step (start-up and any compilation) and waiting for data.
+        self.fit_start, self.first_step_seconds, self.data_wait_seconds = time.time(), None, 0.0
         self.model.train()
         self._reset_window()
         # The optimizer step and the first non-finite loss (step, value), kept on the device: no host sync.
@@ -286,6 +288,10 @@ class Trainer:
             self.scheduler.step()
         state["completed_steps"] += 1
         self.device_step += 1
+        if self.first_step_seconds is None:
+            if self.accelerator.device.type == "cuda":
+                torch.cuda.synchronize()  # once: the first step's kernels, compilation included, have finished
+            self.first_step_seconds = time.time() - self.fit_start
         self.progress.update(1)
         step = state["completed_steps"]
         if self.progress.disable and time.time() - self.last_progress_line >= PROGRESS_LINE_SECONDS:
@@ -452,6 +458,7 @@ class Trainer:
         if self.tracking:
             accelerator.log({"train/loss": loss, "train/lr": lr, f"train/{unit}_per_s": units / elapsed},
                             step=state["completed_steps"])
+        self.data_wait_seconds += window["data_wait"]
         self._reset_window()
 
     def _results(self) -> dict[str, Any]:
@@ -472,6 +479,9 @@ class Trainer:
             "mixed_precision": self.accelerator.mixed_precision,
             "global_batch_size": self.global_batch,
             "best_step": state["best_step"],
+            "time_to_first_step_s": self.first_step_seconds,
+            "data_wait_s": self.data_wait_seconds,
+            **device_figures(self.accelerator.device, self.cfg.torch_compile),
         }
         state["results"] = results
         return results
@@ -486,6 +496,26 @@ class Trainer:
                 self.task.save(engines.unwrap(self.accelerator, self.model), self.output_dir, state_dict)
             (self.output_dir / EVAL_HISTORY_FILE).write_text(json.dumps(self.state["history"], indent=2))
         self.accelerator.wait_for_everyone()
+
+
+def device_figures(device: torch.device, compiled: bool) -> dict[str, Any]:
+    """This process's peak GPU memory, and with torch.compile what the compiler did in the real run: graph
+    breaks (each splits the model into more graphs) and the graphs compiled (more than the frames means
+    recompiles: new shapes or modes)."""
+    figures: dict[str, Any] = {}
+    if device.type == "cuda":
+        figures["peak_memory_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        figures["peak_memory_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 1e9
+    if compiled:
+        from torch._dynamo.utils import counters
+
+        # Newer torch counts graph breaks under "unimplemented", older under "graph_break".
+        breaks = counters.get("graph_break") or counters.get("unimplemented") or {}
+        figures["compile_graph_breaks"] = sum(breaks.values())
+        figures["compile_graph_break_reasons"] = [reason.splitlines()[0][:160] for reason in breaks][:5]
+        figures["compile_frames"] = counters["frames"].get("total", 0)
+        figures["compile_unique_graphs"] = counters["stats"].get("unique_graphs", 0)
+    return figures
 
 
 def train(cfg: TrainingConfig, task: Task, accelerator: Accelerator, output_dir: Path | None = None,

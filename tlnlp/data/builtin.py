@@ -17,6 +17,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -84,6 +85,9 @@ MINILM = Package(
     True,
 )
 
+TOKENIZER_ONLY = "TOKENIZER_ONLY"  # marks a model folder an offline bundle carried without its weights
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
 SPLIT_SEED = 20240101  # fixed forever: changing it would change every published test split
 WIKI_TEST_SIZE = 2000
 WIKI_VALIDATION_SIZE = 500
@@ -97,12 +101,24 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def offline() -> str | None:
+    """The variable that declares this machine offline, if one is set (to anything but 0/false/no/off)."""
+    return next((name for name in OFFLINE_VARIABLES
+                 if os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")), None)
+
+
 def download(package: Package) -> Path:
     """The package archive, downloaded once with pip and verified by checksum."""
     folder = cache_root() / "archives"
     path = folder / package.filename
     if path.exists() and _sha256(path) == package.sha256:
         return path
+    if variable := offline():
+        raise UserInputError(
+            f"{package.filename} is not in {folder}, and {variable} is set, so it is not downloaded. On a machine "
+            f"with the package registry, run `python -m tlnlp.builtin fetch NAME` (or make an offline bundle: "
+            f"`python -m tlnlp.bundle --output DIR --datasets NAME`) and copy the result here; set TLNLP_HOME to it."
+        )
     folder.mkdir(parents=True, exist_ok=True)
     if package.registry == "npm":
         if shutil.which("npm") is None:
@@ -110,9 +126,12 @@ def download(package: Package) -> Path:
                 f"{package.requirement} comes from the npm registry, and this machine has no `npm` command. Install "
                 "Node.js and npm (e.g. `apt-get install npm`), then run `python -m tlnlp.builtin fetch all`."
             )
-        command = ["npm", "pack", package.requirement, "--pack-destination", str(folder), "--silent"]
+        command = ["npm", "pack", package.requirement, "--pack-destination", str(folder), "--silent",
+                   "--fetch-retries", "1", "--fetch-timeout", "30000"]
     else:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(folder), package.requirement]
+        # Few retries, short time-outs: where no index answers, say so in seconds, not minutes.
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(folder), package.requirement,
+                   "--retries", "1", "--timeout", "30"]
         command += ["--only-binary", ":all:"] if package.binary else ["--no-binary", ":all:"]
     print(f"tlnlp: downloading {package.requirement} from the package registry ...", file=sys.stderr)
     result = subprocess.run(command, capture_output=True, text=True)
