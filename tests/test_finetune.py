@@ -339,7 +339,8 @@ def test_the_default_head_rate_learns_where_the_encoders_rate_leaves_a_chance_cl
         tiny_mlm_dir, labeled_files, tmp_path, cache_dir):
     """Issue 14's underfitting case in small: a frozen bottom, a small learning rate, 3 epochs. At the encoder's
     rate the head learns nothing (flagged); at the default head rate (HEAD_LR_MULTIPLIER x) it learns the topics."""
-    frozen = ["--freeze_embeddings", "--freeze_layers", "1", "--learning_rate", "3e-4", "--pooling", "mean"]
+    frozen = ["--freeze_embeddings", "--freeze_layers", "1", "--learning_rate", "3e-4", "--pooling", "mean",
+              "--min_train_steps", "0"]  # the 3 epochs (36 steps) of the case, not the default floor of 100 steps
     same = run_main(ft_args(tiny_mlm_dir, labeled_files, tmp_path / "same", cache_dir, *frozen,
                             "--head_learning_rate", "3e-4"))
     assert same["eval_mcc"] <= 0.05 and "underfitting_warning" in same, same
@@ -418,11 +419,12 @@ def test_eval_history_counts_epochs_by_the_optimizer_steps(tiny_mlm_dir, labeled
     """180 rows at batch 16 are 12 optimizer steps an epoch. The last evaluation of a 3-epoch run is at step
     36, epoch 3 (it was written as epoch 2: the run stops before the epoch counter moves on)."""
     out = tmp_path / "model"
-    run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--num_train_epochs", "3"))
+    run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--num_train_epochs", "3", "--min_train_steps", "0"))
     history = json.loads((out / "eval_history.json").read_text())
     assert [(h["step"], h["epoch"]) for h in history] == [(12, 1), (24, 2), (36, 3)]
     steps = tmp_path / "by_steps"
-    run_main(ft_args(tiny_mlm_dir, labeled_files, steps, cache_dir, "--num_train_epochs", "1", "--eval_steps", "6"))
+    run_main(ft_args(tiny_mlm_dir, labeled_files, steps, cache_dir, "--num_train_epochs", "1", "--eval_steps", "6",
+                     "--min_train_steps", "0"))
     history = json.loads((steps / "eval_history.json").read_text())
     assert [(h["step"], h["epoch"]) for h in history] == [(6, 0.5), (12, 1)]
 
