@@ -41,6 +41,9 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# tlnlp from this working tree, in this process and in every stage and script it starts, installed or not.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+sys.path.insert(0, str(REPO))
 VOCAB = 30522  # the MiniLM (BERT uncased) tokenizer's vocabulary
 
 # Seconds each stage may run on the GPU. The total is the global deadline: at most 7 minutes, so that one
