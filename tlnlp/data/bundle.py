@@ -13,7 +13,6 @@ plus the built-in data sets and tokenizers a run needs, laid out as a `TLNLP_HOM
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import shutil
@@ -32,10 +31,6 @@ MISSING_ON_GPU_IMAGES = ("datasets", "evaluate", "torchdata", "dill", "multiproc
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "config.json")
 # The machines the bundle travels to; a pure-Python wheel ("none-any") installs on any of them.
 LINUX_X86_64 = ("manylinux_2_28_x86_64", "manylinux2014_x86_64")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def pinned(packages: tuple[str, ...]) -> list[str]:
@@ -111,7 +106,7 @@ def build(output: Path, python_version: str | None = None, packages: tuple[str, 
         "wheels": [w.name for w in wheels],
         "datasets": list(datasets), "tokenizers": sorted(set(tokenizers) - set(models)), "models": list(models),
         "bytes": sum(p.stat().st_size for p in files),
-        "files": {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
+        "files": {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": builtin.file_sha256(p)} for p in files},
         "use": ["pip install --no-index --no-deps --target SITE BUNDLE/wheels/*.whl",
                 "export PYTHONPATH=SITE:$PYTHONPATH TLNLP_HOME=BUNDLE/home HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1"],
     }
@@ -129,7 +124,7 @@ def verify(bundle: Path) -> dict:
                              "`make gpu-bundle` (or `python -m tlnlp.bundle --output DIR`).")
     manifest = json.loads(manifest_file.read_text())
     bad = [name for name, entry in manifest["files"].items()
-           if not (bundle / name).is_file() or _sha256(bundle / name) != entry["sha256"]]
+           if not (bundle / name).is_file() or builtin.file_sha256(bundle / name) != entry["sha256"]]
     if bad:
         raise UserInputError(f"{bundle}: {len(bad)} file(s) missing or changed since the bundle was made "
                              f"({', '.join(bad[:5])}). Copy the bundle again, or make it afresh.")
