@@ -81,6 +81,16 @@ def test_the_heads_default_learning_rate(args, expected):
     assert parse_config(FinetuneConfig, ["--output_dir", "x", *args]).head_lr == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("args, restores", [
+    ([], False),  # the default keeps the last model
+    (["--early_stopping_patience", "2"], True),  # early stopping ends past the best: go back to it
+    (["--early_stopping_patience", "2", "--restore_best_model", "false"], False),
+    (["--restore_best_model", "true"], True),
+])
+def test_the_best_epoch_is_restored_only_with_early_stopping_or_when_asked(args, restores):
+    assert parse_config(FinetuneConfig, ["--output_dir", "x", *args]).restores_best_epoch is restores
+
+
 def test_mixed_precision_auto_follows_the_launcher_then_the_hardware(monkeypatch):
     from tlnlp.core.precision import resolve_mixed_precision
 

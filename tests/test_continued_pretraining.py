@@ -34,7 +34,7 @@ def finetune_args(labeled_files, source, out, cache_dir, *extra):
             "--validation_file", str(labeled_files["validation"]), "--test_file", str(labeled_files["test"]),
             "--output_dir", str(out), "--cache_dir", str(cache_dir), "--num_train_epochs", "1",
             "--per_device_train_batch_size", "16", "--max_seq_length", "32", "--mixed_precision", "no",
-            "--continued_pretraining_steps", "6", "--continued_pretraining_folds", "3", *extra]
+            "--continued_pretraining_steps", "6", "--continued_pretraining_folds", "3", "--min_train_steps", "0", *extra]
 
 
 def encoder_weights(folder):

@@ -40,7 +40,7 @@ def finetune_args(model: Path, files: dict[str, Path], out: Path, *extra: str) -
     return ["--model_name_or_path", str(model), "--train_file", str(files["train"]), "--validation_file",
             str(files["validation"]), "--test_file", str(files["test"]), "--output_dir", str(out),
             "--max_seq_length", "32", "--per_device_train_batch_size", "8", "--num_train_epochs", "3", "--seed", "3",
-            *extra]
+            "--min_train_steps", "0", *extra]
 
 
 def node_env(home: Path, **extra: str) -> dict[str, str]:
@@ -197,8 +197,8 @@ def run_engine(config: str, script: str, args: list[str], wrapper: str, use_cpu:
 
 
 def check_classifier_output(out: Path, checkpoint: Path, frozen_layers: int) -> dict:
-    """The saved classifier loads with stock classes, its frozen layers equal the checkpoint's, and it is
-    the restored best model."""
+    """The saved classifier loads with stock classes, its frozen layers equal the checkpoint's, and its
+    pipeline predicts one of the labels."""
     results = json.loads((out / "all_results.json").read_text())
     AutoModelForSequenceClassification.from_pretrained(out)  # loads with the stock class
     saved, original = load_file(out / "model.safetensors"), load_file(checkpoint / "model.safetensors")
@@ -216,7 +216,7 @@ def test_fsdp_finetune_restores_the_best_model_and_saves_the_full_one(tiny_mlm_d
     out = tmp_path / "fsdp"
     # Evaluations every 3 steps and a high learning rate: the best is an early one, so the restore path runs.
     args = finetune_args(tiny_mlm_dir, labeled_files, out, "--freeze_layers", "1", "--learning_rate", "3e-3",
-                         "--eval_steps", "3", "--cache_dir", str(tmp_path / "cache"))
+                         "--eval_steps", "3", "--restore_best_model", "true", "--cache_dir", str(tmp_path / "cache"))
     done = run_engine("fsdp.yaml", "finetune_cls.py", args, "fsdp_on_cpu.py", use_cpu=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "engine: FSDP" in done.stderr and "FSDP shard units: BertLayer" in done.stderr

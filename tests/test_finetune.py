@@ -163,7 +163,8 @@ def run_main(args):
 def ft_args(model_dir, files, out, cache_dir, *extra):
     args = ["--model_name_or_path", str(model_dir), "--train_file", str(files["train"]), "--output_dir", str(out),
             "--cache_dir", str(cache_dir), "--per_device_train_batch_size", "16", "--learning_rate", "3e-3",
-            "--num_train_epochs", "3", "--max_seq_length", "48", "--seed", "1", "--logging_steps", "5"]
+            "--num_train_epochs", "3", "--max_seq_length", "48", "--seed", "1", "--logging_steps", "5",
+            "--min_train_steps", "0"]  # the epochs each test names, not the default floor of 100 steps
     if "validation" in files:
         args += ["--validation_file", str(files["validation"])]
     if "test" in files:
@@ -339,8 +340,7 @@ def test_the_default_head_rate_learns_where_the_encoders_rate_leaves_a_chance_cl
         tiny_mlm_dir, labeled_files, tmp_path, cache_dir):
     """Issue 14's underfitting case in small: a frozen bottom, a small learning rate, 3 epochs. At the encoder's
     rate the head learns nothing (flagged); at the default head rate (HEAD_LR_MULTIPLIER x) it learns the topics."""
-    frozen = ["--freeze_embeddings", "--freeze_layers", "1", "--learning_rate", "3e-4", "--pooling", "mean",
-              "--min_train_steps", "0"]  # the 3 epochs (36 steps) of the case, not the default floor of 100 steps
+    frozen = ["--freeze_embeddings", "--freeze_layers", "1", "--learning_rate", "3e-4", "--pooling", "mean"]
     same = run_main(ft_args(tiny_mlm_dir, labeled_files, tmp_path / "same", cache_dir, *frozen,
                             "--head_learning_rate", "3e-4"))
     assert same["eval_mcc"] <= 0.05 and "underfitting_warning" in same, same
@@ -402,14 +402,16 @@ def test_copies_of_training_rows_and_a_constant_classifier_are_reported(tiny_mlm
     baseline = results["sanity_baseline"]
     assert baseline["fine_tuned_below_baseline"] is True and baseline["eval_accuracy"] > results["eval_accuracy"]
     assert "below TF-IDF + logistic regression" in baseline["warning"] and baseline["warning"] in caplog.text
-    # 23 validation examples picked the best epoch: the decision says how little that is.
-    assert results["eval_examples"] == 23 and "only 23 validation examples" in results["small_validation_warning"]
+    # By default the last model is kept: nothing was decided on the 23 validation examples.
+    assert results["eval_examples"] == 23 and "small_validation_warning" not in results
 
     healthy = tmp_path / "healthy"
     run_main(ft_args(tiny_mlm_dir, {"train": files["train"], "validation": files["validation"]}, healthy, cache_dir,
-                     "--num_train_epochs", "6"))
+                     "--num_train_epochs", "6", "--restore_best_model", "true"))
     results = json.loads((healthy / "all_results.json").read_text())
     assert results["eval_predicted_classes"] > 1 and "underfitting_warning" not in results
+    # 23 validation examples picked the best of 6 epochs: the decision says how little that is.
+    assert "only 23 validation examples" in results["small_validation_warning"]
     # (TF-IDF separates these keyword topics perfectly, so the tiny model stays below it here too; that the
     # warning stays away above the baseline is test_the_sanity_baseline_warns_only_below_it's part.)
     assert results["sanity_baseline"]["fine_tuned_eval"] == results["eval_accuracy"]
@@ -419,12 +421,11 @@ def test_eval_history_counts_epochs_by_the_optimizer_steps(tiny_mlm_dir, labeled
     """180 rows at batch 16 are 12 optimizer steps an epoch. The last evaluation of a 3-epoch run is at step
     36, epoch 3 (it was written as epoch 2: the run stops before the epoch counter moves on)."""
     out = tmp_path / "model"
-    run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--num_train_epochs", "3", "--min_train_steps", "0"))
+    run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--num_train_epochs", "3"))
     history = json.loads((out / "eval_history.json").read_text())
     assert [(h["step"], h["epoch"]) for h in history] == [(12, 1), (24, 2), (36, 3)]
     steps = tmp_path / "by_steps"
-    run_main(ft_args(tiny_mlm_dir, labeled_files, steps, cache_dir, "--num_train_epochs", "1", "--eval_steps", "6",
-                     "--min_train_steps", "0"))
+    run_main(ft_args(tiny_mlm_dir, labeled_files, steps, cache_dir, "--num_train_epochs", "1", "--eval_steps", "6"))
     history = json.loads((steps / "eval_history.json").read_text())
     assert [(h["step"], h["epoch"]) for h in history] == [(6, 0.5), (12, 1)]
 

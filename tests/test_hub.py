@@ -37,7 +37,7 @@ def ft_args(model_dir, files, out, cache_dir, *extra):
     return ["--model_name_or_path", str(model_dir), "--train_file", str(files["train"]), "--validation_file",
             str(files["validation"]), "--test_file", str(files["test"]), "--output_dir", str(out), "--cache_dir",
             str(cache_dir), "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--num_train_epochs", "2",
-            "--max_seq_length", "48", "--seed", "1", *extra]
+            "--max_seq_length", "48", "--seed", "1", "--min_train_steps", "0", *extra]
 
 
 def test_train_push_pull_predict(hub, tiny_mlm_dir, labeled_files, tmp_path, cache_dir):

@@ -41,7 +41,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(stage, corpus_file, la
         script = "finetune_cls.py"
         common = ["--model_name_or_path", str(tiny_mlm_dir), "--train_file", str(labeled_files["train"]),
                   "--validation_file", str(labeled_files["validation"]), "--per_device_train_batch_size", "4",
-                  "--max_seq_length", "32", "--num_train_epochs", "4"]
+                  "--max_seq_length", "32", "--num_train_epochs", "4", "--min_train_steps", "0"]
         if stage == "finetune-cached":  # resumes recompute the cached features; the weights must still agree
             common += ["--freeze_embeddings", "--freeze_layers", "1", "--cache_frozen_features"]
     common += ["--cache_dir", str(tmp_path / "cache"), "--checkpointing_steps", "20", "--seed", "5"]

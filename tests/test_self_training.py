@@ -102,12 +102,12 @@ def test_self_training_adds_confident_class_balanced_pseudo_labels(tiny_mlm_dir,
     assert ("Pseudo-labels" in (out / "README.md").read_text()) == (kept == 1)
 
     # Again (after a stop, say): the finished rounds are reused, not trained again, and the teacher labels the
-    # same rows. With --no_restore_best_model the run's model is the last student, whatever its score.
+    # same rows. With --restore_best_model false the run's model is the last student, whatever its score.
     teacher_weights = teacher / "model.safetensors"
     written = teacher_weights.stat().st_mtime_ns
     again = run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--num_train_epochs", "6", "--seed", "2",
                              "--unlabeled_file", str(path), "--pseudo_labels_per_class", "40",
-                             "--pseudo_label_precision", "0.8", "--no_restore_best_model"))
+                             "--pseudo_label_precision", "0.8", "--restore_best_model", "false"))
     assert teacher_weights.stat().st_mtime_ns == written
     assert again["self_training"]["rounds"][0]["pseudo_labels_per_class"] == round1["pseudo_labels_per_class"]
     assert again["self_training"]["kept_round"] == 1 and again["eval_accuracy"] == student["eval_accuracy"]

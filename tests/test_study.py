@@ -20,7 +20,7 @@ def test_parse_arm():
 def test_tiny_study_report_plots_and_rerun(tiny_mlm_dir, tmp_path, caplog):
     arms = [parse_arm(spec, str(tiny_mlm_dir)) for spec in ("scratch", "frozen:1", "dapt:task")]
     finetune = ["--max_seq_length", "32", "--num_train_epochs", "1", "--per_device_train_batch_size", "16",
-                "--cache_dir", str(tmp_path / "cache"), "--continued_pretraining_steps", "4"]
+                "--cache_dir", str(tmp_path / "cache"), "--continued_pretraining_steps", "4", "--min_train_steps", "0"]
     kwargs = dict(arms=arms, dataset="wiki-uncertainty", label_counts=[40, 80], seeds=[1], output_dir=tmp_path,
                   finetune_args=finetune)
     rows = run_study(**kwargs)

@@ -359,8 +359,11 @@ class Stage2Config(TrainingConfig):
         "Validation metric that picks the best checkpoint, and the recipe in a search (default by task: accuracy, "
         "micro_f1, or for regression mse, where lower is better)."
     )
-    restore_best_model: bool = _help(
-        "At the end, go back to the best evaluated model (off: keep the model of the last step).", True
+    restore_best_model: bool | None = _help(
+        "At the end, go back to the best evaluated model instead of keeping the last step's. Default: on with "
+        "--early_stopping_patience (that run ends past its best), off otherwise: on 1,000 labels the epoch picked "
+        "on a small validation split scored below the last epoch on average (BENCHMARKS.md, 'Keeping the last "
+        "epoch'). Self-training picks its round on the validation split unless this is false."
     )
     early_stopping_patience: int | None = _help("Stop after N evaluations without improvement of the best metric.")
     min_train_steps: int = _help(
@@ -427,6 +430,13 @@ class Stage2Config(TrainingConfig):
                 f"--head_hidden_sizes must be comma-separated positive integers such as '512,256', got {text!r}."
             )
         return sizes
+
+    @property
+    def restores_best_epoch(self) -> bool:
+        """--restore_best_model as given, else on only with early stopping (which ends past the best epoch)."""
+        if self.restore_best_model is not None:
+            return self.restore_best_model
+        return self.early_stopping_patience is not None
 
 
 @dataclass

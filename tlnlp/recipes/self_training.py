@@ -16,10 +16,10 @@ class-balanced predictions join the labels to train a student, which teaches the
   validation or test text are never pseudo-labeled.
 - Each student starts from the same encoder as the teacher (not from the teacher's weights) and trains
   on labels + pseudo-labels. The run's model, copied to --output_dir, is the round that scores best on the
-  validation split, as --restore_best_model picks the best epoch: normally the last student, but the teacher
-  when the pseudo-labels hurt (unlabeled text unlike the labeled, say). --no_restore_best_model keeps the
-  last student. Every round (`self_training/roundK`, round0 the teacher) and its pseudo-labels are kept;
-  a finished round is not redone when the command is run again.
+  validation split: normally the last student, but the teacher when the pseudo-labels hurt (unlabeled text
+  unlike the labeled, say). --restore_best_model false keeps the last student. Every round
+  (`self_training/roundK`, round0 the teacher) and its pseudo-labels are kept; a finished round is not
+  redone when the command is run again.
 """
 
 from __future__ import annotations
@@ -99,14 +99,17 @@ def run_self_training(cfg: FinetuneConfig) -> dict[str, Any]:
         round_results.append(results)
 
     below = student_below_teacher(cfg.metric_for_best_model, round_results[0], round_results[-1])
-    kept = best_round(cfg.metric_for_best_model, round_results) if cfg.restore_best_model else len(round_results) - 1
+    # The round is a coarser choice than the epoch (the teacher is the fallback when pseudo-labels hurt), so it
+    # is made on validation unless the user turned choosing off outright.
+    choose_round = cfg.restore_best_model is not False
+    kept = best_round(cfg.metric_for_best_model, round_results) if choose_round else len(round_results) - 1
     validation_examples = count_lines(data.validation)
     small = decided_on("The kept self-training round", validation_examples,
                        "Give a --validation_file of 200 or more examples, or keep the last student with "
-                       "--restore_best_model false.") if cfg.restore_best_model else None
+                       "--restore_best_model false.") if choose_round else None
     if kept != len(round_results) - 1:
         logger.warning("Self-training keeps round %d (%s), the best on the validation split, as the run's model "
-                       "(--no_restore_best_model keeps the last student).", kept,
+                       "(--restore_best_model false keeps the last student).", kept,
                        "the teacher" if kept == 0 else "a student")
     output_dir = Path(cfg.output_dir)
     for file in (folder / f"round{kept}").iterdir():  # the chosen round's model, card and results
@@ -130,8 +133,8 @@ def run_self_training(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def best_round(metric: str | None, round_results: list[dict]) -> int:
-    """The round that scores best on the validation split, as --restore_best_model picks the best epoch; on
-    a tie the later round (the student). Rounds without the score are never preferred."""
+    """The round that scores best on the validation split; on a tie the later round (the student). Rounds
+    without the score are never preferred."""
     metric, greater_is_better = selection_metric(metric, "single_label")
     sign = 1 if greater_is_better else -1
     scored = [(sign * r[f"eval_{metric}"], number) for number, r in enumerate(round_results)
@@ -266,7 +269,7 @@ def train_round(cfg: FinetuneConfig, accelerator, data: Data, output_dir: Path, 
                               test_file=str(data.test) if data.test else None)
     round_cfg = dataclasses.replace(cfg, text_column=data.text_column)  # the column the labels were written with
     results = finetune(round_cfg, accelerator, raw, output_dir, pseudo_labeled_file=str(pseudo) if pseudo else None,
-                       restore_best=cfg.restore_best_model)
+                       restore_best=cfg.restores_best_epoch)
     # The round's record names the user's data set and, for a student, its pseudo-labels.
     record = dataclasses.replace(cfg, pseudo_labeled_file=str(pseudo) if pseudo else None)
     write_run_files(accelerator, record, results, "finetune", output_dir=output_dir)

@@ -173,7 +173,7 @@ def finetune_as_configured(cfg: FinetuneConfig, accelerator) -> dict[str, Any]:
                                   test_file=cfg.test_file, dataset_name=cfg.dataset_name,
                                   dataset_config_name=cfg.dataset_config_name, csv_delimiter=cfg.csv_delimiter)
     return finetune(cfg, accelerator, raw, Path(cfg.output_dir), max_train_samples=cfg.max_train_samples,
-                    pseudo_labeled_file=cfg.pseudo_labeled_file, restore_best=cfg.restore_best_model,
+                    pseudo_labeled_file=cfg.pseudo_labeled_file, restore_best=cfg.restores_best_epoch,
                     preprocessed_dataset_dir=cfg.preprocessed_dataset_dir, preprocess_only=cfg.preprocess_only)
 
 
