@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or builtin.model_dir("minilm-l6"))
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or builtin.model_dir("minilm-l6", weights=False))
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, num_hidden_layers=args.layers,
                         num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
                         max_position_embeddings=max(512, args.seq))

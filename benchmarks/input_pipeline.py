@@ -84,7 +84,7 @@ def stage1_pipeline():
     One thread per process: the fast tokenizer would otherwise spread each batch over every core by itself,
     and "1 core" would not mean one core."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tokenizer = load_tokenizer(builtin.model_dir("minilm-l6"))
+    tokenizer = load_tokenizer(builtin.model_dir("minilm-l6", weights=False))
     rows = functools.partial(mlm_rows, tokenizer=tokenizer, max_seq_length=SEQ, line_by_line=False,
                              whole_word_mask=False)
     return tokenizer, rows, pad_for_masking(tokenizer), DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)

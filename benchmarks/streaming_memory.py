@@ -64,7 +64,7 @@ def stream_everything(file: str, seq: int, batch: int, rank: int, ranks: int) ->
     from tlnlp.models.modeling import load_tokenizer
 
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks))  # as tlnlp does under accelerate launch
-    tokenizer = load_tokenizer(builtin.model_dir("minilm-l6"))
+    tokenizer = load_tokenizer(builtin.model_dir("minilm-l6", weights=False))
     raw = load_raw_datasets(train_file=file, validation_file=None, dataset_name=None, dataset_config_name=None,
                             streaming=True)
     rows_of = functools.partial(mlm_rows, tokenizer=tokenizer, max_seq_length=seq, line_by_line=False,

@@ -167,3 +167,26 @@ def test_a_bundle_of_unknown_built_ins_is_refused_before_anything_is_made(tmp_pa
     with pytest.raises(UserInputError, match="Not built-in: wiki-topic, minilm"):
         build(tmp_path / "bundle", datasets=("wiki-topic",), tokenizers=("minilm",))
     assert not list(tmp_path.iterdir())
+
+
+def test_a_tokenizer_only_model_serves_tokenizers_and_names_the_fix_when_weights_are_needed(tmp_path, monkeypatch):
+    """An offline bundle made with --tokenizers carries a model's tokenizer, not its weights: enough for a
+    from-scratch stage 1, not for fine-tuning MiniLM. Offline that is a clear error; online the weights are
+    fetched over the folder."""
+    from tlnlp.data.bundle import copy_builtins
+
+    home = tmp_path / "home"
+    copy_builtins(home, datasets=(), tokenizers=("minilm-l6",), models=())  # as `make gpu-bundle` lays it out
+    archive = builtin.download(builtin.MODELS["minilm-l6"][0])  # this machine's verified archive, fetched by make data
+    monkeypatch.setenv("TLNLP_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = home / "models" / "minilm-l6"
+    assert builtin.resolve_model("minilm-l6", weights=False) == str(folder)
+    with pytest.raises(UserInputError, match=r"holds only its tokenizer.*HF_HUB_OFFLINE is set.*--models minilm-l6"):
+        builtin.resolve_model("minilm-l6")
+    assert not (folder / "model.safetensors").exists()  # nothing was touched
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    (home / "archives").mkdir()
+    (home / "archives" / archive.name).symlink_to(archive)  # online: fetched (here, from the archive already there)
+    assert builtin.resolve_model("minilm-l6") == str(folder)
+    assert (folder / "model.safetensors").exists() and not (folder / builtin.TOKENIZER_ONLY).exists()

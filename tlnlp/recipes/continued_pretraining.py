@@ -79,7 +79,7 @@ def check_model_has_mlm_class(cfg: FinetuneConfig) -> None:
             "has no masked-language-model class (AutoModelForMaskedLM), so it cannot be pretrained further with MLM. "
             "Fine-tune it without --continued_pretraining, or start from an encoder such as BERT."
         )
-    tokenizer = load_model_tokenizer(source, builtin.resolve_model(cfg.tokenizer_name), cfg.trust_remote_code)
+    tokenizer = load_model_tokenizer(source, builtin.resolve_model(cfg.tokenizer_name, weights=False), cfg.trust_remote_code)
     check_tokenizer_and_length(config, tokenizer, stage1_seq_len(cfg, config))
 
 

@@ -226,7 +226,7 @@ def unit_embeddings(cfg: FinetuneConfig, texts: list[str], progress: bool) -> np
     from tlnlp.data.builtin import resolve_model
     from tlnlp.models.modeling import mean_pooled_embeddings
 
-    tokenizer = resolve_model(cfg.tokenizer_name) if cfg.tokenizer_name else None
+    tokenizer = resolve_model(cfg.tokenizer_name, weights=False) if cfg.tokenizer_name else None
     rows = mean_pooled_embeddings(resolve_model(cfg.model_name_or_path), texts, cfg.max_seq_length,
                                   tokenizer_dir=tokenizer, progress=progress)
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)

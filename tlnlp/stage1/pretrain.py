@@ -162,7 +162,8 @@ def run_pretraining(cfg: PretrainConfig, accelerator) -> dict[str, Any]:
 
     trained_tokenizer = False
     if cfg.tokenizer_name or model_source:
-        tokenizer = load_model_tokenizer(model_source, builtin.resolve_model(cfg.tokenizer_name), cfg.trust_remote_code)
+        tokenizer_source = builtin.resolve_model(cfg.tokenizer_name, weights=False)
+        tokenizer = load_model_tokenizer(model_source, tokenizer_source, cfg.trust_remote_code)
     elif cfg.config_name:
         tokenizer = load_tokenizer(cfg.config_name, cfg.trust_remote_code)
     else:

@@ -219,7 +219,7 @@ def make_classifier(cfg: Stage2Config, data: LabeledData) -> Classifier:
     """Phase 2: the encoder of --model_name_or_path with a new task head (or, --from_scratch, random
     weights), its tokenizer and the sequence length, checked against each other."""
     source = builtin.resolve_model(cfg.model_name_or_path)
-    tokenizer = load_model_tokenizer(source, builtin.resolve_model(cfg.tokenizer_name), cfg.trust_remote_code)
+    tokenizer = load_model_tokenizer(source, builtin.resolve_model(cfg.tokenizer_name, weights=False), cfg.trust_remote_code)
     head = HeadSpec(cfg.head_hidden_sizes_list, cfg.head_dropout, cfg.head_activation, cfg.pooling)
     names = data.label_names
     model, report = build_classifier(
