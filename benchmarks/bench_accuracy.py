@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -102,7 +103,7 @@ def setfit_run(dataset: str, labels: int, seed: int, length: int) -> float:
 
 
 def run(recipe: str, dataset: str, labels: int, seed: int, length: int, trials: int, folds: int,
-        keep_runs: str | None = None) -> float | None:
+        keep_runs: str | None = None, tlnlp_args: tuple[str, ...] = ()) -> float | None:
     if recipe == "stock":
         return stock_run(dataset, labels, seed, length)
     if recipe == "setfit":
@@ -118,7 +119,7 @@ def run(recipe: str, dataset: str, labels: int, seed: int, length: int, trials: 
              "tlnlp-self-similar": self_training + ["--unlabeled_selection", "similar"],
              "tlnlp-search": ["--search_trials", str(trials), "--search_folds", str(folds)]}[recipe]
     keep = Path(keep_runs) / dataset / recipe / f"seed{seed}" if keep_runs else None
-    return tlnlp_run(dataset, labels, seed, length, extra, keep)
+    return tlnlp_run(dataset, labels, seed, length, [*extra, *tlnlp_args], keep)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Folds per search trial, for a set without a validation split (the built-in sets have one).")
     parser.add_argument("--keep_runs", metavar="DIR", help="Keep each tlnlp run's output directory (search/ trials, "
                         "self_training/ pseudo-labels, logs) under DIR/<set>/<recipe>/seed<N>; default: discard.")
+    parser.add_argument("--tlnlp_args", default="", help="Options added to every tlnlp recipe's command, recorded "
+                        "in the report; e.g. --tlnlp_args='--min_train_steps 0' for a quick check on a few labels.")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "accuracy_cpu.json"))
     parser.add_argument("--merge", nargs="+", metavar="PART", help="Run nothing: make one report (--output, its "
                         "plot and table) from the JSONs of earlier runs, later parts superseding earlier ones.")
@@ -146,13 +149,16 @@ def main(argv: list[str] | None = None) -> dict:
         return report
     seeds = [int(s) for s in args.seeds.split(",")]
     report: dict = {"command": command, "labels": args.labels, "seeds": seeds, "encoder": "minilm-l6", "sets": {}}
+    tlnlp_args = tuple(shlex.split(args.tlnlp_args))
+    if tlnlp_args:
+        report["tlnlp_args"] = args.tlnlp_args
     for dataset in args.sets.split(","):
         table = report["sets"].setdefault(dataset, {})
         for recipe in args.recipes.split(","):
             accuracies, started = [], time.time()
             for seed in seeds:
                 accuracy = run(recipe, dataset, args.labels, seed, args.max_seq_length, args.search_trials,
-                               args.search_folds, args.keep_runs)
+                               args.search_folds, args.keep_runs, tlnlp_args)
                 if accuracy is None:
                     break
                 accuracies.append(accuracy)

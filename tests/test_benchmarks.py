@@ -170,7 +170,7 @@ def test_accuracy_benchmark_runs_the_stock_recipe_and_tlnlp_side_by_side(tmp_pat
     bench = load_benchmark("bench_accuracy")
     output = tmp_path / "accuracy.json"
     report = bench.main(["--sets", "wiki-topics", "--recipes", "stock,tlnlp", "--seeds", "42", "--labels", "44",
-                         "--max_seq_length", "16", "--output", str(output)])
+                         "--max_seq_length", "16", "--tlnlp_args=--min_train_steps 0", "--output", str(output)])
     assert json.loads(output.read_text()) == json.loads(json.dumps(report))
     table = report["sets"]["wiki-topics"]
     for recipe in ("stock", "tlnlp"):
@@ -183,13 +183,14 @@ def test_accuracy_benchmark_keeps_the_search_it_ran(tmp_path):
     bench = load_benchmark("bench_accuracy")
     report = bench.main(["--sets", "movie-sentences", "--recipes", "tlnlp-search", "--seeds", "42", "--labels", "40",
                          "--max_seq_length", "16", "--search_trials", "2", "--keep_runs", str(tmp_path / "runs"),
-                         "--output", str(tmp_path / "accuracy.json")])
+                         "--tlnlp_args=--min_train_steps 0", "--output", str(tmp_path / "accuracy.json")])
     assert 0 < report["sets"]["movie-sentences"]["tlnlp-search"]["mean"] <= 1
     kept = tmp_path / "runs" / "movie-sentences" / "tlnlp-search" / "seed42"
     trials = (kept / "search" / "trials.csv").read_text().splitlines()
     assert len(trials) == 1 + 2 and (kept / "search" / "best_config.yaml").is_file()
     results = json.loads((kept / "all_results.json").read_text())
     assert results["test_accuracy"] == report["sets"]["movie-sentences"]["tlnlp-search"]["mean"]
+    assert "min_train_steps: 0" in (kept / "training_config.yaml").read_text()  # --tlnlp_args reached the run
 
 
 def test_accuracy_parts_merge_into_one_report_where_a_rerun_supersedes(tmp_path):
