@@ -362,7 +362,7 @@ class Stage2Config(TrainingConfig):
     restore_best_model: bool | None = _help(
         "At the end, go back to the best evaluated model instead of keeping the last step's. Default: on with "
         "--early_stopping_patience (that run ends past its best), off otherwise: on 1,000 labels the epoch picked "
-        "on a small validation split scored below the last epoch on average (BENCHMARKS.md, 'Keeping the last "
+        "on a small validation split scored below the last epoch on average (BENCHMARKS.md, 'Keep the last "
         "epoch'). Self-training picks its round on the validation split unless this is false."
     )
     early_stopping_patience: int | None = _help("Stop after N evaluations without improvement of the best metric.")
