@@ -237,14 +237,14 @@ def cached_unit_embeddings(cfg: FinetuneConfig, texts: list[str]) -> np.ndarray:
     run on other labels or another seed with the same encoder and corpus does not embed the pool again."""
     from tlnlp.data.builtin import resolve_model
 
-    def identity(name: str | None) -> list:  # a local folder is named by its files too: retrained, it differs
-        folder = Path(resolve_model(name)) if name else None
+    def identity(name: str | None, weights: bool = True) -> list:  # a local folder is named by its files too
+        folder = Path(resolve_model(name, weights)) if name else None  # (retrained, it differs)
         if folder is None or not folder.is_dir():
             return [name]
         return [str(folder.resolve())] + sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
                                                 for f in folder.iterdir() if f.is_file())
 
-    key = json.dumps([identity(cfg.model_name_or_path), identity(cfg.tokenizer_name), cfg.max_seq_length, texts])
+    key = json.dumps([identity(cfg.model_name_or_path), identity(cfg.tokenizer_name, weights=False), cfg.max_seq_length, texts])
     path = cfg.cache_path / "embeddings" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy"
     if path.exists():
         logger.info("Unlabeled texts' embeddings from the cache: %s", path)
