@@ -69,6 +69,42 @@ def test_head_warmup_leaves_the_encoder_unchanged_and_is_skipped_with_a_head(tmp
     assert "head_warmup_steps" not in headed and "new_head_learning_rate" not in headed
 
 
+def test_a_single_process_warmup_skips_the_encoders_backward_and_updates_as_dropping_its_gradients_does(
+        tiny_tokenizer):
+    from transformers import BertForMaskedLM
+
+    from tlnlp.stage1.pretrain import HeadWarmup
+
+    torch.manual_seed(0)
+    first = BertForMaskedLM(tiny_bert_config(len(tiny_tokenizer)))
+    second = BertForMaskedLM(tiny_bert_config(len(tiny_tokenizer)))
+    second.load_state_dict(first.state_dict())
+    head = [name for name, _ in first.named_parameters() if name.startswith("cls.")]
+    batches = [{"input_ids": torch.randint(5, len(tiny_tokenizer), (4, 12))} for _ in range(4)]
+    for batch in batches:
+        batch["labels"] = batch["input_ids"].clone()
+    encoder_grad_during_step = {True: [], False: []}
+    for model, skip in ((first, True), (second, False)):
+        model.train()
+        torch.manual_seed(1)  # the same dropout in both
+        warmup = HeadWarmup(model, head, steps=2)
+        warmup.skip_backward = skip  # as in a single process, and as under data parallelism
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        embeddings = model.bert.embeddings.word_embeddings.weight
+        for step, batch in enumerate(batches):
+            model(**batch).loss.backward()
+            encoder_grad_during_step[skip].append(embeddings.grad is not None)
+            warmup(step, 0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    # Dropping the encoder's gradients: computed at every step. Skipping: only at the first warm-up step
+    # (the optimizer was built with the encoder in it) and again once the warm-up is over.
+    assert encoder_grad_during_step == {False: [True, True, True, True], True: [True, False, True, True]}
+    assert all(p.requires_grad for p in first.parameters())
+    second_state = second.state_dict()
+    assert all(torch.equal(value, second_state[name]) for name, value in first.state_dict().items())
+
+
 def test_tapt_reads_only_training_texts_caches_and_records_the_gate(tmp_path, labeled_files, headless_dir, cache_dir):
     results = main(parse_config(FinetuneConfig, finetune_args(labeled_files, headless_dir, tmp_path / "a", cache_dir,
                                                               "--continued_pretraining", "task")))

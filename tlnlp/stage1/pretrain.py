@@ -102,19 +102,27 @@ def check_stream_size(train, held_out: int, slots: int) -> None:
 
 class HeadWarmup:
     """Head-only warm-up: for the first `steps` optimizer steps only the new MLM head's parameters are
-    updated. The others keep `requires_grad` (data-parallel training registers them once) but their
-    gradients are dropped before each step: no update, no optimizer state, no decay. A random head's first
-    gradients are large and meaningless; through a frozen encoder they cannot disturb what it learned."""
+    updated. A random head's first gradients are large and meaningless; through a frozen encoder they cannot
+    disturb what it learned. The encoder's gradients are dropped before each of those steps: no update, no
+    optimizer state, no decay.
+
+    Under data parallelism (DDP, FSDP, DeepSpeed: a process group exists) the encoder keeps `requires_grad`,
+    which the wrapper registered once. In a single process it also stops requiring gradients after the first
+    step (the optimizer, built before it, must hold its parameters), so backward stops at the head: a warm-up
+    step of MiniLM costs about half a full step on a CPU. It requires them again for the first step after."""
 
     def __init__(self, model: torch.nn.Module, new_parameter_names: list[str], steps: int):
         new = set(new_parameter_names)
         self.waiting = [p for name, p in model.named_parameters() if name not in new and p.requires_grad]
         self.steps = steps
+        self.skip_backward = not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
     def __call__(self, step: int, epoch: int) -> None:
         if step < self.steps:
             for param in self.waiting:
                 param.grad = None
+                # After the last warm-up step's backward: the next step trains the encoder again.
+                param.requires_grad_(not self.skip_backward or step == self.steps - 1)
         elif step == self.steps:
             logger.info("Head-only warm-up done after %d steps: the encoder trains from now on.", self.steps)
 
