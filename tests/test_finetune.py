@@ -452,6 +452,26 @@ def test_the_sanity_baseline_warns_only_below_it():
     assert high["compared_by"] == "macro_f1" and not high["fine_tuned_below_baseline"] and "warning" not in high
 
 
+def test_the_sanity_baseline_is_fitted_once_for_the_same_labels(monkeypatch):
+    from tlnlp.stage2 import sanity
+
+    fitted = []
+    fit = sanity.tfidf_logistic_regression
+    monkeypatch.setattr(sanity, "tfidf_logistic_regression", lambda *a: fitted.append(1) or fit(*a))
+    texts = [f"goal match team {i}" for i in range(10)] + [f"atom energy cell {i}" for i in range(10)]
+    labels = ["sports"] * 10 + ["science"] * 10
+    first = sanity.sanity_baseline(texts[::2], labels[::2], texts[1::2], labels[1::2], {"eval_accuracy": 0.5},
+                                   "accuracy", seed=7)
+    again = sanity.sanity_baseline(texts[::2], labels[::2], texts[1::2], labels[1::2], {"eval_accuracy": 0.9},
+                                   "accuracy", seed=7)
+    assert len(fitted) == 1 and again["eval_accuracy"] == first["eval_accuracy"]
+    assert again["fine_tuned_eval"] == 0.9  # the model's own score is never cached
+    other_labels = labels[::2][:-1] + ["sports"]
+    sanity.sanity_baseline(texts[::2], other_labels, texts[1::2], labels[1::2], {"eval_accuracy": 0.5},
+                           "accuracy", seed=7)
+    assert len(fitted) == 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("module", ["tlnlp.pretrain", "tlnlp.finetune"])
 def test_accelerate_launch_runs_the_installed_modules(module, corpus_file, labeled_files, tiny_mlm_dir, tmp_path):
