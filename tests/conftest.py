@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import BertConfig, BertForMaskedLM, ModernBertConfig
+from transformers import BertConfig, BertForMaskedLM, BertModel, ModernBertConfig
 
 from tlnlp.models.modeling import train_wordpiece
 
@@ -91,6 +91,18 @@ def tiny_mlm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
     torch.manual_seed(0)
     BertForMaskedLM(tiny_bert_config(len(tiny_tokenizer))).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def headless_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved encoder without an MLM head, as minilm-l6 is shipped."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("headless")
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config(len(tiny_tokenizer)), add_pooling_layer=True).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder
 

@@ -19,16 +19,6 @@ from tlnlp.pretrain import main as pretrain_main
 from tlnlp.recipes import continued_pretraining as cp
 
 
-@pytest.fixture(scope="module")
-def headless_dir(tmp_path_factory, tiny_tokenizer):
-    """A saved encoder without an MLM head, as minilm-l6 is shipped."""
-    folder = tmp_path_factory.mktemp("headless")
-    torch.manual_seed(0)
-    BertModel(tiny_bert_config(len(tiny_tokenizer)), add_pooling_layer=True).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
 def finetune_args(labeled_files, source, out, cache_dir, *extra):
     return ["--model_name_or_path", str(source), "--train_file", str(labeled_files["train"]),
             "--validation_file", str(labeled_files["validation"]), "--test_file", str(labeled_files["test"]),

@@ -453,6 +453,8 @@ def test_the_sanity_baseline_warns_only_below_it():
 
 
 def test_the_sanity_baseline_is_fitted_once_for_the_same_labels(monkeypatch):
+    from datasets import Dataset
+
     from tlnlp.stage2 import sanity
 
     fitted = []
@@ -462,7 +464,9 @@ def test_the_sanity_baseline_is_fitted_once_for_the_same_labels(monkeypatch):
     labels = ["sports"] * 10 + ["science"] * 10
     first = sanity.sanity_baseline(texts[::2], labels[::2], texts[1::2], labels[1::2], {"eval_accuracy": 0.5},
                                    "accuracy", seed=7)
-    again = sanity.sanity_baseline(texts[::2], labels[::2], texts[1::2], labels[1::2], {"eval_accuracy": 0.9},
+    # As phases passes them: columns of a datasets.Dataset.
+    train = Dataset.from_dict({"text": texts[::2], "label": labels[::2]})
+    again = sanity.sanity_baseline(train["text"], train["label"], texts[1::2], labels[1::2], {"eval_accuracy": 0.9},
                                    "accuracy", seed=7)
     assert len(fitted) == 1 and again["eval_accuracy"] == first["eval_accuracy"]
     assert again["fine_tuned_eval"] == 0.9  # the model's own score is never cached

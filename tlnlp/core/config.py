@@ -227,14 +227,19 @@ class PretrainConfig(TrainingConfig):
     line_by_line: bool = _help(
         "One sequence per line/document, padded per batch, instead of packing texts into full blocks.", False
     )
-    objective: Literal["mlm", "electra"] = _help(  # the names in tlnlp.models.objectives.OBJECTIVES
+    objective: Literal["mlm", "electra", "tsdae"] = _help(  # the names in tlnlp.models.objectives.OBJECTIVES
         "mlm: masked-language modelling (BERT). electra: replaced-token detection (ELECTRA, Clark et al. 2020): a "
         "small generator fills the masked positions with its samples and the encoder learns to tell, at every "
-        "token, original from replaced; the encoder is saved, the generator in generator/. From scratch only.",
+        "token, original from replaced; the encoder is saved, the generator in generator/. From scratch only. "
+        "tsdae: a denoising auto-encoder over sentences (TSDAE, Wang et al. 2021): the encoder reads each text with "
+        "--mlm_probability of its tokens deleted, and a decoder sharing its weights must rebuild the whole text "
+        "from the encoder's mean-pooled sentence vector alone; the encoder is saved. For sentence-embedding "
+        "checkpoints (minilm-l6).",
         "mlm",
     )
-    mlm_probability: float = _help(
-        "Fraction of tokens masked for the MLM loss (with --objective electra: the generator's).", 0.15
+    mlm_probability: float | None = _help(
+        "Fraction of tokens chosen: masked for the MLM loss (with --objective electra: the generator's), deleted "
+        "from the encoder's input with --objective tsdae (default 0.15; 0.6 with tsdae, the paper's).", None
     )
     whole_word_mask: bool = _help("Mask every sub-word of a chosen word together.", False)
     generator_size_fraction: float | None = _help(
@@ -280,7 +285,7 @@ class PretrainConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.mlm_probability < 1:
+        if self.mlm_probability is not None and not 0 < self.mlm_probability < 1:
             raise UserInputError(f"--mlm_probability must be between 0 and 1, got {self.mlm_probability}.")
         if self.streaming and self.max_train_steps is None:
             raise UserInputError(
@@ -531,6 +536,11 @@ class ContinuedPretrainingOptions:
         "train split). Runs stage 1's code, caches the adapted encoder by its inputs (a second seed or a search "
         "reuses it), and keeps it only if it scores above the original on the training labels (frozen features, "
         "--continued_pretraining_folds-fold cross-validation); all_results.json and the model card record both."
+    )
+    continued_pretraining_objective: Literal["mlm", "tsdae"] = _help(
+        "The continued pretraining's objective (stage 1's --objective): mlm, masked-language modelling; tsdae, "
+        "a denoising auto-encoder over sentences that trains the mean-pooled sentence vector directly (Wang et al. "
+        "2021), for sentence-embedding checkpoints such as minilm-l6 (docs/stage1.md compares them).", "mlm"
     )
     continued_pretraining_steps: int = _help("Optimizer steps of the continued pretraining.", 300)
     continued_pretraining_learning_rate: float = _help(

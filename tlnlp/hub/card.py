@@ -68,8 +68,9 @@ def _adaptation_line(record: dict) -> str:
     kept = ("the adapted encoder was kept" if record["kept"] == "adapted" else
             "the original encoder was kept, the adapted one scoring no higher")
     return (
-        f"- Continued pretraining: `{record['original_encoder']}` was first pretrained further (masked-language "
-        f"modelling, {record['steps']} steps) on {record['corpus']}, {record['corpus_texts']:,} texts, never the "
+        f"- Continued pretraining: `{record['original_encoder']}` was first pretrained further ("
+        f"{get_objective(record.get('objective', 'mlm')).card_description}, {record['steps']} steps) on "
+        f"{record['corpus']}, {record['corpus_texts']:,} texts, never the "
         f"validation or test texts. Gate, on {record['gate_labels']} training labels ({record['gate_folds']}-fold "
         f"cross-validation of a logistic regression on frozen mean-pooled features): original "
         f"{record['probe_accuracy_original']:.3f}, adapted {record['probe_accuracy_adapted']:.3f}; {kept}."
@@ -95,7 +96,8 @@ def _body(name: str, stage: str, cfg: dict, results: dict, metrics: dict, split:
             f"- Corpus: {data}",
             f"- {results['optimizer_steps']} optimizer steps, {results.get('train_tokens', 0):,} tokens seen, "
             f"{results['global_batch_size']} sequences per step of up to {cfg.get('max_seq_length') or 'the default'} tokens",
-            f"- Masking: {cfg['mlm_probability']:.0%}{' (whole words)' if cfg.get('whole_word_mask') else ''}; "
+            f"- {objective.chosen_tokens.capitalize()}: {cfg['mlm_probability']:.0%}"
+            f"{' (whole words)' if cfg.get('whole_word_mask') else ''}; "
             f"learning rate {cfg['learning_rate']}, {cfg['lr_scheduler_type']} schedule, {cfg['num_warmup_steps']} warm-up steps",
         ]
         use = objective.card_usage(name)

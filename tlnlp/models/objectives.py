@@ -3,14 +3,14 @@
 An objective owns what differs between pretraining methods: the checks of its options, how the masks are
 drawn, the model whose forward returns its loss, its evaluation, what it saves and what the model card says.
 `pretrain.main` asks the objective and never tests which one it has. A third objective is one more class
-here and one more entry in `OBJECTIVES`.
+here and one more entry in `OBJECTIVES` (TSDAE was the third).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,17 @@ class Built:
     evaluate: Any  # (accelerator, model, dataloader) -> metrics
     save: Any  # (unwrapped model, folder, state_dict) -> None
     summary: str  # the start-of-run line that names the objective
+    # Parameters the objective adds that no checkpoint holds (TSDAE's cross-attention): they learn at the
+    # new head's rate, as a random head does.
+    new_parameters: list = field(default_factory=list)
 
 
 class Objective:
     """The interface; each method's docstring says what the run uses it for."""
 
     name: str
+    default_probability = 0.15  # --mlm_probability when not given
+    chosen_tokens = "masking"  # what happens to the tokens --mlm_probability chooses, for summaries and cards
     options: tuple[str, ...] = ()  # PretrainConfig fields that only this objective reads (None when unset)
     # The model card: the task the Hub lists it under, and the sentence that says how it was trained.
     card_task: tuple[str, str, str]  # (task type, task name, pipeline tag)
@@ -169,7 +174,70 @@ class ReplacedTokenDetectionObjective(Objective):
         return f"replaced-token detection accuracy {results['eval_discriminator_accuracy']:.3f}"
 
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (MaskedLanguageModelling(), ReplacedTokenDetectionObjective())}
+class DenoisingAutoEncoderObjective(Objective):
+    """TSDAE (Wang et al. 2021): rebuild each text from the encoder's sentence vector of its tokens with most
+    deleted (`tlnlp.models.tsdae`). For continuing a sentence-embedding checkpoint on in-domain text."""
+
+    name = "tsdae"
+    default_probability = 0.6  # the paper's deletion ratio
+    chosen_tokens = "deletion"
+    card_task = ("feature-extraction", "Sentence embedding (TSDAE)", "feature-extraction")
+    card_description = ("TSDAE, a denoising auto-encoder over sentences (Wang et al. 2021: this encoder read each "
+                        "text with most of its tokens deleted, and a decoder tied to it rebuilt the text from the "
+                        "encoder's mean-pooled sentence vector; the decoder is not saved)")
+
+    def check(self, cfg) -> None:
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        from tlnlp.data import builtin
+
+        source = cfg.model_name_or_path and builtin.resolve_model(cfg.model_name_or_path)
+        if source or cfg.config_name:
+            model_type = AutoConfig.from_pretrained(source or cfg.config_name,
+                                                    trust_remote_code=cfg.trust_remote_code).model_type
+        else:
+            model_type = cfg.architecture
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise UserInputError(
+                f"--objective tsdae rebuilds each text with a decoder of the encoder's own architecture, and "
+                f"transformers has no causal-LM decoder for {model_type!r}. Use a BERT-family checkpoint (BERT, "
+                "RoBERTa, MiniLM such as minilm-l6), or --objective mlm."
+            )
+
+    def masking(self) -> dict[str, float]:
+        # The chosen tokens are deleted from the encoder's input; what replaces them there is never read.
+        return {"mask_replace_prob": 1.0, "random_replace_prob": 0.0}
+
+    def build(self, model, cfg, tokenizer) -> Built:
+        from tlnlp.models.tsdae import DenoisingAutoEncoderLoss
+
+        loss = DenoisingAutoEncoderLoss(model)
+        prefix = f"mlm.{model.base_model_prefix}."
+
+        def save(unwrapped: DenoisingAutoEncoderLoss, folder: Path, state_dict: dict) -> None:
+            unwrapped.mlm.base_model.save_pretrained(folder, state_dict=sub_state_dict(state_dict, prefix),
+                                                     safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+
+        summary = f"tsdae ({cfg.mlm_probability:.0%} of the tokens deleted, decoder tied to the encoder)"
+        return Built(loss, evaluate_mlm, save, summary, new_parameters=loss.new_parameters)
+
+    def finish(self, results) -> None:
+        results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50.0))
+
+    def card_metrics(self, results) -> dict[str, float]:
+        return {"reconstruction perplexity": results["eval_perplexity"], "loss": results["eval_loss"]}
+
+    def card_usage(self, name: str) -> str:
+        return f'features = pipeline("feature-extraction", model="{name}")\nprint(len(features("Some text.")[0]))'
+
+    def quality(self, results) -> str:
+        return f"validation reconstruction perplexity {results['eval_perplexity']:.1f}"
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (MaskedLanguageModelling(), ReplacedTokenDetectionObjective(),
+                                                        DenoisingAutoEncoderObjective())}
 
 
 def get_objective(name: str) -> Objective:
@@ -186,5 +254,7 @@ def checked_objective(cfg) -> Objective:
         if given:
             raise UserInputError(f"{' and '.join(given)} only apply to --objective {other.name} (this run is "
                                  f"--objective {objective.name}). Add --objective {other.name} or drop them.")
+    if cfg.mlm_probability is None:
+        cfg.mlm_probability = objective.default_probability
     objective.check(cfg)
     return objective

@@ -138,6 +138,8 @@ def cache_key(cfg: FinetuneConfig, corpus: Corpus, seq_len: int) -> str:
     options = {name: getattr(cfg, name) for name in (
         "continued_pretraining_steps", "continued_pretraining_learning_rate", "continued_pretraining_layer_decay",
         "continued_pretraining_batch_size")}
+    if cfg.continued_pretraining_objective != "mlm":  # absent for MLM, so the encoders cached before it stay valid
+        options["continued_pretraining_objective"] = cfg.continued_pretraining_objective
     # The stage-1 settings not given here are in `stage1_config`; "v" changes when they do.
     key = {"v": 2, **identity, "texts": texts, **options, "seq_len": seq_len, "seed": STAGE1_SEED,
            "precision": resolve_mixed_precision(cfg.mixed_precision)}
@@ -148,6 +150,7 @@ def stage1_config(cfg: FinetuneConfig, output_dir: Path, corpus_file: Path, seq_
     steps = cfg.continued_pretraining_steps
     return PretrainConfig(
         output_dir=str(output_dir), overwrite_output_dir=True, seed=STAGE1_SEED, train_file=str(corpus_file),
+        objective=cfg.continued_pretraining_objective,
         model_name_or_path=cfg.model_name_or_path, tokenizer_name=cfg.tokenizer_name,
         trust_remote_code=cfg.trust_remote_code, cache_dir=cfg.cache_dir, line_by_line=True, max_seq_length=seq_len,
         per_device_train_batch_size=max(1, cfg.continued_pretraining_batch_size // processes),
@@ -178,8 +181,9 @@ def adapted_encoder(cfg: FinetuneConfig, accelerator, corpus: Corpus, seq_len: i
                 f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     accelerator.wait_for_everyone()
     pcfg = stage1_config(cfg, work, corpus_file, seq_len, accelerator.num_processes)
-    logger.info("Continued pretraining of %s on %s: %d texts, %d steps of %d sequences, learning rate %g with "
-                "layer-wise decay %g.", cfg.model_name_or_path, corpus.source, len(corpus.texts), pcfg.max_train_steps,
+    logger.info("Continued pretraining (%s) of %s on %s: %d texts, %d steps of %d sequences, learning rate %g with "
+                "layer-wise decay %g.", pcfg.objective, cfg.model_name_or_path, corpus.source, len(corpus.texts),
+                pcfg.max_train_steps,
                 pcfg.per_device_train_batch_size * accelerator.num_processes, pcfg.learning_rate,
                 pcfg.layerwise_lr_decay)
     fit_accelerator_to(accelerator, pcfg)
@@ -284,7 +288,8 @@ def adapt(cfg: FinetuneConfig, check_output: bool = True) -> tuple[FinetuneConfi
     decision = from_main_process(accelerator, gate(cfg, data, original, str(folder), seq_len)
                                  if accelerator.is_main_process else None)
     record = {
-        "corpus": corpus.source, "corpus_texts": len(corpus.texts), "steps": cfg.continued_pretraining_steps,
+        "objective": cfg.continued_pretraining_objective, "corpus": corpus.source, "corpus_texts": len(corpus.texts),
+        "steps": cfg.continued_pretraining_steps,
         "head_warmup_steps": stage1.get("head_warmup_steps", 0),
         "perplexity": stage1.get("eval_perplexity"),
         "minutes": round(minutes, 2), "reused_from_cache": reused, "adapted_encoder": str(folder),

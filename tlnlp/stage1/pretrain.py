@@ -237,19 +237,22 @@ def run_pretraining(cfg: PretrainConfig, accelerator) -> dict[str, Any]:
             return preprocessing_done(accelerator, tokenized)
         train_data, eval_data = tokenized["train"], tokenized["validation"]
 
-    # A new (random) head learns faster than the trained encoder, as stage 2's task head does; layer-wise
-    # decay slows the layers further from it. By parameter identity: the objective may wrap the model.
-    head_scale = new_head_lr(cfg.learning_rate, cfg.new_head_learning_rate) / cfg.learning_rate if new_head else 1.0
-    scales = {}
-    if cfg.layerwise_lr_decay < 1 or head_scale != 1:
-        by_name = learning_rate_scales(model, cfg.layerwise_lr_decay, head_scale)
-        scales = {id(p): by_name[name] for name, p in model.named_parameters()}
     warmup_steps = head_warmup_steps(cfg, new_head, cfg.max_train_steps)
     warmup = HeadWarmup(model, new_head, warmup_steps) if warmup_steps else None
     if warmup:
         logger.info("Head-only warm-up: the first %d optimizer steps train only the new MLM head (%s); the encoder "
                     "is frozen meanwhile.", warmup_steps, ", ".join(new_head))
     built = objective.build(model, cfg, tokenizer)
+    # A new (random) head learns faster than the trained encoder, as stage 2's task head does, and so do the
+    # objective's new parameters; layer-wise decay slows the layers further from the head. By parameter
+    # identity: the objective may wrap the model.
+    new_rate = new_head_lr(cfg.learning_rate, cfg.new_head_learning_rate) / cfg.learning_rate
+    head_scale = new_rate if new_head else 1.0
+    scales = {}
+    if cfg.layerwise_lr_decay < 1 or head_scale != 1 or built.new_parameters:
+        by_name = learning_rate_scales(model, cfg.layerwise_lr_decay, head_scale)
+        scales = {id(p): by_name[name] for name, p in model.named_parameters()}
+        scales |= {id(p): new_rate for p in built.new_parameters}
     del model  # held by `built.model` where the objective keeps it
     task = Task(
         model=built.model,
@@ -271,7 +274,7 @@ def run_pretraining(cfg: PretrainConfig, accelerator) -> dict[str, Any]:
                                                 f"from scratch ({cfg.architecture}, {cfg.model_size or 'tiny'} size)"),
             "tokenizer": f"{len(tokenizer)} tokens" + (" (trained on this corpus)" if trained_tokenizer else ""),
             "sequence length": f"{max_seq_length} ({'line by line' if cfg.line_by_line else 'packed'})",
-            "masking": f"{cfg.mlm_probability:.0%}" + (" whole words" if cfg.whole_word_mask else ""),
+            objective.chosen_tokens: f"{cfg.mlm_probability:.0%}" + (" whole words" if cfg.whole_word_mask else ""),
             **({"head-only warm-up": f"{warmup_steps} steps"} if warmup else {}),
             **({"layer-wise decay": f"{cfg.layerwise_lr_decay:g}"} if cfg.layerwise_lr_decay < 1 else {}),
             **({"new head's learning rate": f"{head_scale * cfg.learning_rate:g}"} if new_head else {}),

@@ -39,7 +39,7 @@ def baseline_scores(train_texts: list[str], train_labels: list, eval_texts: list
                     seed: int) -> dict[str, float]:
     """Accuracy, macro-F1 and MCC of the baseline on the evaluation texts, computed once per process for the
     same inputs."""
-    key = hashlib.sha256(json.dumps([train_texts, list(map(str, train_labels)), eval_texts,
+    key = hashlib.sha256(json.dumps([list(train_texts), list(map(str, train_labels)), list(eval_texts),
                                      list(map(str, eval_labels)), seed]).encode()).hexdigest()
     if key not in _scores_by_inputs:
         if len(train_texts) > MAX_BASELINE_TRAIN_ROWS:
