@@ -56,7 +56,9 @@ golden: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-demo: data
+# Only what the demo reads (make data fetches every built-in).
+demo: install
+	$(PY) -m tlnlp.builtin fetch wiki-topics minilm-l6
 	$(PY) scripts/demo.py --output_dir runs/demo
 
 # The longer stage 1 at which the demo-size encoder beats its from-scratch twin (docs/stage1.md, "Stage 1 budget").

@@ -15,6 +15,8 @@ tlnlp-self-similar  the same with --unlabeled_selection similar (the unlabeled t
                ones); not in the default list.
 tlnlp-tapt     tlnlp with --continued_pretraining task: MiniLM continued on the set's training texts first,
                kept only if the gate finds it better (tlnlp.recipes.continued_pretraining).
+tlnlp-tapt-tsdae  the same with --continued_pretraining_objective tsdae (a denoising auto-encoder over
+               sentences instead of MLM); opt-in.
 tlnlp-tapt-self  both: continued pretraining, then self-training.
 tlnlp-dapt     --continued_pretraining on the set's unlabeled corpus (the one self-training reads); opt-in.
 tlnlp-search   tlnlp with --search_trials (Optuna TPE). The built-in sets have a validation split, and it
@@ -51,7 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 RECIPES = ("stock", "setfit", "tlnlp", "tlnlp-tapt", "tlnlp-self", "tlnlp-tapt-self", "tlnlp-search")
-OPT_IN_RECIPES = ("tlnlp-self-similar", "tlnlp-dapt")
+OPT_IN_RECIPES = ("tlnlp-self-similar", "tlnlp-tapt-tsdae", "tlnlp-dapt")
 # Unlabeled text for self-training: the same kind of text as each labeled set, never its test split.
 # The sentence sets pseudo-label sentences, the paragraph set paragraphs.
 UNLABELED = {"wiki-topics": "wiki-leads", "wiki-uncertainty": "wiki-lead-sentences",
@@ -115,6 +117,7 @@ def run(recipe: str, dataset: str, labels: int, seed: int, length: int, trials: 
     self_training = ["--unlabeled_dataset", UNLABELED[dataset], "--self_training_rounds", "1"]
     tapt = ["--continued_pretraining", "task"]
     extra = {"tlnlp": [], "tlnlp-self": self_training, "tlnlp-tapt": tapt, "tlnlp-tapt-self": tapt + self_training,
+             "tlnlp-tapt-tsdae": tapt + ["--continued_pretraining_objective", "tsdae"],
              "tlnlp-dapt": ["--continued_pretraining", UNLABELED[dataset]],
              "tlnlp-self-similar": self_training + ["--unlabeled_selection", "similar"],
              "tlnlp-search": ["--search_trials", str(trials), "--search_folds", str(folds)]}[recipe]

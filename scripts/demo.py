@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import shlex
 import subprocess
 import sys
@@ -37,8 +38,12 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LABELS = 1000
 SEED = 42
 TAPT_ARM = "MiniLM after stage 1 (continued on the task's texts)"
-FINETUNE = ["--max_seq_length", "64", "--num_train_epochs", "3", "--per_device_train_batch_size", "16",
-            "--pooling", "mean", "--logging_steps", "20"]
+EPOCHS, BATCH = 3, 16
+FINETUNE = ["--max_seq_length", "64", "--num_train_epochs", str(EPOCHS), "--per_device_train_batch_size", str(BATCH),
+            "--pooling", "mean", "--logging_steps", "20",
+            # Each model is validated once, after its last step, the model the demo tests (the last is kept):
+            # validating after every epoch too would add 40 s in fp32 and change no figure.
+            "--eval_steps", str(EPOCHS * math.ceil(LABELS / BATCH))]
 
 
 class Clock:
