@@ -85,6 +85,11 @@ def evaluate_mlm(accelerator, model, dataloader) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "masked_tokens": masked.item()}
 
 
+def feature_extraction_usage(name: str) -> str:
+    """The model card's example for an encoder saved without a head."""
+    return f'features = pipeline("feature-extraction", model="{name}")\nprint(len(features("Some text.")[0]))'
+
+
 class MaskedLanguageModelling(Objective):
     """BERT's objective: predict the masked tokens (80% [MASK], 10% random, 10% kept)."""
 
@@ -168,15 +173,16 @@ class ReplacedTokenDetectionObjective(Objective):
         return {k: results[f"eval_{k}"] for k in ("discriminator_accuracy", "replaced_recall", "generator_perplexity")}
 
     def card_usage(self, name: str) -> str:
-        return f'features = pipeline("feature-extraction", model="{name}")\nprint(len(features("Some text.")[0]))'
+        return feature_extraction_usage(name)
 
     def quality(self, results) -> str:
         return f"replaced-token detection accuracy {results['eval_discriminator_accuracy']:.3f}"
 
 
-class DenoisingAutoEncoderObjective(Objective):
+class DenoisingAutoEncoderObjective(MaskedLanguageModelling):
     """TSDAE (Wang et al. 2021): rebuild each text from the encoder's sentence vector of its tokens with most
-    deleted (`tlnlp.models.tsdae`). For continuing a sentence-embedding checkpoint on in-domain text."""
+    deleted (`tlnlp.models.tsdae`). For continuing a sentence-embedding checkpoint on in-domain text. Its
+    loss is evaluated and finished as MLM's: token-weighted cross-entropy, and its perplexity."""
 
     name = "tsdae"
     default_probability = 0.6  # the paper's deletion ratio
@@ -223,14 +229,11 @@ class DenoisingAutoEncoderObjective(Objective):
         summary = f"tsdae ({cfg.mlm_probability:.0%} of the tokens deleted, decoder tied to the encoder)"
         return Built(loss, evaluate_mlm, save, summary, new_parameters=loss.new_parameters)
 
-    def finish(self, results) -> None:
-        results["eval_perplexity"] = math.exp(min(results["eval_loss"], 50.0))
-
     def card_metrics(self, results) -> dict[str, float]:
         return {"reconstruction perplexity": results["eval_perplexity"], "loss": results["eval_loss"]}
 
     def card_usage(self, name: str) -> str:
-        return f'features = pipeline("feature-extraction", model="{name}")\nprint(len(features("Some text.")[0]))'
+        return feature_extraction_usage(name)
 
     def quality(self, results) -> str:
         return f"validation reconstruction perplexity {results['eval_perplexity']:.1f}"
