@@ -117,6 +117,18 @@ def stock_from(path: Path, labels: int) -> dict[tuple[str, int], float]:
     return scores
 
 
+def defaults_from(path: Path, report: dict) -> dict[tuple[str, int], dict]:
+    """(set, seed) -> a run of an earlier bench_defaults.py report whose candidate is today's defaults."""
+    earlier = json.loads(path.read_text())
+    same = ("labels", "encoder", "max_seq_length", "base")
+    if any(earlier.get(k, "") != report[k] for k in same):
+        found = {k: earlier.get(k, "") for k in same}
+        raise SystemExit(f"--default_scores {path} was made with {found}, this benchmark with "
+                         f"{ {k: report[k] for k in same} }: its runs are not this benchmark's defaults.")
+    return {(r["set"], r["seed"]): {**r, "arm": "default", "from": f"{path} ({earlier['candidate']})"}
+            for r in earlier["runs"] if r["arm"] == "candidate"}
+
+
 def scores_by_set(runs: list[dict], seeds: list[int]) -> dict[str, dict[str, list[float]]]:
     """Each set's scores per arm, in seed order, for the seeds where both default and candidate ran."""
     by = {(r["set"], r["seed"], r["arm"]): r["accuracy"] for r in runs}
@@ -200,6 +212,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stock_scores", metavar="JSON", help="Take the stock recipe's scores from this "
                         "bench_accuracy.py report where it has them for a set and seed (the same labels: both take "
                         "them with stratified_indices(labels, seed)), instead of running it again.")
+    parser.add_argument("--default_scores", metavar="JSON", help="Take the defaults' scores from the candidate "
+                        "arm of this earlier bench_defaults.py report, whose candidate has since become the default, "
+                        "instead of running them again. The first set and seed still runs, and the benchmark stops "
+                        "if its score differs: then the defaults have changed since that report.")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "defaults.json"))
     parser.add_argument("--table_only", action="store_true", help="Run nothing: print the table of --output as it "
                         "stands (a stopped or partial benchmark) and write it beside it as .md.")
@@ -231,6 +247,11 @@ def main(argv: list[str] | None = None) -> dict:
     earlier_stock = stock_from(Path(args.stock_scores), args.labels) if args.stock_scores else {}
     if earlier_stock:
         report["stock_scores_from"] = args.stock_scores
+    earlier_defaults = defaults_from(Path(args.default_scores), report) if args.default_scores else {}
+    if earlier_defaults:
+        report["default_scores_from"] = args.default_scores
+    # The first default run made here is compared with the reused score before any other is taken.
+    checked = not earlier_defaults or any(r.get("matches") for r in done.values())
     arms = ("default", "candidate") + (() if args.no_stock else ("stock",))
     with tempfile.TemporaryDirectory() as scratch:
         # Seed by seed over every set: a stopped run has a first verdict over all the sets soonest.
@@ -242,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
                 for arm in arms:
                     if (name, seed, arm) in done:
                         result = done[(name, seed, arm)]
+                    elif arm == "default" and checked and (name, seed) in earlier_defaults:
+                        result = earlier_defaults[(name, seed)]
                     elif arm == "stock" and (name, seed) in earlier_stock:
                         result = {"set": name, "seed": seed, "arm": arm, "accuracy": earlier_stock[(name, seed)],
                                   "from": args.stock_scores}
@@ -251,6 +274,15 @@ def main(argv: list[str] | None = None) -> dict:
                                tlnlp_run(files, args.model, seed, args.max_seq_length,
                                          base + (candidate if arm == "candidate" else [])))
                         result = {"set": name, "seed": seed, "arm": arm, **run}
+                        if arm == "default" and not checked and (name, seed) in earlier_defaults:
+                            reused = earlier_defaults[(name, seed)]["accuracy"]
+                            if abs(reused - result["accuracy"]) > 5e-4:
+                                raise SystemExit(
+                                    f"The defaults scored {result['accuracy']:.4f} on {name}, seed {seed}, where "
+                                    f"{args.default_scores} has {reused:.4f}: the defaults have changed since that "
+                                    "report (or this CPU computes other floats). Run without --default_scores.")
+                            result["matches"] = args.default_scores
+                            checked = True
                         took = f"{result['wall_time_s']:.0f} s" if "wall_time_s" in result else f"from {result['from']}"
                         print(f"{name:17} seed {seed} {arm:9}: {result['accuracy']:.4f} ({took})", flush=True)
                     report["runs"].append(result)

@@ -279,3 +279,29 @@ def test_a_candidate_that_loses_on_one_set_is_not_adoptable():
     decision = bench.verdict(carried)
     assert decision["mean_difference"] > 0 and decision["holds_without"]["a"] is False
     assert not decision["adoptable"]
+
+
+def test_defaults_reused_from_an_earlier_report_are_checked_on_the_first_set_first(tiny_mlm_dir, tmp_path):
+    bench = load_benchmark("bench_defaults")
+    sets = ",".join(str(tiny_set(tmp_path / name, seed)) for name, seed in (("set-a", 1), ("set-b", 2)))
+    common = ["--sets", sets, "--seeds", "42", "--labels", "60", "--max_seq_length", "32", "--model",
+              str(tiny_mlm_dir), "--no_stock"]
+    # An earlier benchmark whose candidate has since become the default (here: the default's own value).
+    earlier = tmp_path / "earlier.json"
+    bench.main(["--candidate", "--min_train_steps 100", *common, "--output", str(earlier)])
+    later = bench.main(["--candidate", "--min_train_steps 0", *common, "--default_scores", str(earlier),
+                        "--output", str(tmp_path / "later.json")])
+    defaults = {r["set"]: r for r in later["runs"] if r["arm"] == "default"}
+    assert defaults["set-a"]["matches"] == str(earlier) and defaults["set-a"]["wall_time_s"] > 0  # run here
+    assert "from" not in defaults["set-a"] and defaults["set-b"]["from"].startswith(str(earlier))  # not rerun
+    reused = [r for r in json.loads(earlier.read_text())["runs"] if r["arm"] == "candidate"]
+    assert [defaults[r["set"]]["accuracy"] for r in reused] == [r["accuracy"] for r in reused]
+    # A report whose defaults no longer match what the first set scores stops the benchmark before more runs.
+    changed = json.loads(earlier.read_text())
+    for run in changed["runs"]:
+        run["accuracy"] = round(1.0 - run["accuracy"] / 2, 4) if run["arm"] == "candidate" else run["accuracy"]
+    earlier.write_text(json.dumps(changed))
+    with pytest.raises(SystemExit, match="the defaults have changed since that report"):
+        bench.main(["--candidate", "--min_train_steps 0", *common, "--default_scores", str(earlier),
+                    "--output", str(tmp_path / "refused.json")])
+    assert not (tmp_path / "refused.json").with_suffix(".md").exists()
