@@ -270,6 +270,11 @@ def test_deepspeed_zero2_follows_the_flags_and_saves_a_loadable_model(tiny_mlm_d
         use_cpu=False)
     assert refused.returncode != 0 and "--unfreeze_schedule does not work under DeepSpeed" in refused.stderr
     assert not (tmp_path / "refused" / "model.safetensors").exists()
+    averaged = run_engine("deepspeed_zero2.yaml", "finetune_cls.py", finetune_args(
+        tiny_mlm_dir, labeled_files, tmp_path / "averaged", "--average_last_epochs", "1"), "deepspeed_on_cpu.py",
+        use_cpu=False)
+    assert averaged.returncode != 0 and "--average_last_epochs is not supported under DeepSpeed" in averaged.stderr
+    assert not (tmp_path / "averaged" / "model.safetensors").exists()
 
 
 def test_deepspeed_config_takes_the_flags_or_refuses_a_conflict(tmp_path):

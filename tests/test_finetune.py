@@ -559,3 +559,37 @@ def test_a_small_training_set_trains_whole_epochs_up_to_the_minimum_steps(tiny_m
     capped = run_main(ft_args(tiny_mlm_dir, labeled_files, tmp_path / "capped", cache_dir, "--max_train_steps", "20",
                               "--min_train_steps", "50"))
     assert capped["optimizer_steps"] == 20
+
+
+def test_averaging_the_last_epoch_saves_the_mean_of_its_steps_and_resumes_to_the_same_model(
+        tiny_mlm_dir, labeled_files, tmp_path, cache_dir):
+    # 180 rows at batch 16: 12 steps an epoch; 2 epochs, the second averaged (steps 13 to 24).
+    args = ["--num_train_epochs", "2", "--average_last_epochs", "1", "--checkpointing_steps", "1"]
+    out = tmp_path / "model"
+    results = run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, *args))
+    assert results["optimizer_steps"] == 24 and results["averaged_steps"] == 12
+    saved = load_file(out / "model.safetensors")
+    steps = [load_file(out / "checkpoints" / f"step_{step:08d}" / "model.safetensors") for step in range(13, 25)]
+    compared = [name for name in saved if name in steps[0]]
+    assert len(compared) > 10
+    for name in compared:
+        mean = torch.stack([step[name].float() for step in steps]).mean(0)
+        assert torch.allclose(saved[name].float(), mean, atol=1e-6), name
+    assert any(not torch.equal(saved[name], steps[-1][name]) for name in compared)  # not the last step's weights
+    history = json.loads((out / "eval_history.json").read_text())
+    assert [h["step"] for h in history] == [12, 24] and history[-1]["averaged_steps"] == 12
+    assert results["eval_accuracy"] == history[-1]["accuracy"]  # the averaged model is the one reported
+    # A resume inside the averaging window picks the running mean up from the checkpoint: the same model.
+    resumed = run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, *args, "--resume_from_checkpoint",
+                               str(out / "checkpoints" / "step_00000018")))
+    assert resumed["averaged_steps"] == 12
+    again = load_file(out / "model.safetensors")
+    assert all(torch.equal(saved[name], again[name]) for name in saved)
+
+
+def test_averaging_and_restoring_the_best_model_are_refused_together(tiny_mlm_dir, labeled_files, tmp_path, cache_dir):
+    out = tmp_path / "model"
+    for extra in (["--restore_best_model", "true"], ["--early_stopping_patience", "2"]):
+        with pytest.raises(UserInputError, match="choose one"):
+            run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--average_last_epochs", "1", *extra))
+    assert not out.exists()

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from accelerate import Accelerator
 
@@ -20,6 +21,7 @@ CHECKPOINTS = "checkpoints"
 BEST = "best"
 STATE_FILE = "trainer_state.json"
 STREAM_STATE = "stream_state_{rank}.json"
+AVERAGE_STATE = "weight_average_{rank}.safetensors"
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -78,7 +80,8 @@ class Checkpoints:
     def __init__(self, accelerator: Accelerator, output_dir: Path, limit: int | None):
         self.accelerator, self.folder, self.limit = accelerator, output_dir / CHECKPOINTS, limit
 
-    def save(self, step: int, state: dict, stream_state: dict | None = None) -> None:
+    def save(self, step: int, state: dict, stream_state: dict | None = None,
+             average: dict[str, torch.Tensor] | None = None) -> None:
         final = self.folder / f"step_{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
         if self.accelerator.is_main_process:
@@ -88,6 +91,10 @@ class Checkpoints:
         if stream_state is not None:  # each process's position in its share of the stream
             tmp.mkdir(parents=True, exist_ok=True)
             (tmp / STREAM_STATE.format(rank=self.accelerator.process_index)).write_text(json.dumps(stream_state))
+        if average is not None:  # each process's running mean of the weights (--average_last_epochs)
+            tmp.mkdir(parents=True, exist_ok=True)
+            safetensors.torch.save_file({k: v.cpu() for k, v in average.items()},
+                                        str(tmp / AVERAGE_STATE.format(rank=self.accelerator.process_index)))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # written last: marks the save complete

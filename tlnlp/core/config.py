@@ -377,6 +377,12 @@ class Stage2Config(TrainingConfig):
         "are about 40 steps at batch 16, too few for a new head to leave a constant classifier "
         "(BENCHMARKS.md, 'A floor under the training length on small sets').", MIN_TRAIN_STEPS
     )
+    average_last_epochs: float = _help(
+        "End with the average of the weights after every optimizer step of the last N epochs (tail averaging), "
+        "not the last step's weights: the average lands less on where the last batches happened to push the "
+        "model (0: off). Works in one process and under DDP; not with --restore_best_model true or "
+        "--early_stopping_patience, which pick one evaluated model instead.", 0.0
+    )
 
     pseudo_labeled_file: str | None = _help(
         "Extra training rows whose labels a model predicted (self-training writes these): counted apart in "
@@ -396,6 +402,14 @@ class Stage2Config(TrainingConfig):
         if self.early_stopping_patience is not None and self.early_stopping_patience <= 0:
             raise UserInputError(
                 f"--early_stopping_patience must be greater than 0, got {self.early_stopping_patience}."
+            )
+        if self.average_last_epochs < 0:
+            raise UserInputError(f"--average_last_epochs must be 0 or more, got {self.average_last_epochs:g}.")
+        if self.average_last_epochs and self.restores_best_epoch:
+            raise UserInputError(
+                f"--average_last_epochs {self.average_last_epochs:g} ends with the average of the last epochs' "
+                "weights, --restore_best_model (or --early_stopping_patience, which turns it on) with one evaluated "
+                "model: choose one. Drop --average_last_epochs, or pass --restore_best_model false."
             )
         if self.max_train_samples is not None and self.max_train_samples <= 0:
             raise UserInputError(f"--max_train_samples must be greater than 0, got {self.max_train_samples}.")

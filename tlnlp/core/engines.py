@@ -99,6 +99,12 @@ def check_engine(cfg: TrainingConfig, accelerator: Accelerator) -> None:
             "tlnlp runs FSDP as FSDP2 (PyTorch's fully_shard), which Accelerate recommends; this config asks for "
             "fsdp_version 1. Set fsdp_version: 2 in the Accelerate config (see configs/accelerate/fsdp.yaml)."
         )
+    if (uses_deepspeed(accelerator) or uses_fsdp(accelerator)) and getattr(cfg, "average_last_epochs", 0):
+        raise UserInputError(
+            f"--average_last_epochs is not supported under {'DeepSpeed' if uses_deepspeed(accelerator) else 'FSDP'}: "
+            "the engine shards the weights (or keeps them in low precision) where the average would be taken. "
+            "Use DDP (configs/accelerate/ddp_gpus.yaml) or one process, or drop --average_last_epochs."
+        )
     if uses_fsdp(accelerator) and getattr(cfg, "cache_frozen_features", False):
         raise UserInputError(
             "--cache_frozen_features does not work under FSDP: the cached features bypass the sharded embedding "

@@ -26,7 +26,16 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from tlnlp.core import engines
-from tlnlp.core.checkpoints import BEST, CHECKPOINTS, STATE_FILE, STREAM_STATE, Checkpoints, latest_checkpoint, load_checkpoint
+from tlnlp.core.checkpoints import (
+    AVERAGE_STATE,
+    BEST,
+    CHECKPOINTS,
+    STATE_FILE,
+    STREAM_STATE,
+    Checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+)
 from tlnlp.core.config import TrainingConfig, config_to_dict
 from tlnlp.core.errors import TrainingError, UserInputError
 from tlnlp.core.files import EVAL_HISTORY_FILE
@@ -58,6 +67,9 @@ class Task:
     # Fewer optimizer steps than this from --num_train_epochs: train whole epochs until there are this many.
     # Ignored with --max_train_steps, which the user set on purpose.
     min_train_steps: int = 0
+    # End with the mean of the weights after each optimizer step of the last this-many epochs (0: the last
+    # step's weights). Stage 2's --average_last_epochs.
+    average_last_epochs: float = 0.0
     before_optimizer_step: Callable[[int, int], None] | None = None  # (completed_steps, epoch)
     # Applied to each training batch inside the loop, on the CPU, before it moves to the device. Random
     # work (MLM masking) belongs here, not in the collator: the data loader prefetches a batch ahead, so
@@ -169,6 +181,13 @@ class Trainer:
         self.state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "best_metric": None,
                       "best_step": None, "evals_without_improvement": 0, "history": [], "units_seen": 0,
                       "train_loss_sum": 0.0, "train_loss_count": 0}
+        # Tail averaging: the weights after every optimizer step past `average_from` are averaged, in fp32, on
+        # each process (DDP keeps the same weights everywhere; the engines that shard them are refused).
+        self.average_from, self.average = None, None
+        if task.average_last_epochs and self.steps_per_epoch:
+            self.average_from = max(0, self.max_steps - math.ceil(task.average_last_epochs * self.steps_per_epoch))
+            self.averaged_params = [p for p in self.model.parameters() if p.requires_grad]
+            self.state["averaged_steps"] = 0
         self.checkpoints = Checkpoints(accelerator, self.output_dir, cfg.save_total_limit)
         self.best_file = self.output_dir / CHECKPOINTS / BEST / "model.safetensors"
         self.restore_best = task.restore_best
@@ -206,7 +225,11 @@ class Trainer:
         self.progress.close()
         if self.window["micro"]:
             self._log_window()
-        if not self.state["history"] or self.state["history"][-1]["step"] != self.state["completed_steps"]:
+        if self.average is not None:
+            self._use_average()
+            self._evaluate_and_track()
+            self.state["history"][-1]["averaged_steps"] = self.state["averaged_steps"]
+        elif not self.state["history"] or self.state["history"][-1]["step"] != self.state["completed_steps"]:
             self._evaluate_and_track()  # the final model, if its step was not evaluated yet
         self._restore_best()
         results = self._results()
@@ -288,6 +311,8 @@ class Trainer:
             self.scheduler.step()
         state["completed_steps"] += 1
         self.device_step += 1
+        if self.average_from is not None and state["completed_steps"] > self.average_from:
+            self._add_to_average()
         if self.first_step_seconds is None:
             if self.accelerator.device.type == "cuda":
                 torch.cuda.synchronize()  # once: the first step's kernels, compilation included, have finished
@@ -302,6 +327,23 @@ class Trainer:
             self._evaluate_and_track()
         if cfg.checkpoint_every and self.keeps_checkpoints and step % cfg.checkpoint_every == 0:
             self._save_checkpoint()
+
+    def _add_to_average(self) -> None:
+        """One more step in the running mean of the weights (tail averaging)."""
+        self.state["averaged_steps"] += 1
+        weights = [p.detach().float() for p in self.averaged_params]
+        if self.average is None:
+            self.average = [w.clone() for w in weights]
+        else:
+            torch._foreach_lerp_(self.average, weights, 1.0 / self.state["averaged_steps"])
+
+    def _use_average(self) -> None:
+        """Put the averaged weights into the model, which the run then evaluates and saves."""
+        with torch.no_grad():
+            for param, mean in zip(self.averaged_params, self.average):
+                param.copy_(mean)
+        logger.info("The model is the average of the weights after the last %d optimizer steps "
+                    "(--average_last_epochs %g).", self.state["averaged_steps"], self.task.average_last_epochs)
 
     def _should_stop(self) -> bool:
         """The one place the run decides to stop: the step limit, or early stopping's patience spent. Both
@@ -333,7 +375,8 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         self._stop_if_loss_was_not_finite()  # never checkpoint weights a non-finite loss has touched
         self.checkpoints.save(self.state["completed_steps"], self.state,
-                              self.train_dl.state_dict() if self.streamed else None)
+                              self.train_dl.state_dict() if self.streamed else None,
+                              {str(i): mean for i, mean in enumerate(self.average)} if self.average else None)
 
     # -- evaluation and the best model ---------------------------------------------------------------
 
@@ -422,7 +465,17 @@ class Trainer:
         path = latest_checkpoint(self.output_dir) if cfg.resume_from_checkpoint == "latest" else Path(
             cfg.resume_from_checkpoint)
         load_checkpoint(self.accelerator, path)
-        self.state.update(json.loads((path / STATE_FILE).read_text()))
+        saved = json.loads((path / STATE_FILE).read_text())
+        self.state.update(saved)
+        if self.average_from is not None and self.state["completed_steps"] > self.average_from:
+            average_file = path / AVERAGE_STATE.format(rank=self.accelerator.process_index)
+            if "averaged_steps" not in saved or not average_file.exists():
+                raise UserInputError(f"{path} holds no weight average ({average_file.name}), though its step "
+                                     f"{self.state['completed_steps']} is inside the --average_last_epochs window: it "
+                                     "was written without --average_last_epochs or with other launch settings. "
+                                     "Resume with the settings it was written with, or start afresh.")
+            average = safetensors.torch.load_file(str(average_file), device=str(self.accelerator.device))
+            self.average = [average[str(i)] for i in range(len(self.averaged_params))]
         if self.streamed:
             stream_file = path / STREAM_STATE.format(rank=self.accelerator.process_index)
             if not stream_file.exists():
@@ -469,7 +522,7 @@ class Trainer:
         unit = self.task.count_unit
         results = {
             "train_loss": state["train_loss_sum"] / max(state["train_loss_count"], 1),
-            **{f"eval_{k}": v for k, v in final.items() if k not in ("step", "epoch")},
+            **{f"eval_{k}": v for k, v in final.items() if k not in ("step", "epoch", "averaged_steps")},
             "optimizer_steps": state["completed_steps"],
             "epochs": round(state["completed_steps"] / self.steps_per_epoch, 3) if self.steps_per_epoch else None,
             f"train_{unit}": state["units_seen"],
@@ -479,6 +532,7 @@ class Trainer:
             "mixed_precision": self.accelerator.mixed_precision,
             "global_batch_size": self.global_batch,
             "best_step": state["best_step"],
+            **({"averaged_steps": state["averaged_steps"]} if self.average is not None else {}),
             "time_to_first_step_s": self.first_step_seconds,
             "data_wait_s": self.data_wait_seconds,
             **device_figures(self.accelerator.device, self.cfg.torch_compile),

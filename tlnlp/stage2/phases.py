@@ -331,6 +331,7 @@ def fit(cfg: Stage2Config, accelerator, classifier: Classifier, data: LabeledDat
         restore_best=restore_best,
         early_stopping_patience=cfg.early_stopping_patience,
         min_train_steps=cfg.min_train_steps,
+        average_last_epochs=cfg.average_last_epochs,
         before_optimizer_step=classifier.unfreeze,
         summary={"task": f"{task_type} ({len(names)} labels)" if task_type != "regression" else "regression",
                  "start": classifier.report.source, "sequence length": classifier.max_seq_length},
