@@ -593,3 +593,22 @@ def test_averaging_and_restoring_the_best_model_are_refused_together(tiny_mlm_di
         with pytest.raises(UserInputError, match="choose one"):
             run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--average_last_epochs", "1", *extra))
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_averaging_under_two_processes_is_the_mean_of_the_steps_both_ranks_took(tiny_mlm_dir, labeled_files, tmp_path,
+                                                                                cache_dir):
+    # 180 rows over 2 processes in batches of 8: 12 steps an epoch; the second epoch's 12 steps are averaged.
+    out = tmp_path / "model"
+    args = [*ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--num_train_epochs", "2", "--average_last_epochs",
+                     "1", "--checkpointing_steps", "1", "--per_device_train_batch_size", "8")]
+    done = run_script("finetune_cls.py", args, processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["num_processes"] == 2 and results["averaged_steps"] == 12
+    saved = load_file(out / "model.safetensors")
+    steps = [load_file(out / "checkpoints" / f"step_{step:08d}" / "model.safetensors") for step in range(13, 25)]
+    compared = [name for name in saved if name in steps[0]]
+    assert len(compared) > 10
+    for name in compared:
+        assert torch.allclose(saved[name].float(), torch.stack([s[name].float() for s in steps]).mean(0), atol=1e-6)
