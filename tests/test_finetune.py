@@ -561,6 +561,19 @@ def test_a_small_training_set_trains_whole_epochs_up_to_the_minimum_steps(tiny_m
     assert capped["optimizer_steps"] == 20
 
 
+def assert_the_model_is_the_mean_of_checkpoints(out, steps) -> dict:
+    """The saved model's weights are the mean of those in the checkpoints of `steps`, not the last step's."""
+    saved = load_file(out / "model.safetensors")
+    checkpoints = [load_file(out / "checkpoints" / f"step_{step:08d}" / "model.safetensors") for step in steps]
+    compared = [name for name in saved if name in checkpoints[0]]
+    assert len(compared) > 10
+    for name in compared:
+        mean = torch.stack([checkpoint[name].float() for checkpoint in checkpoints]).mean(0)
+        assert torch.allclose(saved[name].float(), mean, atol=1e-6), name
+    assert any(not torch.equal(saved[name], checkpoints[-1][name]) for name in compared)
+    return saved
+
+
 def test_averaging_the_last_epoch_saves_the_mean_of_its_steps_and_resumes_to_the_same_model(
         tiny_mlm_dir, labeled_files, tmp_path, cache_dir):
     # 180 rows at batch 16: 12 steps an epoch; 2 epochs, the second averaged (steps 13 to 24).
@@ -568,14 +581,7 @@ def test_averaging_the_last_epoch_saves_the_mean_of_its_steps_and_resumes_to_the
     out = tmp_path / "model"
     results = run_main(ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, *args))
     assert results["optimizer_steps"] == 24 and results["averaged_steps"] == 12
-    saved = load_file(out / "model.safetensors")
-    steps = [load_file(out / "checkpoints" / f"step_{step:08d}" / "model.safetensors") for step in range(13, 25)]
-    compared = [name for name in saved if name in steps[0]]
-    assert len(compared) > 10
-    for name in compared:
-        mean = torch.stack([step[name].float() for step in steps]).mean(0)
-        assert torch.allclose(saved[name].float(), mean, atol=1e-6), name
-    assert any(not torch.equal(saved[name], steps[-1][name]) for name in compared)  # not the last step's weights
+    saved = assert_the_model_is_the_mean_of_checkpoints(out, range(13, 25))
     history = json.loads((out / "eval_history.json").read_text())
     assert [h["step"] for h in history] == [12, 24] and history[-1]["averaged_steps"] == 12
     assert results["eval_accuracy"] == history[-1]["accuracy"]  # the averaged model is the one reported
@@ -606,9 +612,4 @@ def test_averaging_under_two_processes_is_the_mean_of_the_steps_both_ranks_took(
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "all_results.json").read_text())
     assert results["num_processes"] == 2 and results["averaged_steps"] == 12
-    saved = load_file(out / "model.safetensors")
-    steps = [load_file(out / "checkpoints" / f"step_{step:08d}" / "model.safetensors") for step in range(13, 25)]
-    compared = [name for name in saved if name in steps[0]]
-    assert len(compared) > 10
-    for name in compared:
-        assert torch.allclose(saved[name].float(), torch.stack([s[name].float() for s in steps]).mean(0), atol=1e-6)
+    assert_the_model_is_the_mean_of_checkpoints(out, range(13, 25))
