@@ -65,8 +65,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(objective, corpus
 
     original_save = tlnlp.core.checkpoints.Checkpoints.save
 
-    def save_then_die(self, step, state, stream_state=None):
-        original_save(self, step, state, stream_state)
+    def save_then_die(self, step, *args):
+        original_save(self, step, *args)
         if step == 8:
             raise KeyboardInterrupt("simulated kill after the step-8 checkpoint")
 
