@@ -44,9 +44,10 @@ test: data
 
 # Everything, as CI runs it: adds two "nodes" on one machine, FSDP2 and DeepSpeed ZeRO-2 on 2 CPU processes,
 # a rank killed mid-run, torch.compile, the dry GPU check from the offline bundle, and the GPU node's library
-# versions in an environment of their own (about 12 more minutes).
+# versions in an environment of their own (about 18 more minutes). The slowest tests are listed at the end, to
+# keep the whole under CI's 30 minutes.
 test-all: data deepspeed gpu-bundle-local
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Fixed-seed tiny runs of every stage and recipe, hashed against tests/golden.json (about 1 minute): run
 # before and after a restructuring; `--record` in place of `--check` writes a new baseline.
