@@ -67,6 +67,28 @@ def test_the_decoder_is_tied_to_the_encoder_causal_and_fed_only_the_sentence_vec
     assert torch.isclose(out.example_loss_sum.sum() / out.example_masked.sum(), out.loss)
 
 
+def test_the_head_runs_on_counted_positions_only_and_gives_the_full_decoders_loss(tiny_tokenizer):
+    torch.manual_seed(0)
+    loss = DenoisingAutoEncoderLoss(BertForMaskedLM(tiny_bert_config(len(tiny_tokenizer)))).eval()
+    batch = masked_batch(tiny_tokenizer)
+    batch["attention_mask"][1:, 8:] = 0  # padding: three texts of 8 tokens beside one of 12
+    batch["labels"][batch["attention_mask"] == 0] = -100
+    seen = []
+    hook = loss.decoder.cls.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    out = loss(**batch)
+    hook.remove()
+    assert seen == [11 + 3 * 7]  # the head's rows: each text's predicted tokens, no padding, no last position
+    # The same loss from the decoder's logits at every position, selected afterwards.
+    original = torch.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
+    vector = loss.sentence_vectors(batch["input_ids"], batch["attention_mask"].bool() & (batch["labels"] == -100))
+    logits = loss.decoder(input_ids=original, attention_mask=batch["attention_mask"],
+                          encoder_hidden_states=vector.unsqueeze(1)).logits
+    selected = batch["attention_mask"][:, 1:].bool()
+    full = torch.nn.functional.cross_entropy(logits[:, :-1][selected], original[:, 1:][selected])
+    assert torch.allclose(out.loss, full, atol=1e-6)
+    assert out.example_masked.tolist() == [11, 7, 7, 7]
+
+
 def test_tsdae_stage1_saves_an_encoder_that_stage2_loads(tmp_path, headless_dir, corpus_file, cache_dir):
     out = tmp_path / "tsdae"
     results = pretrain_main(parse_config(PretrainConfig, [

@@ -298,6 +298,24 @@ class MaskedLMLossOutput(ModelOutput):
     example_masked: torch.Tensor | None = None
 
 
+def lm_head_names(model: PreTrainedModel) -> tuple[str, ...] | None:
+    """The names of a language model's prediction-head modules, in the order they apply (None: not known, so
+    the caller computes the model's full logits). They are looked up by name, not stored: a second reference
+    would duplicate them in the state dict. BERT and RoBERTa have one head module (`cls`, `lm_head`, masked or
+    causal alike); ModernBERT a transform then a decoder."""
+    return next(
+        (names for names in (("cls",), ("lm_head",), ("head", "decoder")) if all(hasattr(model, n) for n in names)),
+        None,
+    )
+
+
+def apply_lm_head(model: PreTrainedModel, head_names: tuple[str, ...], hidden: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits of `hidden` states through `model`'s head modules (`lm_head_names`)."""
+    for name in head_names:
+        hidden = getattr(model, name)(hidden)
+    return hidden
+
+
 class MaskedLMLoss(nn.Module):
     """Wraps a stock `*ForMaskedLM` model; its forward returns the MLM loss.
 
@@ -313,12 +331,7 @@ class MaskedLMLoss(nn.Module):
     def __init__(self, mlm: PreTrainedModel, sparse: bool = True, fixed_slots_for: float | None = None):
         super().__init__()
         self.mlm = mlm
-        # The head's modules are looked up by name, not stored: a second reference would duplicate them in
-        # the state dict. BERT and RoBERTa have one head module; ModernBERT a transform then a decoder.
-        self.head_names = next(
-            (names for names in (("cls",), ("lm_head",), ("head", "decoder")) if all(hasattr(mlm, n) for n in names)),
-            None,
-        )
+        self.head_names = lm_head_names(mlm)
         self.sparse = sparse and self.head_names is not None
         # Under torch.compile, boolean indexing (a data-dependent shape) breaks the graph. With the masking
         # rate given here, the sparse head gathers a fixed number of positions per sequence instead (BERT's
@@ -329,10 +342,7 @@ class MaskedLMLoss(nn.Module):
         """Vocabulary logits at the `selected` (flattened) positions: (number selected, vocabulary)."""
         if self.sparse:
             hidden = self.mlm.base_model(**inputs).last_hidden_state
-            logits = hidden.reshape(-1, hidden.size(-1))[selected]
-            for name in self.head_names:
-                logits = getattr(self.mlm, name)(logits)
-            return logits
+            return apply_lm_head(self.mlm, self.head_names, hidden.reshape(-1, hidden.size(-1))[selected])
         return self.mlm(**inputs).logits.view(-1, self.mlm.config.vocab_size)[selected]
 
     def forward(self, input_ids, labels, attention_mask=None, token_type_ids=None, **_unused) -> MaskedLMLossOutput:
@@ -361,8 +371,7 @@ class MaskedLMLoss(nn.Module):
         positions = order.topk(slots, dim=1).indices
         hidden = self.mlm.base_model(**inputs).last_hidden_state
         logits = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
-        for name in self.head_names:
-            logits = getattr(self.mlm, name)(logits)
+        logits = apply_lm_head(self.mlm, self.head_names, logits)
         slot_labels = labels.gather(1, positions)
         token_loss = F.cross_entropy(logits.float().transpose(1, 2), slot_labels, reduction="none")  # 0 where -100
         counted = (slot_labels != -100).sum(1)

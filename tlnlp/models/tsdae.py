@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from tlnlp.core.errors import UserInputError
-from tlnlp.models.modeling import MaskedLMLossOutput, per_example_sums
+from tlnlp.models.modeling import MaskedLMLossOutput, apply_lm_head, lm_head_names, per_example_sums
 
 
 def tied_decoder(mlm: PreTrainedModel) -> tuple[PreTrainedModel, list[nn.Parameter]]:
@@ -56,6 +56,7 @@ class DenoisingAutoEncoderLoss(nn.Module):
         super().__init__()
         self.mlm = mlm  # its base model is the encoder; its head is shared with the decoder's
         self.decoder, self.new_parameters = tied_decoder(mlm)
+        self.head_names = lm_head_names(self.decoder)
 
     def sentence_vectors(self, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Mean-pooled encoder states of each text with only its `keep` tokens, packed to the left."""
@@ -67,18 +68,28 @@ class DenoisingAutoEncoderLoss(nn.Module):
         weights = noisy_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
+    def counted_logits(self, original, attention_mask, sentence, selected) -> torch.Tensor:
+        """The decoder's vocabulary logits at the `selected` positions (of the first length - 1, flattened).
+        The head runs on those rows only, as MLM's sparse head does: the vocabulary projection is most of a
+        small decoder's work, and padding rows and the last position would be computed only to be dropped."""
+        inputs = {"input_ids": original, "attention_mask": attention_mask,
+                  "encoder_hidden_states": sentence.unsqueeze(1)}
+        if self.head_names is None:
+            logits = self.decoder(**inputs).logits
+            return logits[:, :-1].reshape(-1, logits.size(-1))[selected]
+        hidden = self.decoder.base_model(**inputs).last_hidden_state
+        return apply_lm_head(self.decoder, self.head_names, hidden[:, :-1].reshape(-1, hidden.size(-1))[selected])
+
     def forward(self, input_ids, labels, attention_mask=None, **_unused) -> MaskedLMLossOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         deleted = labels != -100
         original = torch.where(deleted, labels, input_ids)
         sentence = self.sentence_vectors(input_ids, attention_mask.bool() & ~deleted)
-        logits = self.decoder(input_ids=original, attention_mask=attention_mask,
-                              encoder_hidden_states=sentence.unsqueeze(1)).logits
         # Teacher forcing: position t predicts token t + 1 of the original text, padding excluded.
         selected = attention_mask[:, 1:].bool().reshape(-1)
         targets = original[:, 1:].reshape(-1)[selected]
-        token_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1))[selected].float(), targets,
-                                     reduction="none")
+        logits = self.counted_logits(original, attention_mask, sentence, selected)
+        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
         loss_sum, counted = per_example_sums(token_loss, selected, original[:, 1:].shape)
         return MaskedLMLossOutput(loss=token_loss.mean(), example_loss_sum=loss_sum, example_masked=counted)
