@@ -70,8 +70,8 @@ class DenoisingAutoEncoderLoss(nn.Module):
 
     def counted_logits(self, original, attention_mask, sentence, selected) -> torch.Tensor:
         """The decoder's vocabulary logits at the `selected` positions (of the first length - 1, flattened).
-        The head runs on those rows only, as MLM's sparse head does: the vocabulary projection is most of a
-        small decoder's work, and padding rows and the last position would be computed only to be dropped."""
+        The head runs on those rows only, as MLM's sparse head does: its vocabulary projection is about half
+        a small decoder's work, and padding rows and the last position would be computed only to be dropped."""
         inputs = {"input_ids": original, "attention_mask": attention_mask,
                   "encoder_hidden_states": sentence.unsqueeze(1)}
         if self.head_names is None:
