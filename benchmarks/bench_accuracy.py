@@ -57,7 +57,9 @@ OPT_IN_RECIPES = ("tlnlp-self-similar", "tlnlp-tapt-tsdae", "tlnlp-dapt")
 # Unlabeled text for self-training: the same kind of text as each labeled set, never its test split.
 # The sentence sets pseudo-label sentences, the paragraph set paragraphs.
 UNLABELED = {"wiki-topics": "wiki-leads", "wiki-uncertainty": "wiki-lead-sentences",
-             "movie-sentences": "movie-review-sentences", "speech-eras": "speech-passages"}
+             "movie-sentences": "movie-review-sentences", "speech-eras": "speech-passages",
+             "brown-genres": "brown-passages"}
+NEEDS_UNLABELED = ("tlnlp-self", "tlnlp-tapt-self", "tlnlp-dapt", "tlnlp-self-similar")
 
 
 def tlnlp_run(dataset: str, labels: int, seed: int, length: int, extra: list[str], keep: Path | None = None) -> float:
@@ -114,11 +116,12 @@ def run(recipe: str, dataset: str, labels: int, seed: int, length: int, trials: 
         except ImportError:
             return None
         return setfit_run(dataset, labels, seed, length)
-    self_training = ["--unlabeled_dataset", UNLABELED[dataset], "--self_training_rounds", "1"]
+    unlabeled = UNLABELED.get(dataset, "")  # main refused a set without it for the recipes that read it
+    self_training = ["--unlabeled_dataset", unlabeled, "--self_training_rounds", "1"]
     tapt = ["--continued_pretraining", "task"]
     extra = {"tlnlp": [], "tlnlp-self": self_training, "tlnlp-tapt": tapt, "tlnlp-tapt-self": tapt + self_training,
              "tlnlp-tapt-tsdae": tapt + ["--continued_pretraining_objective", "tsdae"],
-             "tlnlp-dapt": ["--continued_pretraining", UNLABELED[dataset]],
+             "tlnlp-dapt": ["--continued_pretraining", unlabeled],
              "tlnlp-self-similar": self_training + ["--unlabeled_selection", "similar"],
              "tlnlp-search": ["--search_trials", str(trials), "--search_folds", str(folds)]}[recipe]
     keep = Path(keep_runs) / dataset / recipe / f"seed{seed}" if keep_runs else None
@@ -150,6 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
         write(report, Path(args.output))
         print(markdown(report))
         return report
+    missing = [f"{recipe} on {dataset}" for dataset in args.sets.split(",") for recipe in args.recipes.split(",")
+               if recipe in NEEDS_UNLABELED and dataset not in UNLABELED]
+    if missing:
+        parser.error(f"{', '.join(missing)}: these recipes read an unlabeled corpus of the set's kind, and the set has "
+                     f"none built in (sets with one: {', '.join(UNLABELED)}). Drop those recipes or sets.")
     seeds = [int(s) for s in args.seeds.split(",")]
     report: dict = {"command": command, "labels": args.labels, "seeds": seeds, "encoder": "minilm-l6", "sets": {}}
     tlnlp_args = tuple(shlex.split(args.tlnlp_args))

@@ -178,6 +178,16 @@ def test_accuracy_benchmark_runs_the_stock_recipe_and_tlnlp_side_by_side(tmp_pat
     assert "| stock |" in bench.markdown(report) and "| tlnlp |" in bench.markdown(report)
 
 
+def test_accuracy_benchmark_refuses_a_recipe_that_needs_unlabeled_text_the_set_lacks(tmp_path, capsys):
+    bench = load_benchmark("bench_accuracy")
+    with pytest.raises(SystemExit):
+        bench.main(["--sets", "email-spam,brown-genres", "--recipes", "tlnlp,tlnlp-self", "--output",
+                    str(tmp_path / "accuracy.json")])
+    error = capsys.readouterr().err
+    assert "tlnlp-self on email-spam" in error and "on brown-genres" not in error  # brown-passages is its corpus
+    assert not (tmp_path / "accuracy.json").exists()
+
+
 @pytest.mark.heavy
 def test_accuracy_benchmark_keeps_the_search_it_ran(tmp_path):
     bench = load_benchmark("bench_accuracy")
