@@ -17,16 +17,16 @@ def readme_api_example() -> str:
     return blocks[0]
 
 
-@pytest.mark.heavy  # MiniLM on 200 labels, tested on 2,000 texts: about a minute
+@pytest.mark.heavy  # MiniLM on 200 movie-review sentences, tested on 1,000: about a minute
 def test_the_readme_api_example_runs_and_writes_a_run(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-c", readme_api_example()], cwd=tmp_path, capture_output=True, text=True,
                           env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     accuracy = float(re.search(r"test accuracy (\d\.\d+)", done.stdout).group(1))
-    assert accuracy > 1 / 11  # better than chance on 11 topics
+    assert accuracy > 0.6  # better than chance (0.5) on two balanced classes
     run = tmp_path / "runs" / "api"
     for name in ("model.safetensors", "all_results.json", "training_config.yaml", "README.md",
                  "test_predictions.jsonl"):
         assert (run / name).exists(), name
-    assert "`wiki-topics` (built into tlnlp)" in (run / "README.md").read_text()
+    assert "`movie-sentences` (built into tlnlp)" in (run / "README.md").read_text()
