@@ -274,6 +274,11 @@ def bad_rows(kind):
                                           r"label, pair"),
         ("ok", ["--max_train_samples", "500"], "--max_train_samples 500 is more than the 57 training examples"),
         ("ok", ["--freeze_layers", "3"], "--freeze_layers 3 is more than the encoder's 2 layers"),
+        ("ok", ["--validation_split_percentage", "0", "--restore_best_model", "true"],
+         r"Keeping the best epoch \(--restore_best_model true, or --early_stopping_patience\) needs a validation "
+         r"split, and --validation_split_percentage 0 holds none out"),
+        ("ok", ["--validation_split_percentage", "0", "--early_stopping_patience", "2"], "Give --validation_file"),
+        ("ok", ["--validation_split_percentage", "100"], "--validation_split_percentage must be from 0 up to 100"),
     ],
 )
 def test_bad_input_is_refused_before_training(tiny_mlm_dir, tmp_path, cache_dir, kind, extra, message):
@@ -295,11 +300,13 @@ def test_unseen_validation_label_is_refused(tiny_mlm_dir, tmp_path, cache_dir):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("cache", [[], ["--cache_frozen_features"]])
+# The cached case also runs with no validation split (every label trained on, nothing evaluated on any rank).
+@pytest.mark.parametrize("cache", [[], ["--cache_frozen_features", "--validation_split_percentage", "0"]])
 def test_two_process_run_with_frozen_layers(tiny_mlm_dir, labeled_files, tmp_path, cache_dir, cache):
     out, reports = tmp_path / "ddp", tmp_path / "reports"
     reports.mkdir()
-    args = ft_args(tiny_mlm_dir, labeled_files, out, cache_dir, "--freeze_embeddings", "--freeze_layers", "1",
+    files = {k: v for k, v in labeled_files.items() if not (cache and k == "validation")}
+    args = ft_args(tiny_mlm_dir, files, out, cache_dir, "--freeze_embeddings", "--freeze_layers", "1",
                    "--num_train_epochs", "1", "--head_hidden_sizes", "16", *cache)
     done = run_script("", [str(reports), "finetune", *args], processes=2, wrapper=REPO / "tests" / "rank_report.py")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -316,6 +323,7 @@ def test_two_process_run_with_frozen_layers(tiny_mlm_dir, labeled_files, tmp_pat
     assert ranks[0]["trainable_in_optimizer"] == trainable  # the optimizer holds only what trains
     results = json.loads((out / "all_results.json").read_text())
     assert results["num_processes"] == 2 and ("feature_cache_s" in results) == bool(cache)
+    assert results["eval_examples"] == (0 if cache else 60) and results["train_set_size"] == 180 and "test_accuracy" in results
 
 
 @pytest.mark.parametrize("cache", [[], ["--cache_frozen_features"]])
@@ -415,6 +423,38 @@ def test_copies_of_training_rows_and_a_constant_classifier_are_reported(tiny_mlm
     # (TF-IDF separates these keyword topics perfectly, so the tiny model stays below it here too; that the
     # warning stays away above the baseline is test_the_sanity_baseline_warns_only_below_it's part.)
     assert results["sanity_baseline"]["fine_tuned_eval"] == results["eval_accuracy"]
+
+
+def test_no_validation_split_trains_on_every_label_and_checks_against_the_test_split(
+        tiny_mlm_dir, labeled_files, tmp_path, cache_dir, caplog):
+    """--validation_split_percentage 0: all 180 labels are trained on (12 steps an epoch at batch 16, where
+    the default 5% leaves 171), nothing is evaluated during training, and the sanity baseline and the
+    underfitting check read the test split instead."""
+    files = {"train": labeled_files["train"], "test": labeled_files["test"]}
+    out = tmp_path / "all-labels"
+    results = run_main(ft_args(tiny_mlm_dir, files, out, cache_dir, "--validation_split_percentage", "0",
+                               "--num_train_epochs", "6", "--seed", "2"))
+    assert results["train_set_size"] == 180 and results["optimizer_steps"] == 6 * 12
+    assert results["eval_examples"] == 0 and not any(k.startswith("eval_") and k != "eval_examples" for k in results)
+    assert json.loads((out / "eval_history.json").read_text()) == []
+    assert results["test_accuracy"] > 0.6  # it learned: three clearly separable topics
+    baseline = results["sanity_baseline"]
+    assert baseline["fine_tuned_test"] == results["test_accuracy"] and "test_accuracy" in baseline
+    assert "on the test split" in caplog.text and "underfitting_warning" not in results
+    assert AutoModelForSequenceClassification.from_pretrained(out).num_labels == 3  # saved, loadable
+    held_out = run_main(ft_args(tiny_mlm_dir, files, tmp_path / "default-share", cache_dir, "--max_train_steps", "1"))
+    assert held_out["train_set_size"] == 171 and held_out["eval_examples"] == 9
+
+    # A learning rate too small to move anything: the constant classifier is caught on the test split.
+    constant = run_main(ft_args(tiny_mlm_dir, files, tmp_path / "constant", cache_dir, "--validation_split_percentage",
+                                "0", "--learning_rate", "1e-9", "--num_train_epochs", "1"))
+    assert "has MCC 0.000 on the test split" in constant["underfitting_warning"]
+    assert constant["sanity_baseline"]["fine_tuned_below_baseline"] is True
+    # The frozen-feature cache checks itself on training examples when there is no validation split.
+    cached = run_main(ft_args(tiny_mlm_dir, files, tmp_path / "cached", cache_dir, "--validation_split_percentage",
+                              "0", "--cache_frozen_features", "--freeze_embeddings", "--freeze_layers", "1",
+                              "--max_train_steps", "2"))
+    assert cached["feature_cache_s"] > 0 and cached["eval_examples"] == 0 and cached["optimizer_steps"] == 2
 
 
 def test_eval_history_counts_epochs_by_the_optimizer_steps(tiny_mlm_dir, labeled_files, tmp_path, cache_dir):

@@ -111,6 +111,8 @@ def test_bad_inputs_fail_before_training_and_write_nothing(corpus_file, tmp_path
         run_main(args + ["--tokenizer_name", "minilm-l6"])
     with pytest.raises(UserInputError, match="--architecture modernbert applies to the --model_size presets"):
         run_main(args + ["--architecture", "modernbert"])
+    with pytest.raises(UserInputError, match=r"Stage 1 \(its validation loss and perplexity\) needs a validation split"):
+        run_main(args + ["--validation_split_percentage", "0"])
     assert not out.exists()
 
 

@@ -142,6 +142,10 @@ def test_bad_self_training_input_is_refused_before_training(tiny_mlm_dir, labele
     empty.write_text("\n\n")
     with pytest.raises(UserInputError, match=r"unlabeled data \(--unlabeled_file .*empty.txt\)"):
         run_main(base + ["--unlabeled_file", str(empty)])
+    without_validation = ft_args(tiny_mlm_dir, {"train": labeled_files["train"]}, tmp_path / "never", cache_dir)
+    with pytest.raises(UserInputError, match=r"Self-training \(its confidence threshold and the round it keeps\) "
+                                             "needs a validation split"):
+        run_main(without_validation + ["--unlabeled_file", str(numbers), "--validation_split_percentage", "0"])
     assert not (tmp_path / "never").exists()
 
 

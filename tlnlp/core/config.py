@@ -75,7 +75,11 @@ class TrainingConfig:
     csv_delimiter: str | None = _help("Field separator of .csv files (default ','); write a tab as '\\t'.")
     text_column: str | None = _help("Column holding the text (default: 'text', or the first string column).")
     validation_split_percentage: float = _help(
-        "Percent of the training data held out for validation when no validation data is given.", 5.0
+        "Percent of the training data held out for validation when no validation data is given. Stage 2 "
+        "takes 0: train on every label, evaluate nothing during training (the sanity baseline and the "
+        "underfitting check then read the test split, if one is given); options that choose by a validation "
+        "score (--restore_best_model true, --early_stopping_patience, self-training) then need a "
+        "--validation_file.", 5.0
     )
     max_seq_length: int | None = _help(
         "Tokens per sequence (default: min(512, the model's position embeddings)); longer texts are truncated or "
@@ -182,9 +186,9 @@ class TrainingConfig:
         for name in ("weight_decay", "num_warmup_steps", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise UserInputError(f"--{name} must be 0 or more, got {getattr(self, name)}.")
-        if not 0 < self.validation_split_percentage < 100:
+        if not 0 <= self.validation_split_percentage < 100:
             raise UserInputError(
-                f"--validation_split_percentage must be between 0 and 100, got {self.validation_split_percentage}."
+                f"--validation_split_percentage must be from 0 up to 100, got {self.validation_split_percentage}."
             )
         if self.checkpointing_steps is not None and self.checkpointing_steps != "epoch":
             if not self.checkpointing_steps.isdigit() or int(self.checkpointing_steps) <= 0:

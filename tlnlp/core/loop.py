@@ -52,7 +52,7 @@ class Task:
 
     model: nn.Module  # forward(**batch) returns an output with `.loss`
     train_dataset: Any
-    eval_dataset: Any
+    eval_dataset: Any  # None: nothing to evaluate during training (no validation split)
     train_collator: Callable
     eval_collator: Callable
     evaluate: Callable[[Accelerator, nn.Module, DataLoader], dict[str, float]]
@@ -142,15 +142,18 @@ class Trainer:
             # Training batches stay on the CPU until `task.on_batch` (MLM masking) has run; the loop moves them.
             # Prepared on its own, because DeepSpeed refuses per-object device placement.
             self.train_dl = accelerator.prepare_data_loader(train_dl, device_placement=False)
-        eval_dl = DataLoader(task.eval_dataset, batch_size=cfg.per_device_eval_batch_size,
-                             collate_fn=task.eval_collator)
+        eval_dl = None if task.eval_dataset is None else DataLoader(
+            task.eval_dataset, batch_size=cfg.per_device_eval_batch_size, collate_fn=task.eval_collator)
         groups = task.param_groups(task.model) if task.param_groups else default_param_groups(
             task.model, cfg.learning_rate, cfg.weight_decay
         )
         fused = accelerator.device.type == "cuda"  # one kernel for all parameters: faster on GPUs, absent on CPU
         optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused)
         engines.prepare_for_engine(accelerator, task.model)
-        self.model, self.optimizer, self.eval_dl = accelerator.prepare(task.model, optimizer, eval_dl)
+        if eval_dl is None:
+            (self.model, self.optimizer), self.eval_dl = accelerator.prepare(task.model, optimizer), None
+        else:
+            self.model, self.optimizer, self.eval_dl = accelerator.prepare(task.model, optimizer, eval_dl)
 
         # Counted after `prepare`, which splits the batches between processes: one optimizer step consumes
         # `gradient_accumulation_steps` batches on every process. The scheduler is stepped by hand once per
@@ -228,7 +231,8 @@ class Trainer:
         if self.average is not None:
             self._use_average()
             self._evaluate_and_track()
-            self.state["history"][-1]["averaged_steps"] = self.state["averaged_steps"]
+            if self.state["history"]:
+                self.state["history"][-1]["averaged_steps"] = self.state["averaged_steps"]
         elif not self.state["history"] or self.state["history"][-1]["step"] != self.state["completed_steps"]:
             self._evaluate_and_track()  # the final model, if its step was not evaluated yet
         self._restore_best()
@@ -384,6 +388,8 @@ class Trainer:
         """Evaluate, keep the best model on disk, count the evaluations without improvement."""
         accelerator, state, name = self.accelerator, self.state, self.task.metric_for_best_model
         self._stop_if_loss_was_not_finite()
+        if self.eval_dl is None:  # no validation data: nothing to evaluate or track
+            return
         metrics = self.task.evaluate(accelerator, self.model, self.eval_dl)
         self.model.train()
         step = state["completed_steps"]
@@ -517,7 +523,7 @@ class Trainer:
     def _results(self) -> dict[str, Any]:
         state = self.state
         kept = state["best_step"] if self.restore_best and state["best_step"] else state["completed_steps"]
-        final = next(h for h in reversed(state["history"]) if h["step"] == kept)
+        final = next((h for h in reversed(state["history"]) if h["step"] == kept), {})  # {}: nothing evaluated
         runtime = time.time() - self.start_time
         unit = self.task.count_unit
         results = {

@@ -122,13 +122,22 @@ def load_raw_datasets(
     return raw
 
 
-def ensure_validation(raw, validation_split_percentage: float, seed: int, streaming: bool = False):
-    """Carve a validation split out of train (seeded) when the data has none."""
+def ensure_validation(raw, validation_split_percentage: float, seed: int, streaming: bool = False,
+                      needed_by: str | None = None):
+    """Carve a validation split out of train (seeded) when the data has none. A percentage of 0 carves
+    none: the data is returned as it is, unless `needed_by` (what reads the split) makes that an error."""
     if "validation" in raw:
         return raw
     if streaming:  # the head of the stream; the training stream leaves it out by position (ShardedStream)
         rest = {k: v for k, v in raw.items() if k != "train"}
         return {"train": raw["train"], "validation": raw["train"].take(STREAMING_VALIDATION_DOCS), **rest}
+    if validation_split_percentage == 0:
+        if needed_by:
+            raise UserInputError(
+                f"{needed_by} needs a validation split, and --validation_split_percentage 0 holds none out of the "
+                "training data. Give --validation_file, or a percentage above 0."
+            )
+        return raw
     if len(raw["train"]) < 2:
         raise UserInputError(
             "The training data holds a single example: at least 2 documents (lines, rows) are needed, one to "

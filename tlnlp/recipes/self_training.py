@@ -167,7 +167,8 @@ def prepare(cfg: FinetuneConfig, folder: Path) -> Data:
     if task_type != "single_label":
         raise UserInputError(f"Self-training picks one confident class per text: it needs a single-label task, "
                              f"and this one is {task_type}.")
-    raw = ensure_validation(raw, cfg.validation_split_percentage, cfg.seed)
+    raw = ensure_validation(raw, cfg.validation_split_percentage, cfg.seed,
+                            needed_by="Self-training (its confidence threshold and the round it keeps)")
     train = raw["train"]
     if cfg.max_train_samples is not None:
         train = stratified_subset(train, cfg.label_column, cfg.max_train_samples, task_type, cfg.stratify, cfg.seed)

@@ -166,7 +166,8 @@ def run_pretraining(cfg: PretrainConfig, accelerator) -> dict[str, Any]:
         text_column = resolve_text_column(raw["train"], cfg.text_column)
         raw = drop_blank_texts(raw, text_column)
         held_out = 0 if "validation" in raw else STREAMING_VALIDATION_DOCS  # a stream's head, when it is the validation
-        raw = ensure_validation(raw, cfg.validation_split_percentage, cfg.seed, cfg.streaming)
+        raw = ensure_validation(raw, cfg.validation_split_percentage, cfg.seed, cfg.streaming,
+                                needed_by="Stage 1 (its validation loss and perplexity)")
 
     trained_tokenizer = False
     if cfg.tokenizer_name or model_source:

@@ -152,16 +152,22 @@ def finetune(cfg: Stage2Config, accelerator, raw: DatasetDict, output_dir: Path,
         return preprocessing_done(accelerator, tokenized)
     results, trained = fit(cfg, accelerator, classifier, data, tokenized, output_dir, restore_best=restore_best,
                            keep_model=keep_model)
-    if keep_model and data.task_type == "single_label":  # a search fold only scores a recipe
-        baseline = sanity_check(cfg, data, results)
-        if baseline:
-            results["sanity_baseline"] = baseline
+    def check_against_baseline():  # a search fold only scores a recipe
+        if keep_model and data.task_type == "single_label":
+            baseline = sanity_check(cfg, data, results)
+            if baseline:
+                results["sanity_baseline"] = baseline
+
+    if "validation" in data.splits:
+        check_against_baseline()
     if "test" in tokenized:
         # The prepared model (FSDP gathers its shards in forward); the cached-feature wrapper reads features,
         # so the test split, which has none cached, goes through the plain classifier inside it.
         test_model = engines.unwrap(accelerator, trained).model if cfg.cache_frozen_features else trained
         results.update(test(accelerator, test_model, classifier.tokenizer, tokenized["test"], data, output_dir,
                             cfg.per_device_eval_batch_size))
+    if "validation" not in data.splits:  # no validation split: the baseline is scored on the test split
+        check_against_baseline()
     return summarize(results, data, classifier, cfg.head_lr)
 
 
@@ -197,7 +203,9 @@ def prepare_labeled_data(cfg: Stage2Config, raw: DatasetDict, *, max_train_sampl
     text_column = resolve_text_column(raw["train"], cfg.text_column)
     check_labeled_splits(raw, text_column=text_column, text_pair_column=cfg.text_pair_column,
                          label_column=cfg.label_column)
-    raw = ensure_validation(raw, cfg.validation_split_percentage, cfg.seed)
+    raw = ensure_validation(raw, cfg.validation_split_percentage, cfg.seed, needed_by=(
+        "Keeping the best epoch (--restore_best_model true, or --early_stopping_patience)"
+        if cfg.restores_best_epoch else None))
     train_labels = raw["train"][cfg.label_column]
     task_type = infer_task_type(train_labels) if cfg.task_type == "auto" else cfg.task_type
     if max_train_samples is not None:
@@ -295,7 +303,9 @@ def fit(cfg: Stage2Config, accelerator, classifier: Classifier, data: LabeledDat
         unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
 
-    train_data, eval_data = tokenized["train"], sorted_by_length(tokenized["validation"])
+    # No validation split (--validation_split_percentage 0): nothing is evaluated during training.
+    train_data = tokenized["train"]
+    eval_data = sorted_by_length(tokenized["validation"]) if "validation" in tokenized else None
     train_lengths = [len(ids) for ids in train_data["input_ids"]]
     task_model, batch_collator, cache_seconds = model, collator, 0.0
     if cfg.cache_frozen_features:
@@ -303,10 +313,16 @@ def fit(cfg: Stage2Config, accelerator, classifier: Classifier, data: LabeledDat
         task_model = CachedFeatureClassifier(model, cfg.freeze_layers).to(accelerator.device)
         cache = dict(batch_size=cfg.per_device_eval_batch_size, device=accelerator.device,
                      pad_token_id=tokenizer.pad_token_id or 0)
+        uncached_train = train_data
         train_data = task_model.cache(train_data, desc="Caching frozen features (train)", **cache)
-        cached_eval = task_model.cache(eval_data, desc="Caching frozen features (validation)", **cache)
-        check_cached_outputs(model, task_model, eval_data, cached_eval, collator)
-        eval_data, batch_collator = cached_eval, pad_features
+        cached_eval = [] if eval_data is None else task_model.cache(
+            eval_data, desc="Caching frozen features (validation)", **cache)
+        if eval_data is None:
+            check_cached_outputs(model, task_model, uncached_train, train_data, collator)
+        else:
+            check_cached_outputs(model, task_model, eval_data, cached_eval, collator)
+            eval_data = cached_eval
+        batch_collator = pad_features
         cache_seconds = time.time() - started
         megabytes = sum(x["features"].numel() * 4 for x in train_data + cached_eval) / 2**20
         logger.info("Cached the frozen bottom's outputs for %d examples (%.0f MB) in %.1f s.",
@@ -326,7 +342,7 @@ def fit(cfg: Stage2Config, accelerator, classifier: Classifier, data: LabeledDat
         count=lambda batch: int(batch["attention_mask"].shape[0]),
         param_groups=lambda m: default_param_groups(m, cfg.learning_rate, cfg.weight_decay,
                                                     lambda param: scales.get(id(param), 1.0)),
-        metric_for_best_model=metric_name,
+        metric_for_best_model=metric_name if eval_data is not None else None,
         greater_is_better=greater_is_better,
         restore_best=restore_best,
         early_stopping_patience=cfg.early_stopping_patience,
@@ -337,8 +353,8 @@ def fit(cfg: Stage2Config, accelerator, classifier: Classifier, data: LabeledDat
                  "start": classifier.report.source, "sequence length": classifier.max_seq_length},
     )
     results, trained = train(cfg, task, accelerator, output_dir=output_dir, checkpoints=keep_model)
-    results["eval_examples"] = len(eval_data)
-    if restore_best:
+    results["eval_examples"] = 0 if eval_data is None else len(eval_data)
+    if restore_best and eval_data is not None:
         warning = decided_on(
             "The best epoch (--restore_best_model)", len(eval_data),
             "Give a --validation_file of 200 or more examples, raise --validation_split_percentage (now "
@@ -354,19 +370,22 @@ def fit(cfg: Stage2Config, accelerator, classifier: Classifier, data: LabeledDat
 
 def sanity_check(cfg: Stage2Config, data: LabeledData, results: dict[str, Any]) -> dict[str, Any]:
     """TF-IDF + logistic regression on the same training labels, scored on the same validation split, beside
-    the fine-tuned model's validation score (tlnlp.stage2.sanity)."""
+    the fine-tuned model's validation score (tlnlp.stage2.sanity). Without a validation split, on the test
+    split (a warning, nothing is chosen by it); without either, there is nothing to compare."""
     def texts(split) -> list[str]:
         first = split[data.text_column]
         if not data.text_pair_column:
             return first
         return [f"{a} {b}" for a, b in zip(first, split[data.text_pair_column])]
 
-    train, validation = data.splits["train"], data.splits["validation"]
-    if data.label_column not in validation.column_names:
+    split = "validation" if "validation" in data.splits else "test"
+    train, scored = data.splits["train"], data.splits.get(split)
+    if scored is None or data.label_column not in scored.column_names:
+        logger.info("No labeled validation or test split: the sanity baseline is not computed.")
         return {}
     metric = selection_metric(cfg.metric_for_best_model, data.task_type)[0]
-    return sanity_baseline(texts(train), train[data.label_column], texts(validation), validation[data.label_column],
-                           results, metric, cfg.seed)
+    return sanity_baseline(texts(train), train[data.label_column], texts(scored), scored[data.label_column],
+                           results, metric, cfg.seed, split)
 
 
 def summarize(results: dict[str, Any], data: LabeledData, classifier: Classifier, head_lr: float) -> dict[str, Any]:
@@ -426,10 +445,15 @@ def underfitting_warning(results: dict[str, Any], num_labels: int, task_type: st
     """A model that predicts one class for the whole validation set, or no better than chance (MCC <= 0)."""
     if task_type != "single_label" or num_labels < 2:
         return None
-    classes, mcc = results.get("eval_predicted_classes"), results.get("eval_mcc")
+    # Read on the validation split; without one (--validation_split_percentage 0), on the test split's MCC,
+    # which is 0 for a model that predicts one class.
+    split = "validation" if "eval_mcc" in results else "test"
+    classes = results.get("eval_predicted_classes")
+    mcc = results.get("eval_mcc" if split == "validation" else "test_mcc")
     if classes != 1 and (mcc is None or mcc > 0):
         return None
-    found = "predicts one class for every validation example" if classes == 1 else f"has MCC {mcc:.3f} (chance)"
+    found = ("predicts one class for every validation example" if classes == 1 else
+             f"has MCC {mcc:.3f} on the {split} split (chance)")
     return (f"The model {found}: it learned nothing usable from the labels. Likely fixes: a higher "
             "--head_learning_rate (the new head starts from random weights), more --num_train_epochs, or fewer "
             "--freeze_layers.")

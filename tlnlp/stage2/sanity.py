@@ -54,28 +54,30 @@ def baseline_scores(train_texts: list[str], train_labels: list, eval_texts: list
 
 
 def sanity_baseline(train_texts: list[str], train_labels: list, eval_texts: list[str], eval_labels: list,
-                    fine_tuned: dict[str, Any], metric: str, seed: int) -> dict[str, Any]:
-    """The baseline's validation scores beside the fine-tuned model's, and a warning when the model scores
-    below it on `metric` (accuracy, macro_f1 or mcc; any other metric is compared by accuracy)."""
+                    fine_tuned: dict[str, Any], metric: str, seed: int, split: str = "validation") -> dict[str, Any]:
+    """The baseline's scores on `split` (validation, or test when there is no validation split) beside the
+    fine-tuned model's, and a warning when the model scores below it on `metric` (accuracy, macro_f1 or
+    mcc; any other metric is compared by accuracy)."""
     if len(set(map(str, train_labels))) < 2:
         return {}
+    prefix = "eval" if split == "validation" else split  # as the run's own results name the split's scores
     baseline = baseline_scores(train_texts, train_labels, eval_texts, eval_labels, seed)
     compared = metric if metric in baseline else "accuracy"
-    model_score = fine_tuned.get(f"eval_{compared}")
+    model_score = fine_tuned.get(f"{prefix}_{compared}")
     record = {"model": "TF-IDF (word 1-2-grams) + logistic regression on the same training labels",
-              **{f"eval_{k}": v for k, v in baseline.items()}, "compared_by": compared,
-              "fine_tuned_eval": model_score, "fine_tuned_below_baseline": None}
+              **{f"{prefix}_{k}": v for k, v in baseline.items()}, "compared_by": compared,
+              f"fine_tuned_{prefix}": model_score, "fine_tuned_below_baseline": None}
     if model_score is None:
         return record
     record["fine_tuned_below_baseline"] = below = model_score < baseline[compared]
     if below:
         record["warning"] = (
-            f"The fine-tuned model scores {compared} {model_score:.4f} on the validation split, below TF-IDF + "
+            f"The fine-tuned model scores {compared} {model_score:.4f} on the {split} split, below TF-IDF + "
             f"logistic regression on the same labels ({baseline[compared]:.4f}). The run likely underfits or "
             "diverged: train longer (--num_train_epochs), check --learning_rate and --head_learning_rate, or "
             "freeze fewer layers (--freeze_layers).")
         logger.warning(record["warning"])
     else:
-        logger.info("Sanity baseline: TF-IDF + logistic regression scores %s %.4f on the validation split, the "
-                    "fine-tuned model %.4f.", compared, baseline[compared], model_score)
+        logger.info("Sanity baseline: TF-IDF + logistic regression scores %s %.4f on the %s split, the "
+                    "fine-tuned model %.4f.", compared, baseline[compared], split, model_score)
     return record
