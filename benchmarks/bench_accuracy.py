@@ -22,8 +22,10 @@ tlnlp-dapt     --continued_pretraining on the set's unlabeled corpus (the one se
 tlnlp-search   tlnlp with --search_trials (Optuna TPE). The built-in sets have a validation split, and it
                scores the trials (cross-validation on the labels, --search_folds, is for sets without one).
 
-Writes benchmarks/results/accuracy_cpu.json (every run, mean ± std and wall time per recipe and set), a plot
-beside it (accuracy_cpu.png) and prints a Markdown table. It takes hours on 2 CPU cores: `make bench-accuracy`,
+Writes benchmarks/results/accuracy_cpu.json (every run, mean ± std and wall time per recipe and set; for a
+recipe with continued pretraining, each seed's stage-1 minutes and gate decision), a plot beside it
+(accuracy_cpu.png; with such recipes and tlnlp, also accuracy_cpu_stage1.png: each one's gain over the
+defaults against its stage-1 minutes) and prints a Markdown table. It takes hours on 2 CPU cores: `make bench-accuracy`,
 never part of the tests.
 
     python benchmarks/bench_accuracy.py --sets wiki-topics,movie-sentences,wiki-uncertainty,speech-eras --seeds 42,43,44
@@ -62,8 +64,9 @@ UNLABELED = {"wiki-topics": "wiki-leads", "wiki-uncertainty": "wiki-lead-sentenc
 NEEDS_UNLABELED = ("tlnlp-self", "tlnlp-tapt-self", "tlnlp-dapt", "tlnlp-self-similar")
 
 
-def tlnlp_run(dataset: str, labels: int, seed: int, length: int, extra: list[str], keep: Path | None = None) -> float:
-    """`python -m tlnlp.finetune` in a subprocess; its output directory is kept under `keep` if given."""
+def tlnlp_run(dataset: str, labels: int, seed: int, length: int, extra: list[str], keep: Path | None = None) -> dict:
+    """`python -m tlnlp.finetune` in a subprocess: its test accuracy and, for a recipe with continued
+    pretraining, what stage 1 cost and what the gate decided. Its output directory is kept under `keep`."""
     with tempfile.TemporaryDirectory() as scratch:
         out = str(keep) if keep else scratch
         command = [sys.executable, "-m", "tlnlp.finetune", "--model_name_or_path", "minilm-l6", "--dataset_name", dataset,
@@ -72,10 +75,22 @@ def tlnlp_run(dataset: str, labels: int, seed: int, length: int, extra: list[str
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-        return json.loads((Path(out) / "all_results.json").read_text())["test_accuracy"]
+        return run_record(json.loads((Path(out) / "all_results.json").read_text()))
 
 
-def stock_run(dataset: str, labels: int, seed: int, length: int) -> float:
+def run_record(results: dict) -> dict:
+    """A tlnlp run as the report keeps it: the test accuracy, and stage 1's minutes (its own training time,
+    the same when a later seed reuses the cached encoder) with the gate's decision, if it ran one."""
+    record = {"accuracy": results["test_accuracy"]}
+    adaptation = results.get("continued_pretraining")
+    if adaptation:
+        record["stage1"] = {"minutes": adaptation["stage1_minutes"], "kept": adaptation["kept"],
+                            "probe_difference": adaptation["probe_difference"],
+                            "reused_from_cache": adaptation["reused_from_cache"]}
+    return record
+
+
+def stock_run(dataset: str, labels: int, seed: int, length: int) -> dict:
     import bench_finetune
 
     from tlnlp.data import builtin
@@ -84,10 +99,10 @@ def stock_run(dataset: str, labels: int, seed: int, length: int) -> float:
     args = argparse.Namespace(train_file=files["train"], validation_file=files["validation"], test_file=files["test"],
                               labels=labels, seed=seed, model="minilm-l6", max_seq_length=length, batch_size=16,
                               eval_batch_size=64, learning_rate=1e-4, epochs=3, frozen_epochs=3, freeze_layers=0)
-    return bench_finetune.stock(args, frozen=False, precision="no")["test_accuracy"]
+    return {"accuracy": bench_finetune.stock(args, frozen=False, precision="no")["test_accuracy"]}
 
 
-def setfit_run(dataset: str, labels: int, seed: int, length: int) -> float:
+def setfit_run(dataset: str, labels: int, seed: int, length: int) -> dict:
     from datasets import load_dataset
     from setfit import SetFitModel, Trainer, TrainingArguments
 
@@ -103,11 +118,12 @@ def setfit_run(dataset: str, labels: int, seed: int, length: int) -> float:
         trainer.train()
     predictions = model.predict(splits["test"]["text"])
     truth = splits["test"]["label"]
-    return sum(str(p) == str(t) for p, t in zip(predictions, truth)) / len(truth)
+    return {"accuracy": sum(str(p) == str(t) for p, t in zip(predictions, truth)) / len(truth)}
 
 
 def run(recipe: str, dataset: str, labels: int, seed: int, length: int, trials: int, folds: int,
-        keep_runs: str | None = None, tlnlp_args: tuple[str, ...] = ()) -> float | None:
+        keep_runs: str | None = None, tlnlp_args: tuple[str, ...] = ()) -> dict | None:
+    """One run of `recipe`: {"accuracy": ...} and, with continued pretraining, "stage1"; None if skipped."""
     if recipe == "stock":
         return stock_run(dataset, labels, seed, length)
     if recipe == "setfit":
@@ -166,48 +182,53 @@ def main(argv: list[str] | None = None) -> dict:
     for dataset in args.sets.split(","):
         table = report["sets"].setdefault(dataset, {})
         for recipe in args.recipes.split(","):
-            accuracies, started = [], time.time()
+            records, started = [], time.time()
             for seed in seeds:
-                accuracy = run(recipe, dataset, args.labels, seed, args.max_seq_length, args.search_trials,
-                               args.search_folds, args.keep_runs, tlnlp_args)
-                if accuracy is None:
+                record = run(recipe, dataset, args.labels, seed, args.max_seq_length, args.search_trials,
+                             args.search_folds, args.keep_runs, tlnlp_args)
+                if record is None:
                     break
-                accuracies.append(accuracy)
-                print(f"{dataset:17} {recipe:13} seed {seed}: {accuracy:.4f}", flush=True)
-            table[recipe] = {"skipped": "not installed"} if not accuracies else summary(
-                accuracies, [(time.time() - started) / len(accuracies)])
+                records.append(record)
+                print(f"{dataset:17} {recipe:13} seed {seed}: {record['accuracy']:.4f}", flush=True)
+            table[recipe] = {"skipped": "not installed"} if not records else summary(
+                [r["accuracy"] for r in records], [(time.time() - started) / len(records)],
+                [r["stage1"] for r in records if "stage1" in r])
             write(report, Path(args.output), with_plot=False)  # after every recipe: a stop loses little
     write(report, Path(args.output))
     print(markdown(report))
     return report
 
 
-def summary(scores: list[float], wall_times: list[float]) -> dict:
+def summary(scores: list[float], wall_times: list[float], stage1: list[dict] | None = None) -> dict:
+    """Mean, spread and wall time over the seeds; `stage1`, one record a seed, for recipes that ran one."""
     return {"per_seed": scores, "mean": statistics.mean(scores),
             "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-            "wall_time_s_per_seed": statistics.mean(wall_times)}
+            "wall_time_s_per_seed": statistics.mean(wall_times), **({"stage1": stage1} if stage1 else {})}
 
 
 def merge(parts: list[Path]) -> dict:
     """One report from runs made in parts. A part records a mean wall time per recipe and one score per seed, in
     the order of its `seeds`; for each set, recipe and seed the last part that has it wins."""
-    runs: dict = {}  # (set, recipe) -> {seed: (accuracy, wall time, part)}
+    runs: dict = {}  # (set, recipe) -> {seed: (accuracy, wall time, part, stage-1 record or None)}
     merged: dict = {"parts": [], "superseded": [], "sets": {}}
     for part in parts:
         report = json.loads(part.read_text())
         merged["parts"].append({"file": part.name, "command": report["command"]})
         for dataset, table in report["sets"].items():
             for recipe, result in table.items():
-                for seed, accuracy in zip(report["seeds"], result.get("per_seed", [])):
+                scores = result.get("per_seed", [])
+                stage1 = [*result.get("stage1", []), *[None] * len(scores)][: len(scores)]
+                for seed, accuracy, adaptation in zip(report["seeds"], scores, stage1):
                     earlier = runs.setdefault((dataset, recipe), {}).get(seed)
                     if earlier:
                         merged["superseded"].append({"set": dataset, "recipe": recipe, "seed": seed,
                                                      "accuracy": earlier[0], "part": earlier[2], "by": part.name})
-                    runs[(dataset, recipe)][seed] = (accuracy, result["wall_time_s_per_seed"], part.name)
+                    runs[(dataset, recipe)][seed] = (accuracy, result["wall_time_s_per_seed"], part.name, adaptation)
     for (dataset, recipe), by_seed in runs.items():
         seeds = sorted(by_seed)
         merged["sets"].setdefault(dataset, {})[recipe] = {
-            **summary([by_seed[s][0] for s in seeds], [by_seed[s][1] for s in seeds]),
+            **summary([by_seed[s][0] for s in seeds], [by_seed[s][1] for s in seeds],
+                      [by_seed[s][3] for s in seeds if by_seed[s][3]]),
             "seeds": seeds, "parts": [by_seed[s][2] for s in seeds]}
     return merged
 
@@ -222,6 +243,8 @@ def write(report: dict, output: Path, with_plot: bool = True) -> None:
     output.write_text(json.dumps(report, indent=2))
     if with_plot:
         plot(report, output.with_suffix(".png"))
+        if any("stage1" in r and "tlnlp" in table for table in report["sets"].values() for r in table.values()):
+            plot_stage1(report, output.with_name(output.stem + "_stage1.png"))
 
 
 def plot(report: dict, path: Path) -> None:
@@ -249,6 +272,42 @@ def plot(report: dict, path: Path) -> None:
     axes.set_ylabel("test accuracy")
     axes.set_title("Same labels, same encoder: mean over seeds (dots: each seed)")
     axes.legend(fontsize=8, ncols=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_stage1(report: dict, path: Path) -> None:
+    """What stage 1 buys against what it costs: for each set and recipe with a stage 1, its test accuracy
+    minus the defaults' (mean over seeds, each seed a small dot) against stage 1's minutes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.4))
+    markers = dict(zip(sorted({r for t in report["sets"].values() for r, x in t.items() if "stage1" in x}), "osD^v"))
+    for colour, (dataset, table) in enumerate(report["sets"].items()):
+        if "tlnlp" not in table:
+            continue
+        baseline = dict(zip(table["tlnlp"].get("seeds", report.get("seeds", [])), table["tlnlp"]["per_seed"]))
+        for recipe, result in table.items():
+            if "stage1" not in result:
+                continue
+            seeds = result.get("seeds", report.get("seeds", []))
+            gains = [100 * (a - baseline[s]) for s, a in zip(seeds, result["per_seed"]) if s in baseline]
+            minutes = statistics.median(r["minutes"] for r in result["stage1"])
+            if not gains:
+                continue
+            axes.scatter([minutes] * len(gains), gains, s=10, color=f"C{colour}", alpha=0.5)
+            axes.scatter([minutes], [statistics.mean(gains)], s=60, color=f"C{colour}", marker=markers[recipe],
+                         label=f"{dataset}, {recipe}")
+    axes.axhline(0, color="grey", linewidth=0.8)
+    axes.set_xlim(left=0)
+    axes.set_xlabel("stage-1 minutes (2-core CPU)")
+    axes.set_ylabel("test accuracy minus the defaults' (points)")
+    axes.set_title("Continued pretraining: gain against cost (large: mean over seeds)")
+    axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

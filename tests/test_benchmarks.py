@@ -230,6 +230,29 @@ def test_accuracy_parts_merge_into_one_report_where_a_rerun_supersedes(tmp_path)
     table = bench.markdown(report)
     assert "| tlnlp | 0.701 ± 0.101 | – | 30 s (30) |" in table  # 0.7005 rounds up, as the seed 0.8015 does
     assert "| | 0.600 / 0.700 / 0.802 | – | |" in table
+    assert not output.with_name("merged_stage1.png").exists()  # no recipe with a stage 1
+
+    # A recipe with continued pretraining keeps each seed's stage-1 record through a merge, and gets the plot of
+    # its gain over the defaults against stage 1's minutes.
+    adaptation = {"minutes": 4.5, "kept": "adapted", "probe_difference": 0.01, "reused_from_cache": False}
+    tapt = part("tapt.json", [42, 43], {"a": {"tlnlp-tapt": ([0.62, 0.74], 300.0)}})
+    written = json.loads(tapt.read_text())
+    written["sets"]["a"]["tlnlp-tapt"]["stage1"] = [adaptation, {**adaptation, "reused_from_cache": True}]
+    tapt.write_text(json.dumps(written))
+    report = bench.main(["--merge", str(first), str(tapt), "--output", str(output)])
+    assert report["sets"]["a"]["tlnlp-tapt"]["stage1"][1]["reused_from_cache"] is True
+    assert "stage1" not in report["sets"]["a"]["tlnlp"]
+    assert output.with_name("merged_stage1.png").stat().st_size > 0
+
+
+def test_a_tlnlp_runs_record_keeps_what_stage_1_cost_and_the_gates_decision():
+    bench = load_benchmark("bench_accuracy")
+    assert bench.run_record({"test_accuracy": 0.8}) == {"accuracy": 0.8}
+    results = {"test_accuracy": 0.81, "continued_pretraining": {
+        "stage1_minutes": 13.4, "minutes": 0.1, "kept": "original", "probe_difference": 0.012,
+        "reused_from_cache": True, "perplexity": 40.0}}
+    assert bench.run_record(results) == {"accuracy": 0.81, "stage1": {
+        "minutes": 13.4, "kept": "original", "probe_difference": 0.012, "reused_from_cache": True}}
 
 
 def tiny_set(folder, seed: int):

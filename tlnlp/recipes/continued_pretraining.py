@@ -293,6 +293,8 @@ def adapt(cfg: FinetuneConfig, check_output: bool = True) -> tuple[FinetuneConfi
         "head_warmup_steps": stage1.get("head_warmup_steps", 0),
         "perplexity": stage1.get("eval_perplexity"),
         "minutes": round(minutes, 2), "reused_from_cache": reused, "adapted_encoder": str(folder),
+        # Stage 1's own training time, also when the encoder came from the cache (`minutes` is then the lookup).
+        "stage1_minutes": round(stage1.get("train_runtime_s", 0.0) / 60, 2),
         "original_encoder": cfg.model_name_or_path, **decision,
     }
     chosen = str(folder) if decision["kept"] == "adapted" else cfg.model_name_or_path
