@@ -653,3 +653,24 @@ def test_averaging_under_two_processes_is_the_mean_of_the_steps_both_ranks_took(
     results = json.loads((out / "all_results.json").read_text())
     assert results["num_processes"] == 2 and results["averaged_steps"] == 12
     assert_the_model_is_the_mean_of_checkpoints(out, range(13, 25))
+
+
+def test_fine_tuning_reads_128_tokens_unless_told_even_where_the_model_has_more_positions(tmp_path, tiny_tokenizer):
+    """The stage-2 defaults were all chosen at 128 tokens; an encoder with 512 positions (MiniLM's) must not
+    silently fine-tune at 4 times the length."""
+    from tlnlp.stage2 import phases
+
+    folder = tmp_path / "positions512"
+    config = tiny_bert_config(len(tiny_tokenizer))
+    config.max_position_embeddings = 512
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    rows = [{"text": text, "label": topic} for topic, text in make_documents(40, seed=3)]
+    raw = phases.read_labeled_splits(train_file=str(write_labeled(tmp_path / "train.jsonl", rows)))
+
+    def length(*extra):
+        cfg = parse_config(FinetuneConfig, ["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "o"),
+                                            *extra])
+        return phases.make_classifier(cfg, phases.prepare_labeled_data(cfg, raw)).max_seq_length
+
+    assert length() == 128 and length("--max_seq_length", "512") == 512

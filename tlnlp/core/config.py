@@ -82,8 +82,10 @@ class TrainingConfig:
         "--validation_file.", 5.0
     )
     max_seq_length: int | None = _help(
-        "Tokens per sequence (default: min(512, the model's position embeddings)); longer texts are truncated or "
-        "packed. Also --max_length, as Hugging Face's no_trainer scripts spell it.", aliases=["--max_length"]
+        "Tokens per sequence; longer texts are truncated or packed. Default: fine-tuning 128 (at most the model's "
+        "position embeddings), the length the stage-2 defaults were chosen at; pretraining from a checkpoint "
+        "min(512, its position embeddings), from scratch 128. Also --max_length, as Hugging Face's no_trainer "
+        "scripts spell it.", aliases=["--max_length"]
     )
     preprocessing_num_workers: int | None = _help(
         "Processes used for tokenization (default: every core for a corpus of 20,000 documents or more, else 1)."
