@@ -152,22 +152,16 @@ def finetune(cfg: Stage2Config, accelerator, raw: DatasetDict, output_dir: Path,
         return preprocessing_done(accelerator, tokenized)
     results, trained = fit(cfg, accelerator, classifier, data, tokenized, output_dir, restore_best=restore_best,
                            keep_model=keep_model)
-    def check_against_baseline():  # a search fold only scores a recipe
-        if keep_model and data.task_type == "single_label":
-            baseline = sanity_check(cfg, data, results)
-            if baseline:
-                results["sanity_baseline"] = baseline
-
-    if "validation" in data.splits:
-        check_against_baseline()
     if "test" in tokenized:
         # The prepared model (FSDP gathers its shards in forward); the cached-feature wrapper reads features,
         # so the test split, which has none cached, goes through the plain classifier inside it.
         test_model = engines.unwrap(accelerator, trained).model if cfg.cache_frozen_features else trained
         results.update(test(accelerator, test_model, classifier.tokenizer, tokenized["test"], data, output_dir,
                             cfg.per_device_eval_batch_size))
-    if "validation" not in data.splits:  # no validation split: the baseline is scored on the test split
-        check_against_baseline()
+    if keep_model and data.task_type == "single_label":  # a search fold only scores a recipe
+        baseline = sanity_check(cfg, data, results)  # on validation, or on test when there is no validation
+        if baseline:
+            results["sanity_baseline"] = baseline
     return summarize(results, data, classifier, cfg.head_lr)
 
 
