@@ -200,10 +200,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def summary(scores: list[float], wall_times: list[float], stage1: list[dict] | None = None) -> dict:
-    """Mean, spread and wall time over the seeds; `stage1`, one record a seed, for recipes that ran one."""
+    """Mean, spread and wall time over the seeds; `stage1`, one record a seed (None for a seed of an older
+    part without one), for recipes that ran one."""
     return {"per_seed": scores, "mean": statistics.mean(scores),
             "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-            "wall_time_s_per_seed": statistics.mean(wall_times), **({"stage1": stage1} if stage1 else {})}
+            "wall_time_s_per_seed": statistics.mean(wall_times), **({"stage1": stage1} if any(stage1 or []) else {})}
 
 
 def merge(parts: list[Path]) -> dict:
@@ -228,7 +229,7 @@ def merge(parts: list[Path]) -> dict:
         seeds = sorted(by_seed)
         merged["sets"].setdefault(dataset, {})[recipe] = {
             **summary([by_seed[s][0] for s in seeds], [by_seed[s][1] for s in seeds],
-                      [by_seed[s][3] for s in seeds if by_seed[s][3]]),
+                      [by_seed[s][3] for s in seeds]),
             "seeds": seeds, "parts": [by_seed[s][2] for s in seeds]}
     return merged
 
@@ -296,7 +297,7 @@ def plot_stage1(report: dict, path: Path) -> None:
                 continue
             seeds = result.get("seeds", report.get("seeds", []))
             gains = [100 * (a - baseline[s]) for s, a in zip(seeds, result["per_seed"]) if s in baseline]
-            minutes = statistics.median(r["minutes"] for r in result["stage1"])
+            minutes = statistics.median(r["minutes"] for r in result["stage1"] if r)
             if not gains:
                 continue
             axes.scatter([minutes] * len(gains), gains, s=10, color=f"C{colour}", alpha=0.5)
