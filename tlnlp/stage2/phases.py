@@ -307,16 +307,15 @@ def fit(cfg: Stage2Config, accelerator, classifier: Classifier, data: LabeledDat
         task_model = CachedFeatureClassifier(model, cfg.freeze_layers).to(accelerator.device)
         cache = dict(batch_size=cfg.per_device_eval_batch_size, device=accelerator.device,
                      pad_token_id=tokenizer.pad_token_id or 0)
-        uncached_train = train_data
-        train_data = task_model.cache(train_data, desc="Caching frozen features (train)", **cache)
-        cached_eval = [] if eval_data is None else task_model.cache(
-            eval_data, desc="Caching frozen features (validation)", **cache)
-        if eval_data is None:
-            check_cached_outputs(model, task_model, uncached_train, train_data, collator)
+        cached_train = task_model.cache(train_data, desc="Caching frozen features (train)", **cache)
+        if eval_data is None:  # checked on training examples when there is no validation split
+            cached_eval = []
+            check_cached_outputs(model, task_model, train_data, cached_train, collator)
         else:
+            cached_eval = task_model.cache(eval_data, desc="Caching frozen features (validation)", **cache)
             check_cached_outputs(model, task_model, eval_data, cached_eval, collator)
             eval_data = cached_eval
-        batch_collator = pad_features
+        train_data, batch_collator = cached_train, pad_features
         cache_seconds = time.time() - started
         megabytes = sum(x["features"].numel() * 4 for x in train_data + cached_eval) / 2**20
         logger.info("Cached the frozen bottom's outputs for %d examples (%.0f MB) in %.1f s.",
