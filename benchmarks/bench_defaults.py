@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--candidate", required=True, help="The candidate's options, as on the command line.")
     parser.add_argument("--base", default="", help="Options both tlnlp arms share, e.g. a user's frozen-bottom setting "
                         "('--freeze_layers 4 --head_hidden_sizes 64'); the candidate's come after them.")
+    parser.add_argument("--default_options", default="", help="Options the defaults' arm alone gets, to pin what "
+                        "the defaults leave to the machine: '--mixed_precision no' holds that arm at fp32 on a CPU "
+                        "where auto picks bf16, so it matches a --default_scores report made where auto gave fp32.")
     parser.add_argument("--name", default="candidate", help="A short name for the candidate, for the report.")
     parser.add_argument("--sets", default="all", help="Comma-separated built-in labeled sets (or folders holding "
                         "train.jsonl and test.jsonl); 'all': every built-in labeled set.")
@@ -230,20 +233,22 @@ def main(argv: list[str] | None = None) -> dict:
     sets = labeled_sets() if args.sets == "all" else args.sets.split(",")
     command = "python benchmarks/bench_defaults.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     output = Path(args.output)
-    report: dict = {"command": command, "candidate": args.candidate, "base": args.base, "name": args.name,
+    report: dict = {"command": command, "candidate": args.candidate, "base": args.base,
+                    "default_options": args.default_options, "name": args.name,
                     "labels": args.labels, "seeds": seeds, "encoder": args.model,
                     "max_seq_length": args.max_seq_length, "planned_sets": [Path(d).name for d in sets],
                     "sets": {}, "runs": []}
     done: dict[tuple[str, int, str], dict] = {}
     if output.exists():  # a stopped benchmark continues: the runs it finished are kept, not redone
         earlier = json.loads(output.read_text())
-        same = {k: earlier.get(k, "") for k in ("candidate", "base", "labels", "encoder", "max_seq_length")}
+        same = {k: earlier.get(k, "") for k in ("candidate", "base", "default_options", "labels", "encoder",
+                                                 "max_seq_length")}
         if same != {k: report[k] for k in same}:
             raise SystemExit(f"{output} holds another benchmark ({same}); give another --output.")
         done = {(r["set"], r["seed"], r["arm"]): r for r in earlier["runs"]}
         print(f"Continuing {output}: {len(done)} runs done.", flush=True)
     output.parent.mkdir(parents=True, exist_ok=True)
-    candidate, base = shlex.split(args.candidate), shlex.split(args.base)
+    candidate, base, default = shlex.split(args.candidate), shlex.split(args.base), shlex.split(args.default_options)
     earlier_stock = stock_from(Path(args.stock_scores), args.labels) if args.stock_scores else {}
     if earlier_stock:
         report["stock_scores_from"] = args.stock_scores
@@ -272,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
                         files = files or user_files(dataset, args.labels, seed, folder)
                         run = (stock_run(files, args.model, seed, args.max_seq_length, folder) if arm == "stock" else
                                tlnlp_run(files, args.model, seed, args.max_seq_length,
-                                         base + (candidate if arm == "candidate" else [])))
+                                         base + (candidate if arm == "candidate" else default)))
                         result = {"set": name, "seed": seed, "arm": arm, **run}
                         if arm == "default" and not checked and (name, seed) in earlier_defaults:
                             reused = earlier_defaults[(name, seed)]["accuracy"]

@@ -25,6 +25,23 @@ TOPICS = {
 COMMON = "the a of and in on with for is was to by at from this that it".split()
 
 
+def pytest_collection_modifyitems(config, items):
+    """The `heavy` runs first (a stable sort): under `-n 2` the longest runs then overlap one another, and the
+    many short tests fill both workers at the end, not one worker left running a long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one state per process, and an Accelerator made with other settings (a bf16 run, say)
+    refuses to start while an earlier test's state is alive: each test ends by clearing it, so no test depends
+    on which tests ran before it in the same worker."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def make_sentence(rng: random.Random, topic: str, words: int = 12) -> str:
     return " ".join(rng.choice(TOPICS[topic]) if rng.random() < 0.6 else rng.choice(COMMON) for _ in range(words))
 

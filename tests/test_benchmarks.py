@@ -270,9 +270,10 @@ def test_defaults_benchmark_runs_every_arm_on_each_set_and_writes_json_and_table
     bench = load_benchmark("bench_defaults")
     sets = [tiny_set(tmp_path / "set-a", 1), tiny_set(tmp_path / "set-b", 2)]
     output = tmp_path / "defaults.json"
+    # The defaults' arm pinned by --default_options (a floor of 50 steps in place of 100): that arm alone.
     report = bench.main(["--candidate", "--min_train_steps 0", "--sets", ",".join(map(str, sets)), "--seeds", "42",
                          "--labels", "60", "--max_seq_length", "32", "--model", str(tiny_mlm_dir),
-                         "--output", str(output)])
+                         "--default_options", "--min_train_steps 50", "--output", str(output)])
     saved = json.loads(output.read_text())
     assert saved["verdict"] == json.loads(json.dumps(report["verdict"]))
     assert {(r["set"], r["arm"]) for r in saved["runs"]} == {
@@ -282,13 +283,14 @@ def test_defaults_benchmark_runs_every_arm_on_each_set_and_writes_json_and_table
     # report must show.
     default, candidate = ([r for r in saved["runs"] if r["arm"] == arm and r["set"] == "set-a"][0]
                           for arm in ("default", "candidate"))
-    assert candidate["optimizer_steps"] < default["optimizer_steps"]
+    assert candidate["optimizer_steps"] < default["optimizer_steps"] < 100
+    assert saved["default_options"] == "--min_train_steps 50"
     table = output.with_suffix(".md").read_text()
     assert "| `set-a` |" in table and "| `set-b` |" in table and "Adoptable:" in table
     # Run again, it continues: every run is done, so nothing is trained and the report is the same.
     again = bench.main(["--candidate", "--min_train_steps 0", "--sets", ",".join(map(str, sets)), "--seeds", "42",
                         "--labels", "60", "--max_seq_length", "32", "--model", str(tiny_mlm_dir),
-                        "--output", str(output)])
+                        "--default_options", "--min_train_steps 50", "--output", str(output)])
     assert again["runs"] == saved["runs"]
     assert bench.markdown(bench.main(["--candidate", "-", "--output", str(output), "--table_only"])) == table.split(
         "\n\n", 1)[1].rstrip("\n")

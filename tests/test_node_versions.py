@@ -23,7 +23,8 @@ from conftest import REPO
 
 from tlnlp.core.config import cache_root
 
-pytestmark = pytest.mark.heavy
+# One worker builds the environment and runs every test that uses it (`-n 2 --dist loadgroup`).
+pytestmark = [pytest.mark.heavy, pytest.mark.xdist_group("node-env")]
 
 # As read on the GPU node (benchmarks/gpu_check.py's smoke stage records them again on every run there).
 NODE_VERSIONS = ["transformers==5.17.0", "accelerate==1.15.0", "huggingface_hub==1.33.0", "tokenizers==0.23.2",
