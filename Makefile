@@ -38,16 +38,21 @@ gpu-bundle: data
 gpu-bundle-local: data
 	$(PY) -m tlnlp.bundle --output .gpu-bundle-local $(BUNDLE_DATA)
 
+# Tests run in TEST_WORKERS processes (pytest-xdist): most tests wait on a one-thread subprocess, so two workers
+# keep both cores busy. `--dist loadgroup` keeps the tests that share the node-version environment on one worker.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
 # Everyday suite (under 10 minutes on 2 cores): everything but the `heavy` end-to-end runs.
 test: data
-	$(PY) -m pytest -q -m "not heavy"
+	$(PYTEST) -m "not heavy"
 
 # Everything, as CI runs it: adds two "nodes" on one machine, FSDP2 and DeepSpeed ZeRO-2 on 2 CPU processes,
 # a rank killed mid-run, torch.compile, the dry GPU check from the offline bundle, and the GPU node's library
 # versions in an environment of their own (about 18 more minutes). The slowest tests are listed at the end, to
 # keep the whole under CI's 30 minutes.
 test-all: data deepspeed gpu-bundle-local
-	$(PY) -m pytest -q --durations=15
+	$(PYTEST) --durations=15
 
 # Fixed-seed tiny runs of every stage and recipe, hashed against tests/golden.json (about 1 minute): run
 # before and after a restructuring; `--record` in place of `--check` writes a new baseline.
