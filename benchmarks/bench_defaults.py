@@ -4,7 +4,8 @@ Each set is run the way a user with N labels runs it: the N stratified labels ar
 nothing else (no validation file, so tlnlp holds out its own share of those labels), and the set's full
 test split scores the result. For each set and seed, in one process after another:
 
-default     `python -m tlnlp.finetune` with its defaults (only --max_seq_length set, as for every recipe);
+default     `python -m tlnlp.finetune` with its defaults (only --max_seq_length set, as for every recipe, and
+            --default_options where given);
 candidate   the same with the candidate's options (--candidate "--restore_best_model false");
 stock       the `run_glue_no_trainer.py` recipe on the same N labels (benchmarks/bench_finetune.py), for
             reference (--no_stock leaves it out).
