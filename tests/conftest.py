@@ -25,6 +25,16 @@ TOPICS = {
 COMMON = "the a of and in on with for is was to by at from this that it".split()
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker trains in-process with one torch thread: two workers with torch's default
+    of one thread per core would run four threads on two cores. (Subprocess runs set OMP_NUM_THREADS=1 already;
+    os.environ is left alone, so the tests of the launcher's thread count still see the user's environment.)"""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     """The `heavy` runs first (a stable sort): under `-n 2` the longest runs then overlap one another, and the
     many short tests fill both workers at the end, not one worker left running a long test alone."""
