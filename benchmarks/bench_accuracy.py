@@ -18,6 +18,8 @@ tlnlp-tapt     tlnlp with --continued_pretraining task: MiniLM continued on the 
 tlnlp-tapt-tsdae  the same with --continued_pretraining_objective tsdae (a denoising auto-encoder over
                sentences instead of MLM); opt-in.
 tlnlp-tapt-self  both: continued pretraining, then self-training.
+tlnlp-aux-mlm  tlnlp with --auxiliary_mlm task: an MLM loss on the set's training texts added to every
+               fine-tuning step (no separate stage 1); opt-in.
 tlnlp-dapt     --continued_pretraining on the set's unlabeled corpus (the one self-training reads); opt-in.
 tlnlp-search   tlnlp with --search_trials (Optuna TPE). The built-in sets have a validation split, and it
                scores the trials (cross-validation on the labels, --search_folds, is for sets without one).
@@ -55,7 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 RECIPES = ("stock", "setfit", "tlnlp", "tlnlp-tapt", "tlnlp-self", "tlnlp-tapt-self", "tlnlp-search")
-OPT_IN_RECIPES = ("tlnlp-self-similar", "tlnlp-tapt-tsdae", "tlnlp-dapt")
+OPT_IN_RECIPES = ("tlnlp-self-similar", "tlnlp-tapt-tsdae", "tlnlp-dapt", "tlnlp-aux-mlm")
 # Unlabeled text for self-training: the same kind of text as each labeled set, never its test split.
 # The sentence sets pseudo-label sentences, the paragraph set paragraphs.
 UNLABELED = {"wiki-topics": "wiki-leads", "wiki-uncertainty": "wiki-lead-sentences",
@@ -137,7 +139,7 @@ def run(recipe: str, dataset: str, labels: int, seed: int, length: int, trials: 
     tapt = ["--continued_pretraining", "task"]
     extra = {"tlnlp": [], "tlnlp-self": self_training, "tlnlp-tapt": tapt, "tlnlp-tapt-self": tapt + self_training,
              "tlnlp-tapt-tsdae": tapt + ["--continued_pretraining_objective", "tsdae"],
-             "tlnlp-dapt": ["--continued_pretraining", unlabeled],
+             "tlnlp-dapt": ["--continued_pretraining", unlabeled], "tlnlp-aux-mlm": ["--auxiliary_mlm", "task"],
              "tlnlp-self-similar": self_training + ["--unlabeled_selection", "similar"],
              "tlnlp-search": ["--search_trials", str(trials), "--search_folds", str(folds)]}[recipe]
     keep = Path(keep_runs) / dataset / recipe / f"seed{seed}" if keep_runs else None

@@ -396,6 +396,18 @@ class Stage2Config(TrainingConfig):
         "--early_stopping_patience, which pick one evaluated model instead.", 0.0
     )
 
+    auxiliary_mlm: str | None = _help(
+        "Add a masked-language-model loss on unlabeled text to fine-tuning's loss (Chronopoulou et al. 2019): "
+        "'task' (the texts of the training split, labeled or not), a text file, or a built-in/Hub data set; never "
+        "a validation or test text. Every training batch brings as many of these texts, masked as in BERT's "
+        "pretraining, whose tokens the encoder predicts through the checkpoint's MLM head (a new one, at the task "
+        "head's rate, if it has none). About twice the compute of a step; only the classifier is saved."
+    )
+    auxiliary_mlm_weight: float = _help(
+        "Weight of the auxiliary MLM loss, added to the task's loss at every step (the MLM loss starts near 10 "
+        "through a new head, several times a task's).", 0.1
+    )
+
     pseudo_labeled_file: str | None = _help(
         "Extra training rows whose labels a model predicted (self-training writes these): counted apart in "
         "all_results.json and named in the model card. Same format and columns as --train_file."
@@ -438,6 +450,15 @@ class Stage2Config(TrainingConfig):
         if self.cache_frozen_features and self.unfreeze_schedule:
             raise UserInputError(
                 "--cache_frozen_features cannot be combined with --unfreeze_schedule: thawed layers change their outputs."
+            )
+        if self.auxiliary_mlm == "":
+            raise UserInputError("--auxiliary_mlm needs a value: 'task', a text file or a data set name.")
+        if not self.auxiliary_mlm_weight > 0:
+            raise UserInputError(f"--auxiliary_mlm_weight must be greater than 0, got {self.auxiliary_mlm_weight:g}.")
+        if self.auxiliary_mlm and self.cache_frozen_features:
+            raise UserInputError(
+                "--auxiliary_mlm runs the whole encoder on its unlabeled texts; --cache_frozen_features skips the "
+                "frozen bottom for the labeled ones. Drop one of the two."
             )
         _ = self.head_hidden_sizes_list  # validates the format before any work starts
 

@@ -123,6 +123,14 @@ def _body(name: str, stage: str, cfg: dict, results: dict, metrics: dict, split:
         ]
         if adaptation:
             lines.append(_adaptation_line(adaptation))
+        if results.get("auxiliary_mlm"):
+            aux = results["auxiliary_mlm"]
+            head = "a new" if aux["head"] == "new" else "the checkpoint's"
+            lines.append(
+                f"- Auxiliary MLM loss: every training batch also had {aux['corpus']} ({aux['corpus_texts']:,} texts, "
+                f"never the validation or test texts) masked, and the loss added their masked-language-model loss "
+                f"at weight {aux['weight']:g} through {head} MLM head, which is not part of this model."
+            )
         if results.get("pseudo_labeled_rows"):
             lines.append(
                 f"- Pseudo-labels: {results['pseudo_labeled_rows']} of the training rows were labeled by a model, not "

@@ -44,7 +44,7 @@ from tlnlp.core.outputs import write_run_files
 from tlnlp.core.precision import fit_accelerator_to, resolve_mixed_precision
 from tlnlp.core.run import start_run
 from tlnlp.data import builtin
-from tlnlp.data.prepare import drop_blank_texts, ensure_validation, load_raw_datasets, resolve_text_column
+from tlnlp.data.corpus import Corpus, read_corpus
 from tlnlp.hub.card import write_card
 from tlnlp.models.modeling import check_tokenizer_and_length, load_model_tokenizer, mean_pooled_embeddings
 from tlnlp.stage1.pretrain import run_pretraining
@@ -57,12 +57,6 @@ CORPUS_FILE = "corpus.jsonl"  # the texts stage 1 read, kept beside the adapted 
 COMPLETE = "COMPLETE"
 STAGE1_SEED = 42  # fixed, so every fine-tuning seed shares one adapted encoder
 FEW_GATE_LABELS = 200  # below this, a difference of a few points between the encoders is noise
-
-
-@dataclasses.dataclass
-class Corpus:
-    texts: list[str]
-    source: str  # for logs and the card: "the task's training texts", "--continued_pretraining FILE"
 
 
 def check_model_has_mlm_class(cfg: FinetuneConfig) -> None:
@@ -86,46 +80,6 @@ def check_model_has_mlm_class(cfg: FinetuneConfig) -> None:
 def stage1_seq_len(cfg: FinetuneConfig, config) -> int:
     """The fine-tuning sequence length: stage 1 then learns from texts cut as stage 2 will see them."""
     return cfg.max_seq_length or min(DEFAULT_SEQ_LEN, config.max_position_embeddings)
-
-
-def read_corpus(cfg: FinetuneConfig, held_out_texts: set[str]) -> Corpus:
-    """The texts to continue pretraining on, without any validation or test text, or a clear error."""
-    value = cfg.continued_pretraining
-    if value == "task":
-        raw = read_labeled_splits(train_file=cfg.train_file, validation_file=cfg.validation_file,
-                                  dataset_name=cfg.dataset_name, dataset_config_name=cfg.dataset_config_name,
-                                  csv_delimiter=cfg.csv_delimiter)
-        # The same held-out validation split as fine-tuning's (same percentage, same seed).
-        train = ensure_validation(raw, cfg.validation_split_percentage, cfg.seed)["train"]
-        columns = [resolve_text_column(train, cfg.text_column)] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
-        source = "the task's training texts (TAPT)"
-    else:
-        is_file = Path(value).exists()
-        looks_like_a_path = bool(Path(value).suffix) or value.startswith((".", "/", "~"))
-        if not is_file and not builtin.is_builtin_dataset(value) and looks_like_a_path:
-            raise UserInputError(
-                f"--continued_pretraining {value!r}: no such file, and not a built-in data set "
-                f"({', '.join(d for d, v in builtin.DATASETS.items())}). Give 'task' (the training texts), a text "
-                "file (.txt, .csv, .json, .jsonl) or a data set name."
-            )
-        train = load_raw_datasets(train_file=value if is_file else None, validation_file=None,
-                                  dataset_name=None if is_file else value, dataset_config_name=None,
-                                  csv_delimiter=cfg.csv_delimiter, train_option="--continued_pretraining")["train"]
-        columns = [resolve_text_column(train, None, "--continued_pretraining's text column")]
-        source = f"{value} (DAPT)"
-    train = drop_blank_texts({"train": train}, columns[0])["train"]
-    texts = [t for column in columns for t in train[column] if isinstance(t, str) and t.strip()]
-    kept = [t for t in texts if t not in held_out_texts]
-    if len(kept) < len(texts):
-        logger.info("Continued pretraining: %d text(s) of the corpus are validation or test texts and were dropped.",
-                    len(texts) - len(kept))
-    if not kept:
-        raise UserInputError(
-            f"--continued_pretraining {value}: the corpus holds no text to pretrain on "
-            f"({len(texts)} non-blank text(s), {len(texts) - len(kept)} of them validation or test texts). "
-            "Give a corpus with unlabeled text of the task's kind."
-        )
-    return Corpus(kept, source)
 
 
 def cache_key(cfg: FinetuneConfig, corpus: Corpus, seq_len: int) -> str:
@@ -276,7 +230,7 @@ def adapt(cfg: FinetuneConfig, check_output: bool = True) -> tuple[FinetuneConfi
             )
         held_out = {t for split in ("validation", "test") if split in data.splits
                     for t in data.splits[split][data.text_column]}
-        corpus = read_corpus(cfg, held_out)
+        corpus = read_corpus(cfg, cfg.continued_pretraining, "--continued_pretraining", held_out)
     from transformers import AutoConfig
 
     seq_len = stage1_seq_len(cfg, AutoConfig.from_pretrained(builtin.resolve_model(cfg.model_name_or_path),

@@ -27,6 +27,7 @@ from tlnlp.core.loop import Task, default_param_groups, train
 from tlnlp.core.precision import fit_accelerator_to
 from tlnlp.core.run import preprocessing_done
 from tlnlp.data import builtin
+from tlnlp.data.corpus import read_corpus
 from tlnlp.data.prepare import (
     cached_map,
     check_label_sets,
@@ -47,6 +48,7 @@ from tlnlp.models.modeling import (
     load_model_tokenizer,
     sub_state_dict,
 )
+from tlnlp.stage2.auxiliary_mlm import ClassifierWithAuxiliaryMLM, check_mlm_class, with_auxiliary_mlm
 from tlnlp.stage2.metrics import decided_on, load_metric, selection_metric
 from tlnlp.stage2.sanity import sanity_baseline
 from tlnlp.stage2.transfer import (
@@ -141,6 +143,11 @@ def finetune(cfg: Stage2Config, accelerator, raw: DatasetDict, output_dir: Path,
     """One fine-tuning of the recipe `cfg` on the labeled splits `raw`, written to `output_dir`: the
     phases in order. `keep_model` False (a search fold) saves only the evaluation history."""
     fit_accelerator_to(accelerator, cfg)
+    if cfg.auxiliary_mlm:  # before the classifier is built: its architecture's own checks come later
+        from transformers import AutoConfig
+
+        check_mlm_class(AutoConfig.from_pretrained(builtin.resolve_model(cfg.model_name_or_path),
+                                                   trust_remote_code=cfg.trust_remote_code), cfg.model_name_or_path)
     set_seed(cfg.seed)  # each run starts the model initialisation and the data order from the seed
     data = prepare_labeled_data(cfg, raw, max_train_samples=max_train_samples,
                                 pseudo_labeled_file=pseudo_labeled_file, report_copies=report_copies)
@@ -155,6 +162,7 @@ def finetune(cfg: Stage2Config, accelerator, raw: DatasetDict, output_dir: Path,
     if "test" in tokenized:
         # The prepared model (FSDP gathers its shards in forward); the cached-feature wrapper reads features,
         # so the test split, which has none cached, goes through the plain classifier inside it.
+        # (The auxiliary-MLM wrapper is the classifier alone when no unlabeled batch is given.)
         test_model = engines.unwrap(accelerator, trained).model if cfg.cache_frozen_features else trained
         results.update(test(accelerator, test_model, classifier.tokenizer, tokenized["test"], data, output_dir,
                             cfg.per_device_eval_batch_size))
@@ -294,6 +302,8 @@ def fit(cfg: Stage2Config, accelerator, classifier: Classifier, data: LabeledDat
     def save(unwrapped, folder: Path, state_dict: dict) -> None:
         if isinstance(unwrapped, CachedFeatureClassifier):
             unwrapped, state_dict = unwrapped.model, sub_state_dict(state_dict, "model.")
+        if isinstance(unwrapped, ClassifierWithAuxiliaryMLM):  # the MLM head is a training aid: not saved
+            unwrapped, state_dict = unwrapped.classifier, sub_state_dict(state_dict, "classifier.")
         unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
 
@@ -322,6 +332,13 @@ def fit(cfg: Stage2Config, accelerator, classifier: Classifier, data: LabeledDat
                     len(train_data) + len(cached_eval), megabytes, cache_seconds)
 
     names, scales = data.label_names, classifier.lr_scales
+    add_unlabeled_batch, auxiliary = None, None
+    if cfg.auxiliary_mlm:
+        held_out = {t for split in ("validation", "test") if split in data.splits
+                    for t in data.splits[split][data.text_column]}
+        corpus = read_corpus(cfg, cfg.auxiliary_mlm, "--auxiliary_mlm", held_out)
+        task_model, add_unlabeled_batch, auxiliary = with_auxiliary_mlm(
+            cfg, model, tokenizer, corpus, classifier.max_seq_length, accelerator, scales)
     task = Task(
         model=task_model,
         train_dataset=train_data,
@@ -342,11 +359,14 @@ def fit(cfg: Stage2Config, accelerator, classifier: Classifier, data: LabeledDat
         min_train_steps=cfg.min_train_steps,
         average_last_epochs=cfg.average_last_epochs,
         before_optimizer_step=classifier.unfreeze,
+        on_batch=add_unlabeled_batch,
         summary={"task": f"{task_type} ({len(names)} labels)" if task_type != "regression" else "regression",
                  "start": classifier.report.source, "sequence length": classifier.max_seq_length},
     )
     results, trained = train(cfg, task, accelerator, output_dir=output_dir, checkpoints=keep_model)
     results["eval_examples"] = 0 if eval_data is None else len(eval_data)
+    if auxiliary:
+        results["auxiliary_mlm"] = {**auxiliary, "mean_mlm_loss": engines.unwrap(accelerator, trained).mean_mlm_loss()}
     if restore_best and eval_data is not None:
         warning = decided_on(
             "The best epoch (--restore_best_model)", len(eval_data),
