@@ -336,7 +336,8 @@ def fit(cfg: Stage2Config, accelerator, classifier: Classifier, data: LabeledDat
     if cfg.auxiliary_mlm:
         held_out = {t for split in ("validation", "test") if split in data.splits
                     for t in data.splits[split][data.text_column]}
-        corpus = read_corpus(cfg, cfg.auxiliary_mlm, "--auxiliary_mlm", held_out)
+        with first_on_each_node(accelerator):  # the first process of a machine prepares the data set cache
+            corpus = read_corpus(cfg, cfg.auxiliary_mlm, "--auxiliary_mlm", held_out)
         task_model, add_unlabeled_batch, auxiliary = with_auxiliary_mlm(
             cfg, model, tokenizer, corpus, classifier.max_seq_length, accelerator, scales)
     task = Task(
