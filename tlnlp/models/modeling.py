@@ -229,6 +229,19 @@ def load_mlm_model(name_or_path: str, trust_remote_code: bool = False) -> tuple[
     return model, LoadReport(name_or_path, missing, sorted(info["unexpected_keys"]))
 
 
+def require_masked_lm_class(config: transformers.PretrainedConfig, model_name: str, option: str,
+                            consequence: str) -> None:
+    """Before any work: refuse an architecture for which transformers has no masked-LM class (no MLM head)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "auto_map", {}).get("AutoModelForMaskedLM"):
+        raise UserInputError(
+            f"{option}: {model_name} is a {config.model_type!r} model, for which transformers has no "
+            f"masked-language-model class (AutoModelForMaskedLM), so {consequence}. Fine-tune it without {option}, "
+            "or start from an encoder such as BERT."
+        )
+
+
 def _mlm_head_prefixes(model: PreTrainedModel) -> tuple[str, ...]:
     prefix = model.base_model_prefix + "."
     names = {name.split(".")[0] + "." for name, _ in model.named_parameters() if not name.startswith(prefix)}

@@ -46,7 +46,12 @@ from tlnlp.core.run import start_run
 from tlnlp.data import builtin
 from tlnlp.data.corpus import Corpus, read_corpus
 from tlnlp.hub.card import write_card
-from tlnlp.models.modeling import check_tokenizer_and_length, load_model_tokenizer, mean_pooled_embeddings
+from tlnlp.models.modeling import (
+    check_tokenizer_and_length,
+    load_model_tokenizer,
+    mean_pooled_embeddings,
+    require_masked_lm_class,
+)
 from tlnlp.stage1.pretrain import run_pretraining
 from tlnlp.stage2.phases import DEFAULT_SEQ_LEN, prepare_labeled_data, read_labeled_splits
 
@@ -63,16 +68,11 @@ def check_model_has_mlm_class(cfg: FinetuneConfig) -> None:
     """Before any work: continued pretraining needs a masked-LM class for the checkpoint's architecture, and
     a tokenizer that fits its embeddings."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 
     source = builtin.resolve_model(cfg.model_name_or_path)
     config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-    if type(config) not in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "auto_map", {}).get("AutoModelForMaskedLM"):
-        raise UserInputError(
-            f"--continued_pretraining: {cfg.model_name_or_path} is a {config.model_type!r} model, for which transformers "
-            "has no masked-language-model class (AutoModelForMaskedLM), so it cannot be pretrained further with MLM. "
-            "Fine-tune it without --continued_pretraining, or start from an encoder such as BERT."
-        )
+    require_masked_lm_class(config, cfg.model_name_or_path, "--continued_pretraining",
+                            "it cannot be pretrained further with MLM")
     tokenizer = load_model_tokenizer(source, builtin.resolve_model(cfg.tokenizer_name, weights=False), cfg.trust_remote_code)
     check_tokenizer_and_length(config, tokenizer, stage1_seq_len(cfg, config))
 

@@ -29,7 +29,13 @@ from tlnlp.core.errors import UserInputError
 from tlnlp.data import builtin
 from tlnlp.data.corpus import Corpus
 from tlnlp.data.prepare import mask_batch, pad_for_masking
-from tlnlp.models.modeling import apply_lm_head, lm_head_names, load_mlm_model, quiet_transformers
+from tlnlp.models.modeling import (
+    apply_lm_head,
+    lm_head_names,
+    load_mlm_model,
+    quiet_transformers,
+    require_masked_lm_class,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +44,7 @@ MASKING_RATE = 0.15  # BERT's
 
 def check_mlm_class(config, model_name: str) -> None:
     """Before any work: the encoder's architecture needs a masked-LM class (for its MLM head)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
-
-    if type(config) not in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "auto_map", {}).get("AutoModelForMaskedLM"):
-        raise UserInputError(
-            f"--auxiliary_mlm: {model_name} is a {config.model_type!r} model, for which transformers has no "
-            "masked-language-model class (AutoModelForMaskedLM), so it has no MLM head to predict with. Fine-tune "
-            "without --auxiliary_mlm, or start from an encoder such as BERT."
-        )
+    require_masked_lm_class(config, model_name, "--auxiliary_mlm", "it has no MLM head to predict with")
 
 
 def check_mask_token(tokenizer, model_name: str) -> None:
