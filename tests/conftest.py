@@ -52,6 +52,14 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.fixture
+def one_thread_subprocesses(monkeypatch):
+    """For a test whose subprocess trains MiniLM: one thread, as `run_script` gives every launch. At torch's
+    default of a thread per core it meets the other test worker's run on the same two cores; so oversubscribed,
+    the README example took 498 s in a test-all run against 46 s alone (Intel Xeon, AMX)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 def make_sentence(rng: random.Random, topic: str, words: int = 12) -> str:
     return " ".join(rng.choice(TOPICS[topic]) if rng.random() < 0.6 else rng.choice(COMMON) for _ in range(words))
 

@@ -189,6 +189,7 @@ def test_accuracy_benchmark_refuses_a_recipe_that_needs_unlabeled_text_the_set_l
 
 
 @pytest.mark.heavy
+@pytest.mark.usefixtures("one_thread_subprocesses")
 def test_accuracy_benchmark_keeps_the_search_it_ran(tmp_path):
     bench = load_benchmark("bench_accuracy")
     report = bench.main(["--sets", "movie-sentences", "--recipes", "tlnlp-search", "--seeds", "42", "--labels", "40",

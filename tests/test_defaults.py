@@ -24,6 +24,7 @@ def two_topic_task(folder, labels: int = 200, test: int = 200, seed: int = 7):
 
 
 @pytest.mark.heavy
+@pytest.mark.usefixtures("one_thread_subprocesses")
 def test_a_200_label_frozen_bottom_run_with_an_mlp_head_learns_two_topics_at_the_defaults(tmp_path):
     """The case that used to end as a constant classifier without a warning (3 epochs: 36 optimizer steps at
     batch 16 left the head predicting Geography for everything); TF-IDF + logistic regression scores 0.96."""

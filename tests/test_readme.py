@@ -18,6 +18,7 @@ def readme_api_example() -> str:
 
 
 @pytest.mark.heavy  # MiniLM on 200 movie-review sentences, tested on 1,000: about a minute
+@pytest.mark.usefixtures("one_thread_subprocesses")
 def test_the_readme_api_example_runs_and_writes_a_run(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-c", readme_api_example()], cwd=tmp_path, capture_output=True, text=True,
