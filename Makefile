@@ -50,7 +50,7 @@ test: data
 
 # Everything, as CI runs it: adds two "nodes" on one machine, FSDP2 and DeepSpeed ZeRO-2 on 2 CPU processes,
 # a rank killed mid-run, torch.compile, the dry GPU check from the offline bundle, and the GPU node's library
-# versions in an environment of their own (27.6 minutes in all on two workers in the last clean-clone run).
+# versions in an environment of their own (31.2 minutes on two workers in the last clean-clone run, before its three MiniLM subprocesses got one thread each).
 # The slowest tests are listed at the end, to keep the whole under CI's 30 minutes.
 test-all: data deepspeed gpu-bundle-local
 	$(PYTEST) --durations=15
