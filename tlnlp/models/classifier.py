@@ -110,3 +110,8 @@ AutoConfig.register(TlnlpClassifierConfig.model_type, TlnlpClassifierConfig, exi
 AutoModelForSequenceClassification.register(TlnlpClassifierConfig, TlnlpForSequenceClassification, exist_ok=True)
 TlnlpClassifierConfig.register_for_auto_class()
 TlnlpForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+
+def encoder_config(model: PreTrainedModel) -> PretrainedConfig:
+    """The encoder's own config of a classifier: a tlnlp head keeps it nested, a stock head is the encoder's."""
+    return model.config.encoder_config() if hasattr(model.config, "encoder_config") else model.config

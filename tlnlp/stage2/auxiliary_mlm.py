@@ -29,6 +29,7 @@ from tlnlp.core.errors import UserInputError
 from tlnlp.data import builtin
 from tlnlp.data.corpus import Corpus
 from tlnlp.data.prepare import mask_batch, pad_for_masking
+from tlnlp.models.classifier import encoder_config
 from tlnlp.models.modeling import (
     apply_lm_head,
     lm_head_names,
@@ -51,10 +52,6 @@ def check_mask_token(tokenizer, model_name: str) -> None:
     if tokenizer.mask_token is None:
         raise UserInputError(f"--auxiliary_mlm: the tokenizer of {model_name} has no mask token, so its texts cannot "
                              "be masked. Use the checkpoint's own tokenizer, or fine-tune without --auxiliary_mlm.")
-
-
-def encoder_config(model):
-    return model.config.encoder_config() if hasattr(model.config, "encoder_config") else model.config
 
 
 class ClassifierWithAuxiliaryMLM(nn.Module):

@@ -41,6 +41,7 @@ from tlnlp.data.prepare import (
     tokenize_labeled,
     tokenizer_fingerprint,
 )
+from tlnlp.models.classifier import encoder_config
 from tlnlp.models.modeling import (
     check_tokenizer_and_length,
     count_parameters,
@@ -236,7 +237,7 @@ def make_classifier(cfg: Stage2Config, data: LabeledData) -> Classifier:
         source, num_labels=len(names), id2label=dict(enumerate(names)), task_type=data.task_type, head=head,
         from_scratch=cfg.from_scratch, trust_remote_code=cfg.trust_remote_code,
     )
-    limit = model.config.encoder_config() if hasattr(model.config, "encoder_config") else model.config
+    limit = encoder_config(model)
     max_seq_length = cfg.max_seq_length or min(DEFAULT_SEQ_LEN, limit.max_position_embeddings)
     check_tokenizer_and_length(limit, tokenizer, max_seq_length, need_mask=False)
     return Classifier(model, tokenizer, report, max_seq_length)
