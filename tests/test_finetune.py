@@ -1,6 +1,7 @@
 """Stage 2: head surgery, freezing, learning rates, early stopping, round trips and bad input."""
 
 import json
+import logging
 import math
 import os
 import re
@@ -470,9 +471,24 @@ def test_eval_history_counts_epochs_by_the_optimizer_steps(tiny_mlm_dir, labeled
     assert [(h["step"], h["epoch"]) for h in history] == [(6, 0.5), (12, 1)]
 
 
+def test_cut_texts_are_counted_and_warned_of_only_when_most_are_cut_and_the_model_reads_more(caplog):
+    from tlnlp.stage2.phases import report_cut_texts
+
+    caplog.set_level(logging.INFO)
+    mostly_short = [[1] * 10, [1] * 10, [1] * 10, [1] * 128]
+    assert report_cut_texts(mostly_short, 128, 512) is None
+    assert "1 of 4 training texts (25%) reach --max_seq_length 128" in caplog.text and "WARNING" not in caplog.text
+    mostly_long = [[1] * 10, [1] * 128, [1] * 128]
+    warning = report_cut_texts(mostly_long, 128, 512)
+    assert warning.startswith("67% of the training texts are longer than --max_seq_length 128")
+    assert "--max_seq_length 512 (the model's limit)" in warning and warning in caplog.text
+    assert report_cut_texts(mostly_long, 128, 128) is None  # the model reads no more: nothing to offer
+
+
 def test_a_decision_on_few_validation_examples_warns_and_names_the_fix(caplog):
     from tlnlp.stage2.metrics import SMALL_VALIDATION, decided_on
 
+    caplog.set_level(logging.INFO)  # on its own, before any run has set up logging, INFO is below the root's level
     assert decided_on("The best epoch", SMALL_VALIDATION, "Use more.") is None
     assert "decided on 200 validation examples" in caplog.text and "WARNING" not in caplog.text
     warning = decided_on("The best epoch", 50, "Give a --validation_file.")
