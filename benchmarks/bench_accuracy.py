@@ -88,6 +88,7 @@ def run_record(results: dict) -> dict:
     if adaptation:
         record["stage1"] = {"minutes": adaptation["stage1_minutes"], "kept": adaptation["kept"],
                             "probe_difference": adaptation["probe_difference"],
+                            "probe_difference_standard_error": adaptation["probe_difference_standard_error"],
                             "reused_from_cache": adaptation["reused_from_cache"]}
     return record
 

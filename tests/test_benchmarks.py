@@ -251,9 +251,10 @@ def test_a_tlnlp_runs_record_keeps_what_stage_1_cost_and_the_gates_decision():
     assert bench.run_record({"test_accuracy": 0.8}) == {"accuracy": 0.8}
     results = {"test_accuracy": 0.81, "continued_pretraining": {
         "stage1_minutes": 13.4, "minutes": 0.1, "kept": "original", "probe_difference": 0.012,
-        "reused_from_cache": True, "perplexity": 40.0}}
+        "probe_difference_standard_error": 0.006, "reused_from_cache": True, "perplexity": 40.0}}
     assert bench.run_record(results) == {"accuracy": 0.81, "stage1": {
-        "minutes": 13.4, "kept": "original", "probe_difference": 0.012, "reused_from_cache": True}}
+        "minutes": 13.4, "kept": "original", "probe_difference": 0.012, "probe_difference_standard_error": 0.006,
+        "reused_from_cache": True}}
 
 
 def tiny_set(folder, seed: int):
