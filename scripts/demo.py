@@ -2,8 +2,8 @@
 
 1. Stage 1: the MiniLM encoder is pretrained further (MLM) on the task's own texts, the `wiki-topics`
    training articles, never the validation or test ones (`--continued_pretraining task`: a head-only
-   warm-up for MiniLM's missing MLM head, layer-wise decay, kept only if a cross-validated probe on the
-   training labels finds it better).
+   warm-up for MiniLM's missing MLM head, layer-wise decay, kept unless a cross-validated probe on the
+   training labels finds it worse).
 2. Stage 2: fine-tune on 1,000 stratified `wiki-topics` labels from four starting points: MiniLM after
    stage 1, MiniLM as it is, MiniLM with its bottom 4 layers frozen, and MiniLM's architecture from scratch.
 3. Baselines on the same 1,000 labels: TF-IDF + logistic regression, and logistic regression on

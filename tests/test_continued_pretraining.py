@@ -145,7 +145,22 @@ def test_the_gate_keeps_the_original_when_the_adapted_encoder_scores_lower(tmp_p
     assert record["probe_accuracy_adapted"] == pytest.approx(record["probe_accuracy_original"] - 0.2)
     config = (tmp_path / "o" / "training_config.yaml").read_text()
     assert f"model_name_or_path: {headless_dir}" in config  # fine-tuned from the original
-    assert "the original encoder was kept" in (tmp_path / "o" / "README.md").read_text()
+    assert record["gate_rule"] == "unless_worse"
+    assert "the original encoder was kept (rule: unless_worse)" in (tmp_path / "o" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("difference, if_better, unless_worse", [
+    (0.02, True, True),     # ahead by more than the noise
+    (0.005, False, True),   # ahead, within the noise
+    (-0.005, False, True),  # behind, within the noise
+    (-0.02, False, False),  # behind by more than the noise
+])
+def test_the_gate_rules_read_the_probe_difference_against_its_standard_error(difference, if_better, unless_worse):
+    assert cp.keeps_adapted("if_better", difference, 0.01) is if_better
+    assert cp.keeps_adapted("unless_worse", difference, 0.01) is unless_worse
+    assert cp.keeps_adapted("always", difference, 0.01)
+    # One fold (no standard error): the sign decides.
+    assert cp.keeps_adapted("unless_worse", 0.0, float("nan")) and not cp.keeps_adapted("if_better", 0.0, float("nan"))
 
 
 def test_probe_scores_separate_separable_classes():

@@ -65,8 +65,7 @@ def build_card(output_dir: Path, repo_id: str | None = None) -> ModelCard:
 
 
 def _adaptation_line(record: dict) -> str:
-    kept = ("the adapted encoder was kept" if record["kept"] == "adapted" else
-            "the original encoder was kept, the adapted one scoring no higher")
+    kept = f"the {record['kept']} encoder was kept" + (f" (rule: {record['gate_rule']})" if "gate_rule" in record else "")
     return (
         f"- Continued pretraining: `{record['original_encoder']}` was first pretrained further ("
         f"{get_objective(record.get('objective', 'mlm')).card_description}, {record['steps']} steps) on "
