@@ -87,7 +87,10 @@ def test_a_killed_search_resumes_without_redoing_finished_trials(tiny_mlm_dir, l
     def finished() -> int:
         if not journal.exists():
             return 0
-        study = optuna.load_study(study_name="tlnlp", storage=JournalStorage(JournalFileBackend(str(journal))))
+        try:
+            study = optuna.load_study(study_name="tlnlp", storage=JournalStorage(JournalFileBackend(str(journal))))
+        except KeyError:  # the journal file is there before the record that creates the study is written
+            return 0
         return len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
 
     while time.time() < deadline and process.poll() is None and finished() < 1:
