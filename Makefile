@@ -43,7 +43,7 @@ gpu-bundle-local: data
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
-# Everyday suite: everything but the `heavy` end-to-end runs (8 min 6 s on 2 cores, two workers of one torch
+# Everyday suite: everything but the `heavy` end-to-end runs (7 min 20 s on 2 cores, two workers of one torch
 # thread each, last measured; the goal is under 10).
 test: data
 	$(PYTEST) -m "not heavy"
