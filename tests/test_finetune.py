@@ -475,17 +475,17 @@ def test_cut_texts_are_counted_and_warned_of_only_when_most_are_cut_and_the_mode
     from tlnlp.stage2.phases import report_cut_texts
 
     caplog.set_level(logging.INFO)
-    mostly_short = [[1] * 10, [1] * 10, [1] * 10, [1] * 128]
+    mostly_short = [10, 10, 10, 128]
     assert report_cut_texts(mostly_short, 128, 512) is None
     assert "1 of 4 training texts (25%) reach --max_seq_length 128" in caplog.text and "WARNING" not in caplog.text
-    mostly_long = [[1] * 10, [1] * 128, [1] * 128]
+    mostly_long = [10, 128, 128]
     warning = report_cut_texts(mostly_long, 128, 512)
     assert warning.startswith("67% of the training texts are longer than --max_seq_length 128")
     assert "--max_seq_length 512 reads more of them" in warning and warning in caplog.text
     assert "--max_seq_length 256 reads more" in report_cut_texts(mostly_long, 128, 256)  # at most the model's limit
     assert "--max_seq_length 512 reads more" in report_cut_texts(mostly_long, 128, 8192)  # the length measured
     assert report_cut_texts(mostly_long, 128, 128) is None  # the model reads no more: nothing to offer
-    assert report_cut_texts([[1] * 512] * 3, 512, 8192) is None  # all cut, but already at the longer length
+    assert report_cut_texts([512] * 3, 512, 8192) is None  # all cut, but already at the longer length
 
 
 def test_a_decision_on_few_validation_examples_warns_and_names_the_fix(caplog):

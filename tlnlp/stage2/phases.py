@@ -282,10 +282,7 @@ def tokenize(classifier: Classifier, data: LabeledData, cache_dir: Path, folder:
     key = {"tokenizer": tokenizer_fingerprint(tokenizer), "text": data.text_column, "pair": data.text_pair_column,
            "label": data.label_column, "len": length, "task": data.task_type, "labels": data.label_names,
            "stage": "cls"}
-    tokenized = cached_map(data.splits, build, key, cache_dir, folder)
-    if "train" in tokenized:
-        report_cut_texts(tokenized["train"]["input_ids"], length, encoder_config(classifier.model).max_position_embeddings)
-    return tokenized
+    return cached_map(data.splits, build, key, cache_dir, folder)
 
 
 # Warn when at least this share of the training texts is cut to the sequence length: then most of the text is
@@ -295,12 +292,13 @@ MOSTLY_CUT = 0.5
 READ_MORE = 512
 
 
-def report_cut_texts(input_ids: list[list[int]], max_seq_length: int, model_limit: int) -> str | None:
-    """Log how many training texts reach the sequence length, and so were cut (or are exactly that long);
-    when most were and the model reads more, return (and log) a warning that names the option."""
-    cut = sum(len(ids) >= max_seq_length for ids in input_ids)
-    share = cut / max(len(input_ids), 1)
-    logger.info("%d of %d training texts (%.0f%%) reach --max_seq_length %d and are cut to it.", cut, len(input_ids),
+def report_cut_texts(lengths: list[int], max_seq_length: int, model_limit: int) -> str | None:
+    """Log how many training texts (their token counts, as tokenized) reach the sequence length, and so were
+    cut (or are exactly that long); when most were and the model reads more, return (and log) a warning that
+    names the option."""
+    cut = sum(length >= max_seq_length for length in lengths)
+    share = cut / max(len(lengths), 1)
+    logger.info("%d of %d training texts (%.0f%%) reach --max_seq_length %d and are cut to it.", cut, len(lengths),
                 100 * share, max_seq_length)
     longer = min(READ_MORE, model_limit)
     if share < MOSTLY_CUT or max_seq_length >= longer:
@@ -340,6 +338,7 @@ def fit(cfg: Stage2Config, accelerator, classifier: Classifier, data: LabeledDat
     train_data = tokenized["train"]
     eval_data = sorted_by_length(tokenized["validation"]) if "validation" in tokenized else None
     train_lengths = [len(ids) for ids in train_data["input_ids"]]
+    report_cut_texts(train_lengths, classifier.max_seq_length, encoder_config(model).max_position_embeddings)
     task_model, batch_collator, cache_seconds = model, collator, 0.0
     if cfg.cache_frozen_features:
         started = time.time()
