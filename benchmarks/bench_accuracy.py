@@ -14,13 +14,14 @@ tlnlp-self     tlnlp with self-training on the set's unlabeled text (--unlabeled
 tlnlp-self-similar  the same with --unlabeled_selection similar (the unlabeled texts most like the labeled
                ones); not in the default list.
 tlnlp-tapt     tlnlp with --continued_pretraining task: MiniLM continued on the set's training texts first,
-               kept only if the gate finds it better (tlnlp.recipes.continued_pretraining).
+               fine-tuned unless the gate finds it damaged (tlnlp.recipes.continued_pretraining).
 tlnlp-tapt-tsdae  the same with --continued_pretraining_objective tsdae (a denoising auto-encoder over
                sentences instead of MLM); opt-in.
 tlnlp-tapt-self  both: continued pretraining, then self-training.
 tlnlp-aux-mlm  tlnlp with --auxiliary_mlm task: an MLM loss on the set's training texts added to every
                fine-tuning step (no separate stage 1); opt-in.
 tlnlp-dapt     --continued_pretraining on the set's unlabeled corpus (the one self-training reads); opt-in.
+tlnlp-dapt-tapt  --continued_pretraining CORPUS+task: that corpus, then the set's training texts; opt-in.
 tlnlp-search   tlnlp with --search_trials (Optuna TPE). The built-in sets have a validation split, and it
                scores the trials (cross-validation on the labels, --search_folds, is for sets without one).
 
@@ -57,13 +58,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 RECIPES = ("stock", "setfit", "tlnlp", "tlnlp-tapt", "tlnlp-self", "tlnlp-tapt-self", "tlnlp-search")
-OPT_IN_RECIPES = ("tlnlp-self-similar", "tlnlp-tapt-tsdae", "tlnlp-dapt", "tlnlp-aux-mlm")
+OPT_IN_RECIPES = ("tlnlp-self-similar", "tlnlp-tapt-tsdae", "tlnlp-dapt", "tlnlp-dapt-tapt", "tlnlp-aux-mlm")
 # Unlabeled text for self-training: the same kind of text as each labeled set, never its test split.
 # The sentence sets pseudo-label sentences, the paragraph set paragraphs.
 UNLABELED = {"wiki-topics": "wiki-leads", "wiki-uncertainty": "wiki-lead-sentences",
              "movie-sentences": "movie-review-sentences", "speech-eras": "speech-passages",
              "brown-genres": "brown-passages"}
-NEEDS_UNLABELED = ("tlnlp-self", "tlnlp-tapt-self", "tlnlp-dapt", "tlnlp-self-similar")
+NEEDS_UNLABELED = ("tlnlp-self", "tlnlp-tapt-self", "tlnlp-dapt", "tlnlp-dapt-tapt", "tlnlp-self-similar")
 
 
 def tlnlp_run(dataset: str, labels: int, seed: int, length: int, extra: list[str], keep: Path | None = None) -> dict:
@@ -140,7 +141,8 @@ def run(recipe: str, dataset: str, labels: int, seed: int, length: int, trials: 
     tapt = ["--continued_pretraining", "task"]
     extra = {"tlnlp": [], "tlnlp-self": self_training, "tlnlp-tapt": tapt, "tlnlp-tapt-self": tapt + self_training,
              "tlnlp-tapt-tsdae": tapt + ["--continued_pretraining_objective", "tsdae"],
-             "tlnlp-dapt": ["--continued_pretraining", unlabeled], "tlnlp-aux-mlm": ["--auxiliary_mlm", "task"],
+             "tlnlp-dapt": ["--continued_pretraining", unlabeled],
+             "tlnlp-dapt-tapt": ["--continued_pretraining", f"{unlabeled}+task"], "tlnlp-aux-mlm": ["--auxiliary_mlm", "task"],
              "tlnlp-self-similar": self_training + ["--unlabeled_selection", "similar"],
              "tlnlp-search": ["--search_trials", str(trials), "--search_folds", str(folds)]}[recipe]
     keep = Path(keep_runs) / dataset / recipe / f"seed{seed}" if keep_runs else None

@@ -127,6 +127,39 @@ def test_tapt_reads_only_training_texts_caches_and_records_the_gate(tmp_path, la
     assert weights.stat().st_mtime_ns == mtime
 
 
+def test_corpora_joined_by_plus_run_in_turn_each_cached_alone(tmp_path, labeled_files, headless_dir, corpus_file,
+                                                               cache_dir):
+    """DAPT then TAPT: the second phase starts from the first phase's encoder (its MLM head included, so no
+    warm-up), reads only the training texts, and a second run reuses both phases."""
+    chain = f"{corpus_file}+task"
+    record = main(parse_config(FinetuneConfig, finetune_args(labeled_files, headless_dir, tmp_path / "a", cache_dir,
+                                                             "--continued_pretraining", chain)))["continued_pretraining"]
+    dapt, tapt = record["phases"]
+    assert dapt["corpus"].endswith("(DAPT)") and tapt["corpus"] == "the task's training texts (TAPT)"
+    assert dapt["head_warmup_steps"] == 3 and tapt["head_warmup_steps"] == 0
+    assert record["adapted_encoder"] == tapt["adapted_encoder"] != dapt["adapted_encoder"]
+    assert record["steps"] == 12 and record["corpus_texts"] == dapt["corpus_texts"] + tapt["corpus_texts"]
+    second_phase = json.loads((cp.Path(tapt["adapted_encoder"]) / "all_results.json").read_text())
+    assert second_phase["continued_from"] == dapt["adapted_encoder"]
+    corpus = [json.loads(line)["text"] for line in (cp.Path(tapt["adapted_encoder"]) / cp.CORPUS_FILE).read_text().splitlines()]
+    assert sorted(corpus) == sorted(row.split(",", 1)[0] for row in labeled_files["train"].read_text().splitlines()[1:])
+    assert "then the task's training texts" in (tmp_path / "a" / "README.md").read_text()
+
+    again = main(parse_config(FinetuneConfig, finetune_args(labeled_files, headless_dir, tmp_path / "b", cache_dir,
+                                                            "--continued_pretraining", chain, "--seed", "7")))
+    assert again["continued_pretraining"]["reused_from_cache"]
+    assert [p["adapted_encoder"] for p in again["continued_pretraining"]["phases"]] == [dapt["adapted_encoder"],
+                                                                                         tapt["adapted_encoder"]]
+
+
+@pytest.mark.parametrize("chain", ["task+task", "task+", "+task"])
+def test_a_bad_chain_of_corpora_is_refused(tmp_path, labeled_files, headless_dir, cache_dir, chain):
+    with pytest.raises(UserInputError, match="joined by '\\+' run in turn"):
+        main(parse_config(FinetuneConfig, finetune_args(labeled_files, headless_dir, tmp_path / "x", cache_dir,
+                                                        "--continued_pretraining", chain)))
+    assert not (tmp_path / "x").exists()
+
+
 def test_the_gate_keeps_the_original_when_the_adapted_encoder_scores_lower(tmp_path, labeled_files, headless_dir,
                                                                           cache_dir, monkeypatch):
     real = cp.probe_scores

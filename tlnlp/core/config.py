@@ -578,18 +578,22 @@ class ContinuedPretrainingOptions:
     """Continued pretraining before fine-tuning (`tlnlp.recipes.continued_pretraining`)."""
 
     continued_pretraining: str | None = _help(
-        "Continue the encoder's MLM pretraining before fine-tuning: 'task' (TAPT: the texts of the training split, "
+        "Continue the encoder's pretraining before fine-tuning: 'task' (TAPT: the texts of the training split, "
         "labeled or not, never the validation or test texts), a text file, or a built-in/Hub data set (DAPT: its "
-        "train split). Runs stage 1's code, caches the adapted encoder by its inputs (a second seed or a search "
-        "reuses it), and keeps it only if it scores above the original on the training labels (frozen features, "
-        "--continued_pretraining_folds-fold cross-validation); all_results.json and the model card record both."
+        "train split); several joined by '+' run in turn ('speech-passages+task': DAPT, then TAPT). Runs stage 1's "
+        "code, caches the adapted encoder by its inputs (a second seed or a search reuses it), and scores it "
+        "against the original on the training labels (frozen features, --continued_pretraining_folds-fold "
+        "cross-validation) to decide which is fine-tuned (--keep_adapted_encoder); all_results.json and the "
+        "model card record both scores."
     )
     continued_pretraining_objective: Literal["mlm", "tsdae"] = _help(
         "The continued pretraining's objective (stage 1's --objective): mlm, masked-language modelling; tsdae, "
         "a denoising auto-encoder over sentences that trains the mean-pooled sentence vector directly (Wang et al. "
         "2021), for sentence-embedding checkpoints such as minilm-l6 (docs/stage1.md compares them).", "mlm"
     )
-    continued_pretraining_steps: int = _help("Optimizer steps of the continued pretraining.", 300)
+    continued_pretraining_steps: int = _help(
+        "Optimizer steps of the continued pretraining (of each corpus, when several are joined by '+').", 300
+    )
     continued_pretraining_learning_rate: float = _help(
         "Peak learning rate of the continued pretraining, for the top encoder layer; lower layers get less "
         "(--continued_pretraining_layer_decay), so what the checkpoint learned is kept.", 5e-5

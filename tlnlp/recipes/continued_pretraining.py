@@ -5,7 +5,9 @@
 
 - The corpus: `task` (TAPT) is the texts of the training split, labeled or not, after the validation split
   is held out; a file or a data set (DAPT) is its train split. Texts that are exactly a validation or test
-  text are always dropped from it, so the adapted encoder never saw what it is judged on.
+  text are always dropped from it, so the adapted encoder never saw what it is judged on. Corpora joined by
+  `+` run in turn, each continuing the encoder the one before it made: `speech-passages+task` is DAPT then
+  TAPT, Gururangan et al.'s best combination.
 - Stage 1 runs through stage 1's own code (`tlnlp.stage1.pretrain.run_pretraining`) on the process's
   Accelerator: MLM, line by line at the fine-tuning sequence length. A checkpoint without an MLM head
   gets a head-only warm-up and the new head a higher learning rate; layer-wise decay of the learning rate
@@ -237,29 +239,57 @@ def adapt(cfg: FinetuneConfig, check_output: bool = True) -> tuple[FinetuneConfi
             )
         held_out = {t for split in ("validation", "test") if split in data.splits
                     for t in data.splits[split][data.text_column]}
-        corpus = read_corpus(cfg, cfg.continued_pretraining, "--continued_pretraining", held_out)
+        # Every corpus is read before any training, so a bad one in a chain is refused before the first trains.
+        corpora = [read_corpus(cfg, value, "--continued_pretraining", held_out)
+                   for value in corpus_chain(cfg.continued_pretraining)]
     from transformers import AutoConfig
 
     seq_len = stage1_seq_len(cfg, AutoConfig.from_pretrained(builtin.resolve_model(cfg.model_name_or_path),
                                                              trust_remote_code=cfg.trust_remote_code))
     started = time.perf_counter()
-    folder, stage1, reused = adapted_encoder(cfg, accelerator, corpus, seq_len)
+    phases, start = [], cfg
+    for corpus in corpora:  # each phase continues the encoder the phase before it made, and is cached alone
+        folder, stage1, reused = adapted_encoder(start, accelerator, corpus, seq_len)
+        phases.append({
+            "corpus": corpus.source, "corpus_texts": len(corpus.texts), "reused_from_cache": reused,
+            "head_warmup_steps": stage1.get("head_warmup_steps", 0), "perplexity": stage1.get("eval_perplexity"),
+            # Stage 1's own training time, also when the encoder came from the cache.
+            "stage1_minutes": round(stage1.get("train_runtime_s", 0.0) / 60, 2), "adapted_encoder": str(folder),
+        })
+        start = dataclasses.replace(start, model_name_or_path=str(folder))
     minutes = (time.perf_counter() - started) / 60
     original = builtin.resolve_model(cfg.model_name_or_path)
     decision = from_main_process(accelerator, gate(cfg, data, original, str(folder), seq_len)
                                  if accelerator.is_main_process else None)
     record = {
-        "objective": cfg.continued_pretraining_objective, "corpus": corpus.source, "corpus_texts": len(corpus.texts),
-        "steps": cfg.continued_pretraining_steps,
-        "head_warmup_steps": stage1.get("head_warmup_steps", 0),
-        "perplexity": stage1.get("eval_perplexity"),
-        "minutes": round(minutes, 2), "reused_from_cache": reused, "adapted_encoder": str(folder),
-        # Stage 1's own training time, also when the encoder came from the cache (`minutes` is then the lookup).
-        "stage1_minutes": round(stage1.get("train_runtime_s", 0.0) / 60, 2),
+        "objective": cfg.continued_pretraining_objective, "corpus": ", then ".join(p["corpus"] for p in phases),
+        "corpus_texts": sum(p["corpus_texts"] for p in phases),
+        "steps": cfg.continued_pretraining_steps * len(phases),
+        "head_warmup_steps": phases[0]["head_warmup_steps"], "perplexity": phases[-1]["perplexity"],
+        # `minutes` is this run's (a lookup when every phase came from the cache); `stage1_minutes` what
+        # stage 1 cost when it trained.
+        "minutes": round(minutes, 2), "reused_from_cache": all(p["reused_from_cache"] for p in phases),
+        "adapted_encoder": str(folder), "stage1_minutes": round(sum(p["stage1_minutes"] for p in phases), 2),
         "original_encoder": cfg.model_name_or_path, **decision,
     }
+    if len(phases) > 1:
+        record["phases"] = phases
     chosen = str(folder) if decision["kept"] == "adapted" else cfg.model_name_or_path
     return dataclasses.replace(cfg, model_name_or_path=chosen), record
+
+
+def corpus_chain(value: str) -> list[str]:
+    """The corpora of --continued_pretraining, in the order they run: `a+b` is a, then b (a file whose name
+    holds a `+` is one corpus)."""
+    if Path(value).exists():
+        return [value]
+    chain = [part.strip() for part in value.split("+")]
+    if not all(chain) or len(set(chain)) < len(chain):
+        raise UserInputError(
+            f"--continued_pretraining {value!r}: corpora joined by '+' run in turn, each once and none empty; for "
+            "example 'speech-passages+task' continues on the domain's texts, then on the task's (DAPT + TAPT)."
+        )
+    return chain
 
 
 def record_in_run(output_dir: Path, record: dict[str, Any], hub_model_id: str | None) -> None:
