@@ -151,8 +151,10 @@ def run(recipe: str, dataset: str, labels: int, seed: int, length: int, trials: 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sets", default="wiki-topics,movie-sentences,wiki-uncertainty,speech-eras")
-    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--sets", help="Sets to run (default: wiki-topics,movie-sentences,wiki-uncertainty,"
+                        "speech-eras); with --merge, the sets the report keeps, in this order (default: all).")
+    parser.add_argument("--recipes", help=f"Recipes to run (default: {','.join(RECIPES)}); with --merge, the "
+                        "recipes the report keeps (default: all).")
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--labels", type=int, default=1000)
     parser.add_argument("--max_seq_length", type=int, default=128)
@@ -171,9 +173,12 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python benchmarks/bench_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.merge:
         report = {"command": command, **merge([Path(part) for part in args.merge])}
+        report["sets"] = select(report["sets"], args.sets, args.recipes)
         write(report, Path(args.output))
         print(markdown(report))
         return report
+    args.sets = args.sets or "wiki-topics,movie-sentences,wiki-uncertainty,speech-eras"
+    args.recipes = args.recipes or ",".join(RECIPES)
     missing = [f"{recipe} on {dataset}" for dataset in args.sets.split(",") for recipe in args.recipes.split(",")
                if recipe in NEEDS_UNLABELED and dataset not in UNLABELED]
     if missing:
@@ -237,6 +242,18 @@ def merge(parts: list[Path]) -> dict:
                       [by_seed[s][3] for s in seeds]),
             "seeds": seeds, "parts": [by_seed[s][2] for s in seeds]}
     return merged
+
+
+def select(sets: dict, wanted_sets: str | None, wanted_recipes: str | None) -> dict:
+    """A merged report's tables, cut to the sets (in the order given) and recipes asked for: parts that ran
+    other recipes beside the ones wanted (an older default, say) can then feed a report without them."""
+    names = wanted_sets.split(",") if wanted_sets else list(sets)
+    unknown = [name for name in names if name not in sets]
+    if unknown:
+        raise SystemExit(f"--sets {', '.join(unknown)}: no part ran it (the parts ran {', '.join(sets)}).")
+    recipes = set(wanted_recipes.split(",")) if wanted_recipes else None
+    return {name: {r: result for r, result in sets[name].items() if recipes is None or r in recipes}
+            for name in names}
 
 
 def ordered_recipes(report: dict) -> list[str]:

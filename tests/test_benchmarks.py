@@ -245,6 +245,13 @@ def test_accuracy_parts_merge_into_one_report_where_a_rerun_supersedes(tmp_path)
     assert "stage1" not in report["sets"]["a"]["tlnlp"]
     assert output.with_name("merged_stage1.png").stat().st_size > 0
 
+    # --sets and --recipes cut a merged report to what was asked, in the order given.
+    report = bench.main(["--merge", str(first), str(more), "--sets", "b,a", "--recipes", "stock",
+                         "--output", str(output)])
+    assert list(report["sets"]) == ["b", "a"] and all(list(t) == ["stock"] for t in report["sets"].values())
+    with pytest.raises(SystemExit, match="--sets c: no part ran it"):
+        bench.main(["--merge", str(first), "--sets", "a,c", "--output", str(output)])
+
 
 def test_a_tlnlp_runs_record_keeps_what_stage_1_cost_and_the_gates_decision():
     bench = load_benchmark("bench_accuracy")
