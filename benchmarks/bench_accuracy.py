@@ -308,7 +308,7 @@ def plot_stage1(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6.4, 4.4))
+    figure, axes = plt.subplots(figsize=(9.0, 4.4))
     markers = dict(zip(sorted({r for t in report["sets"].values() for r, x in t.items() if "stage1" in x}), "osD^v"))
     for colour, (dataset, table) in enumerate(report["sets"].items()):
         if "tlnlp" not in table:
@@ -330,7 +330,7 @@ def plot_stage1(report: dict, path: Path) -> None:
     axes.set_xlabel("stage-1 minutes (2-core CPU)")
     axes.set_ylabel("test accuracy minus the defaults' (points)")
     axes.set_title("Continued pretraining: gain against cost (large: mean over seeds)")
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: inside, it hid points
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

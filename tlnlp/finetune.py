@@ -17,7 +17,7 @@ from tlnlp.stage2.phases import finetune_as_configured
 def main(cfg: FinetuneConfig) -> dict[str, Any]:
     """The `python -m tlnlp.finetune` command: one fine-tuning run (tlnlp.stage2.phases), or a recipe (search,
     self-training) built on the same phases; with --continued_pretraining, stage 1 on the task's or a
-    domain's text first, kept only if it helps (tlnlp.recipes.continued_pretraining)."""
+    domain's text first, kept unless the gate finds it damaged (tlnlp.recipes.continued_pretraining)."""
     if not cfg.model_name_or_path:
         raise UserInputError(
             "--model_name_or_path is required: a stage 1 output folder, a local encoder, a built-in model "
