@@ -88,9 +88,14 @@ def run_record(results: dict) -> dict:
     adaptation = results.get("continued_pretraining")
     if adaptation:
         record["stage1"] = {"minutes": adaptation["stage1_minutes"], "kept": adaptation["kept"],
-                            "probe_difference": adaptation["probe_difference"],
-                            "probe_difference_standard_error": adaptation["probe_difference_standard_error"],
                             "reused_from_cache": adaptation["reused_from_cache"]}
+        if adaptation.get("gate") == "finetune":  # the test score of each fine-tuning, beside the decision
+            record["stage1"].update({key: adaptation[key] for key in (
+                "gate", "difference", "difference_standard_error", "validation_original", "validation_adapted",
+                "test_original", "test_adapted") if key in adaptation})
+        else:
+            record["stage1"].update({key: adaptation[key] for key in (
+                "probe_difference", "probe_difference_standard_error")})
     return record
 
 

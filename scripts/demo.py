@@ -140,8 +140,13 @@ def main() -> int:
           f"{stage1_results['train_runtime_s']:.0f} s, {quality}")
     if "continued_pretraining" in results:
         gate = results["continued_pretraining"]
-        print(f"Stage 1 gate ({gate['gate_labels']} training labels, {gate['gate_folds']}-fold probe): original "
-              f"{gate['probe_accuracy_original']:.3f}, adapted {gate['probe_accuracy_adapted']:.3f}: fine-tuned the "
+        if gate.get("gate") == "finetune":
+            decided_on = f"{gate['gate_examples']} validation examples, both fine-tuned"
+            scores = gate["validation_original"], gate["validation_adapted"]
+        else:
+            decided_on = f"{gate['gate_labels']} training labels, {gate['gate_folds']}-fold probe"
+            scores = gate["probe_accuracy_original"], gate["probe_accuracy_adapted"]
+        print(f"Stage 1 gate ({decided_on}): original {scores[0]:.3f}, adapted {scores[1]:.3f}: kept the "
               f"{gate['kept']} encoder")
     # `--mixed_precision auto` picks bf16 on CPUs with AVX512-BF16/AMX: the figures depend on that choice.
     print(f"Training precision (--mixed_precision auto on this machine): {stage1_results.get('mixed_precision')}")

@@ -182,6 +182,72 @@ def test_the_gate_keeps_the_original_when_the_adapted_encoder_scores_lower(tmp_p
     assert "the original encoder was kept (rule: unless_worse)" in (tmp_path / "o" / "README.md").read_text()
 
 
+@pytest.mark.parametrize("adapted_kept", [True, False])
+def test_the_finetune_gate_fine_tunes_both_alike_and_the_kept_one_is_the_run(tmp_path, labeled_files, headless_dir,
+                                                                             cache_dir, monkeypatch, adapted_kept):
+    monkeypatch.setattr(cp, "keeps_adapted", lambda rule, difference, spread: adapted_kept)  # the rule: below
+    out = tmp_path / "gated"
+    args = finetune_args(labeled_files, headless_dir, out, cache_dir, "--continued_pretraining", "task",
+                         "--continued_pretraining_gate", "finetune")
+    results = main(parse_config(FinetuneConfig, args))
+    record = results["continued_pretraining"]
+    kept = "adapted" if adapted_kept else "original"
+    assert record["gate"] == "finetune" and record["kept"] == kept and record["gate_metric"] == "accuracy"
+    runs = out / cp.GATE_FOLDER
+    scores = {}
+    for name in ("original", "adapted"):
+        rows = [json.loads(line) for line in (runs / name / "validation_predictions.jsonl").read_text().splitlines()]
+        assert len(rows) == record["gate_examples"] == 60
+        scores[name] = np.mean([row["label"] == str(row["true_label"]) for row in rows])
+        assert record[f"validation_{name}"] == pytest.approx(scores[name])
+        assert record[f"test_{name}"] == json.loads((runs / name / "all_results.json").read_text())["test_accuracy"]
+    assert record["difference"] == pytest.approx(scores["adapted"] - scores["original"])
+    assert record["difference_standard_error"] >= 0
+    # The kept fine-tuning is the run's model, trained from the kept encoder: nothing is fine-tuned a third time.
+    assert (out / "model.safetensors").read_bytes() == (runs / kept / "model.safetensors").read_bytes()
+    assert results["test_accuracy"] == record[f"test_{kept}"]
+    encoder = record["adapted_encoder"] if adapted_kept else str(headless_dir)
+    assert f"model_name_or_path: {encoder}" in (out / "training_config.yaml").read_text()
+    assert "both encoders fine-tuned alike" in (out / "README.md").read_text()
+
+    # The same command again (after a stop, say) reuses both fine-tunings.
+    model = runs / "adapted" / "model.safetensors"
+    mtime = model.stat().st_mtime_ns
+    again = main(parse_config(FinetuneConfig, args))
+    assert model.stat().st_mtime_ns == mtime
+    assert again["continued_pretraining"]["difference"] == record["difference"]
+
+
+def write_predictions(folder, truth, predicted):
+    folder.mkdir(parents=True)
+    with (folder / "validation_predictions.jsonl").open("w") as f:
+        for t, p in zip(truth, predicted):
+            f.write(json.dumps({"true_label": t, "label": p}) + "\n")
+
+
+@pytest.mark.parametrize("flips, kept", [(12, "original"), (1, "adapted"), (-5, "adapted")])
+def test_the_finetune_gate_refuses_an_adapted_fine_tuning_worse_by_more_than_the_noise(tmp_path, flips, kept):
+    rng = np.random.default_rng(0)
+    truth = [str(x) for x in rng.integers(0, 3, 300)]
+    original = [t if i % 5 else str((int(t) + 1) % 3) for i, t in enumerate(truth)]  # 80% right
+    # `flips` more wrong answers (fewer, when negative) in the adapted encoder's fine-tuning.
+    right, wrong = [i for i in range(300) if original[i] == truth[i]], [i for i in range(300) if original[i] != truth[i]]
+    adapted = list(original)
+    for i in (right[:flips] if flips > 0 else wrong[:-flips]):
+        adapted[i] = truth[i] if flips < 0 else str((int(truth[i]) + 1) % 3)
+    write_predictions(tmp_path / "original", truth, original)
+    write_predictions(tmp_path / "adapted", truth, adapted)
+    cfg = parse_config(FinetuneConfig, ["--output_dir", str(tmp_path)])
+    record = cp.compare_on_validation(cfg, tmp_path, "accuracy", {"original": {}, "adapted": {}})
+    assert record["difference"] == pytest.approx(-flips / 300)
+    # The paired standard error: about the spread of the per-example differences over the root of their number.
+    per_example = np.zeros(300)
+    per_example[:abs(flips)] = -np.sign(flips)
+    assert record["difference_standard_error"] == pytest.approx(per_example.std() / np.sqrt(300), rel=0.25)
+    assert record["kept"] == kept and record["validation_original"] == pytest.approx(0.8)
+    assert "small_validation_warning" not in record
+
+
 @pytest.mark.parametrize("difference, if_better, unless_worse", [
     (0.02, True, True),     # ahead by more than the noise
     (0.005, False, True),   # ahead, within the noise
@@ -236,6 +302,12 @@ def test_bad_input_is_refused_before_any_training(tmp_path, labeled_files, headl
     GPT2Model(GPT2Config(vocab_size=200, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(no_mlm)
     with pytest.raises(UserInputError, match="masked-language-model class"):
         run(no_mlm, "--continued_pretraining", "task")
+    no_validation = [a for a in finetune_args(labeled_files, headless_dir, tmp_path / "x", cache_dir)
+                     if a not in ("--validation_file", str(labeled_files["validation"]))]
+    with pytest.raises(UserInputError, match="validation split.*has none"):
+        main(parse_config(FinetuneConfig, [*no_validation, "--validation_split_percentage", "0",
+                                           "--continued_pretraining", "task", "--continued_pretraining_gate",
+                                           "finetune"]))
     assert not (tmp_path / "x").exists()
 
 

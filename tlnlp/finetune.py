@@ -11,7 +11,6 @@ from tlnlp.core.errors import UserInputError
 from tlnlp.core.run import end_run, start_run
 from tlnlp.data import builtin
 from tlnlp.recipes import continued_pretraining, search, self_training
-from tlnlp.stage2.phases import finetune_as_configured
 
 
 def main(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -23,19 +22,19 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
             "--model_name_or_path is required: a stage 1 output folder, a local encoder, a built-in model "
             f"({', '.join(builtin.MODELS)}) or a Hub id. Add --from_scratch for the no-transfer baseline."
         )
-    adaptation = None
+    adaptation, kept_run = None, None
     if cfg.continued_pretraining:
         # A recipe checks its own output folder (it may be resuming); the plain run is checked here, first.
-        cfg, adaptation = continued_pretraining.adapt(cfg, check_output=not (cfg.search_trials or
-                                                                            cfg.self_training_rounds))
+        cfg, adaptation, kept_run = continued_pretraining.adapt(cfg, check_output=not (cfg.search_trials or
+                                                                                      cfg.self_training_rounds))
     if cfg.search_trials or cfg.self_training_rounds:
         results = search.run_search(cfg) if cfg.search_trials else self_training.run_self_training(cfg)
         if adaptation:
             results["continued_pretraining"] = adaptation
             continued_pretraining.record_in_run(Path(cfg.output_dir), adaptation, cfg.hub_model_id)
         return results
-    accelerator, hub_repo = start_run(cfg)
-    results = finetune_as_configured(cfg, accelerator)
+    accelerator, hub_repo = start_run(cfg, check_output=adaptation is None)  # adapt checked it
+    results = continued_pretraining.finetune_kept(cfg, accelerator, kept_run)
     if cfg.preprocess_only:
         return results
     if adaptation:

@@ -582,9 +582,8 @@ class ContinuedPretrainingOptions:
         "labeled or not, never the validation or test texts), a text file, or a built-in/Hub data set (DAPT: its "
         "train split); several joined by '+' run in turn ('speech-passages+task': DAPT, then TAPT). Runs stage 1's "
         "code, caches the adapted encoder by its inputs (a second seed or a search reuses it), and scores it "
-        "against the original on the training labels (frozen features, --continued_pretraining_folds-fold "
-        "cross-validation) to decide which is fine-tuned (--keep_adapted_encoder); all_results.json and the "
-        "model card record both scores."
+        "against the original (--continued_pretraining_gate) to decide which is kept (--keep_adapted_encoder); "
+        "all_results.json and the model card record both scores."
     )
     continued_pretraining_objective: Literal["mlm", "tsdae"] = _help(
         "The continued pretraining's objective (stage 1's --objective): mlm, masked-language modelling; tsdae, "
@@ -602,14 +601,22 @@ class ContinuedPretrainingOptions:
         "Layer-wise learning-rate decay of the continued pretraining (1.0: every layer at the full rate).", 0.8
     )
     continued_pretraining_batch_size: int = _help("Sequences per optimizer step of the continued pretraining.", 16)
+    continued_pretraining_gate: Literal["finetune", "probe"] = _help(
+        "How the adapted encoder is judged against the original. finetune: both are fine-tuned alike (same "
+        "seed, recipe and labels) and compared on the validation split, the standard error of the difference by "
+        "paired bootstrap; the kept encoder's fine-tuning is the run's model, so this costs one fine-tuning "
+        "more. probe: frozen mean-pooled features + logistic regression, --continued_pretraining_folds-fold "
+        "cross-validation on the training labels; cheap, but blind to damage that shows only after "
+        "fine-tuning (docs/stage1.md).", "probe"
+    )
     continued_pretraining_folds: int = _help(
-        "Folds of the cross-validation that decides whether the adapted encoder is kept.", 5
+        "Folds of the probe gate's cross-validation (--continued_pretraining_gate probe).", 5
     )
     keep_adapted_encoder: Literal["unless_worse", "if_better", "always"] = _help(
-        "unless_worse: fine-tune the adapted encoder unless its cross-validated probe score is below the "
-        "original's by more than the standard error of the fold differences (damage); "
-        "if_better: only if it is above by more than that (on six built-in sets this refused gains and "
-        "scored -0.02 points against the defaults on average, unless_worse +0.5); "
+        "The gate's rule. unless_worse: keep the adapted encoder unless it scores below the original by more "
+        "than the standard error of the difference (damage); "
+        "if_better: only if it is above by more than that (with the probe on six built-in sets this refused "
+        "gains and scored -0.02 points against the defaults on average, unless_worse +0.5); "
         "always: whatever the score (the scores are still recorded).", "unless_worse"
     )
 

@@ -66,13 +66,20 @@ def build_card(output_dir: Path, repo_id: str | None = None) -> ModelCard:
 
 def _adaptation_line(record: dict) -> str:
     kept = f"the {record['kept']} encoder was kept" + (f" (rule: {record['gate_rule']})" if "gate_rule" in record else "")
+    if record.get("gate") == "finetune":
+        gate = (f"Gate: both encoders fine-tuned alike and compared on {record['gate_examples']} validation "
+                f"examples: {record['gate_metric']} original {record['validation_original']:.3f}, adapted "
+                f"{record['validation_adapted']:.3f} (difference {record['difference']:+.3f}, standard error "
+                f"{record['difference_standard_error']:.3f})")
+    else:
+        gate = (f"Gate, on {record['gate_labels']} training labels ({record['gate_folds']}-fold cross-validation "
+                f"of a logistic regression on frozen mean-pooled features): original "
+                f"{record['probe_accuracy_original']:.3f}, adapted {record['probe_accuracy_adapted']:.3f}")
     return (
         f"- Continued pretraining: `{record['original_encoder']}` was first pretrained further ("
         f"{get_objective(record.get('objective', 'mlm')).card_description}, {record['steps']} steps) on "
         f"{record['corpus']}, {record['corpus_texts']:,} texts, never the "
-        f"validation or test texts. Gate, on {record['gate_labels']} training labels ({record['gate_folds']}-fold "
-        f"cross-validation of a logistic regression on frozen mean-pooled features): original "
-        f"{record['probe_accuracy_original']:.3f}, adapted {record['probe_accuracy_adapted']:.3f}; {kept}."
+        f"validation or test texts. {gate}; {kept}."
     )
 
 

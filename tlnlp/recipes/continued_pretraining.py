@@ -14,14 +14,17 @@
   moves the encoder least where it learned most.
 - The adapted encoder is cached under the cache folder by everything that made it (checkpoint, corpus,
   options, precision), not by the fine-tuning seed: a second seed, a search or a self-training run reuse it.
-- The gate: the original and the adapted encoder each give frozen mean-pooled features of the training
-  texts; a logistic regression scored by k-fold cross-validation on the training labels says how well each
-  separates the classes. The figures measure the damage continued pretraining did to what the encoder
-  already knew, decided on every training label rather than on the small validation split. By default
-  (--keep_adapted_encoder unless_worse) the adapted encoder is fine-tuned unless it scores lower by more
-  than the standard error of the paired fold differences. They are a poor proxy for a gain: requiring one
-  (if_better) refused the largest gains measured (docs/stage1.md). Both scores and the decision go to
-  all_results.json and the model card.
+- The gate (--continued_pretraining_gate) decides which encoder is kept; by default
+  (--keep_adapted_encoder unless_worse) the adapted one, unless it scores lower by more than the standard
+  error of the difference. Both scores and the decision go to all_results.json and the model card.
+  - finetune: the original and the adapted encoder are fine-tuned alike (same seed, recipe and labels, in
+    `continued_pretraining/{original,adapted}` under --output_dir) and their final models compared on the
+    validation split, the standard error by paired bootstrap over its examples. What is judged is what the
+    user gets: the kept fine-tuning is the run's model. A run stopped part way reuses the finished one.
+  - probe: each encoder gives frozen mean-pooled features of the training texts; a logistic regression
+    scored by k-fold cross-validation on the training labels says how well each separates the classes,
+    decided on every training label. Cheap, but it measures the features before fine-tuning: a stage 1 rate
+    that cost fine-tuning points raised the probe (docs/stage1.md).
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from tlnlp.core.config import FinetuneConfig, PretrainConfig
+from tlnlp.core.config import FinetuneConfig, PretrainConfig, config_to_dict
 from tlnlp.core.engines import first_on_each_node, from_main_process
 from tlnlp.core.errors import UserInputError
-from tlnlp.core.files import RESULTS_FILE
+from tlnlp.core.files import CONFIG_FILE, RESULTS_FILE
 from tlnlp.core.outputs import write_run_files
 from tlnlp.core.precision import fit_accelerator_to, resolve_mixed_precision
 from tlnlp.core.run import start_run
@@ -56,7 +60,15 @@ from tlnlp.models.modeling import (
     require_masked_lm_class,
 )
 from tlnlp.stage1.pretrain import run_pretraining
-from tlnlp.stage2.phases import DEFAULT_SEQ_LEN, prepare_labeled_data, read_labeled_splits
+from tlnlp.stage2.metrics import decided_on, selection_metric
+from tlnlp.stage2.phases import (
+    DEFAULT_SEQ_LEN,
+    VALIDATION_PREDICTIONS,
+    finetune,
+    finetune_as_configured,
+    prepare_labeled_data,
+    read_labeled_splits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +194,7 @@ def keeps_adapted(rule: str, difference: float, standard_error: float) -> bool:
     return {"if_better": difference > noise, "unless_worse": difference >= -noise, "always": True}[rule]
 
 
-def gate(cfg: FinetuneConfig, data, original: str, adapted: str, seq_len: int) -> dict[str, Any]:
+def probe_gate(cfg: FinetuneConfig, data, original: str, adapted: str, seq_len: int) -> dict[str, Any]:
     """Score both encoders on the training labels (same folds) and decide which one is fine-tuned."""
     train = data.splits["train"]
     texts = list(train[data.text_column])
@@ -195,6 +207,7 @@ def gate(cfg: FinetuneConfig, data, original: str, adapted: str, seq_len: int) -
     spread = float(difference.std(ddof=1) / math.sqrt(len(difference))) if len(difference) > 1 else float("nan")
     keep = keeps_adapted(cfg.keep_adapted_encoder, float(difference.mean()), spread)
     record = {
+        "gate": "probe", "difference": float(difference.mean()), "difference_standard_error": spread,
         "gate_labels": len(labels), "gate_folds": len(difference),
         "probe_accuracy_original": float(scores["original"].mean()),
         "probe_accuracy_adapted": float(scores["adapted"].mean()),
@@ -215,9 +228,124 @@ def gate(cfg: FinetuneConfig, data, original: str, adapted: str, seq_len: int) -
     return record
 
 
-def adapt(cfg: FinetuneConfig, check_output: bool = True) -> tuple[FinetuneConfig, dict[str, Any]]:
-    """Continue the encoder's pretraining on the corpus (or reuse it from the cache), gate it, and return
-    the configuration to fine-tune with (its --model_name_or_path the encoder kept) and the record."""
+GATE_FOLDER = "continued_pretraining"  # under --output_dir: the finetune gate's two fine-tunings
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def finetune_gate(cfg: FinetuneConfig, accelerator, raw, data, original: str, adapted: str) -> tuple[dict, Path]:
+    """Fine-tune both encoders alike and compare their final models on the validation split. Returns the
+    record and the kept encoder's fine-tuning folder."""
+    folder = Path(cfg.output_dir) / GATE_FOLDER
+    runs = {}
+    for name, encoder in (("original", original), ("adapted", adapted)):
+        run_dir = folder / name
+        run_cfg = dataclasses.replace(cfg, model_name_or_path=encoder, output_dir=str(run_dir))
+        if finished_alike(run_dir, run_cfg):
+            logger.info("Continued-pretraining gate: %s was fine-tuned with these options by an earlier run; "
+                        "reusing it.", run_dir)
+        else:
+            logger.info("=== Continued-pretraining gate: fine-tuning the %s encoder ===", name)
+            accelerator.wait_for_everyone()  # every process has looked before the folder is cleared
+            if accelerator.is_main_process:
+                shutil.rmtree(run_dir, ignore_errors=True)  # a fine-tuning killed part way starts again
+            accelerator.wait_for_everyone()
+            results = finetune(run_cfg, accelerator, raw, run_dir, max_train_samples=cfg.max_train_samples,
+                               restore_best=cfg.restores_best_epoch, report_copies=name == "original",
+                               predict_validation=True)
+            write_run_files(accelerator, run_cfg, results, "finetune", output_dir=run_dir)
+            accelerator.free_memory()
+        runs[name] = json.loads((run_dir / RESULTS_FILE).read_text())
+    metric = selection_metric(cfg.metric_for_best_model, "single_label")[0]
+    record = from_main_process(accelerator, compare_on_validation(cfg, folder, metric, runs)
+                               if accelerator.is_main_process else None)
+    return record, folder / record["kept"]
+
+
+def finished_alike(run_dir: Path, cfg: FinetuneConfig) -> bool:
+    """Whether an earlier command finished this fine-tuning with the same options (other options, or a
+    stage 1 trained again, fine-tune it again)."""
+    if not (run_dir / RESULTS_FILE).exists() or not (run_dir / CONFIG_FILE).exists():
+        return False
+    options = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return yaml.safe_load((run_dir / CONFIG_FILE).read_text()) == options
+
+
+def compare_on_validation(cfg: FinetuneConfig, folder: Path, metric: str, runs: dict) -> dict[str, Any]:
+    """The paired difference (adapted - original) of the selection metric on the validation split, its
+    bootstrap standard error, and the decision."""
+    predictions = {name: [json.loads(line) for line in (folder / name / VALIDATION_PREDICTIONS).read_text(
+        encoding="utf-8").splitlines()] for name in runs}
+    truth = np.array([str(row["true_label"]) for row in predictions["original"]])
+    predicted = {name: np.array([row["label"] for row in rows]) for name, rows in predictions.items()}
+    score = SCORES[metric]
+    difference = score(truth, predicted["adapted"]) - score(truth, predicted["original"])
+    rng = np.random.default_rng(cfg.seed)
+    resampled = [score(truth[i], predicted["adapted"][i]) - score(truth[i], predicted["original"][i])
+                 for i in (rng.integers(0, len(truth), len(truth)) for _ in range(BOOTSTRAP_RESAMPLES))]
+    spread = float(np.std(resampled, ddof=1))
+    keep = keeps_adapted(cfg.keep_adapted_encoder, difference, spread)
+    record = {
+        "gate": "finetune", "difference": difference, "difference_standard_error": spread,
+        "gate_metric": metric, "gate_examples": len(truth),
+        "validation_original": score(truth, predicted["original"]),
+        "validation_adapted": score(truth, predicted["adapted"]),
+        "kept": "adapted" if keep else "original", "gate_rule": cfg.keep_adapted_encoder,
+    }
+    for name, results in runs.items():  # reported beside, never used to decide
+        if f"test_{metric}" in results:
+            record[f"test_{name}"] = results[f"test_{metric}"]
+    logger.info(
+        "Continued-pretraining gate on %d validation examples (both encoders fine-tuned alike): %s original %.4f, "
+        "adapted %.4f, difference %+.4f (bootstrap standard error %.4f). Keeping the %s encoder's fine-tuning "
+        "(--keep_adapted_encoder %s).", len(truth), metric, record["validation_original"],
+        record["validation_adapted"], difference, spread, record["kept"], cfg.keep_adapted_encoder,
+    )
+    warning = decided_on("The continued-pretraining gate", len(truth),
+                         "Give a --validation_file of 200 or more examples, raise --validation_split_percentage, "
+                         "or use --continued_pretraining_gate probe, which decides on the training labels.")
+    if warning:
+        record["small_validation_warning"] = warning
+    return record
+
+
+def accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
+    return float((truth == predicted).mean())
+
+
+def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(truth, predicted, average="macro", zero_division=0))
+
+
+def mcc(truth: np.ndarray, predicted: np.ndarray) -> float:
+    from sklearn.metrics import matthews_corrcoef
+
+    return float(matthews_corrcoef(truth, predicted))
+
+
+SCORES = {"accuracy": accuracy, "macro_f1": macro_f1, "mcc": mcc}  # the single-label selection metrics
+
+
+def finetune_kept(cfg: FinetuneConfig, accelerator, kept_run: Path | None) -> dict[str, Any]:
+    """The run's fine-tuning: the finetune gate's of the kept encoder, copied to --output_dir, or (the probe
+    gate) one now."""
+    if kept_run is None:
+        return finetune_as_configured(cfg, accelerator)
+    if accelerator.is_main_process:
+        for file in kept_run.iterdir():  # the model, tokenizer and predictions; the results are written anew
+            if file.is_file():
+                shutil.copy2(file, Path(cfg.output_dir) / file.name)
+    accelerator.wait_for_everyone()
+    results = json.loads((kept_run / RESULTS_FILE).read_text())
+    results.pop("stage", None)
+    return results
+
+
+def adapt(cfg: FinetuneConfig, check_output: bool = True) -> tuple[FinetuneConfig, dict[str, Any], Path | None]:
+    """Continue the encoder's pretraining on the corpus (or reuse it from the cache) and gate it. Returns
+    the configuration to fine-tune with (its --model_name_or_path the encoder kept), the record, and the
+    finetune gate's fine-tuning of the kept encoder (None with the probe gate)."""
     if cfg.preprocess_only:
         raise UserInputError("--preprocess_only tokenizes and stops; --continued_pretraining trains. Run them apart.")
     if cfg.task_type in ("multi_label", "regression"):
@@ -226,7 +354,9 @@ def adapt(cfg: FinetuneConfig, check_output: bool = True) -> tuple[FinetuneConfi
             "Continue pretraining with scripts/pretrain_mlm.py and fine-tune the result."
         )
     check_model_has_mlm_class(cfg)
-    accelerator, _ = start_run(cfg, check_output=check_output)
+    # The finetune gate's fine-tunings in --output_dir are reused when the command is run again.
+    resuming = (Path(cfg.output_dir) / GATE_FOLDER).exists()
+    accelerator, _ = start_run(cfg, check_output=check_output and not resuming)
     with first_on_each_node(accelerator):
         raw = read_labeled_splits(train_file=cfg.train_file, validation_file=cfg.validation_file,
                                   test_file=cfg.test_file, dataset_name=cfg.dataset_name,
@@ -236,6 +366,12 @@ def adapt(cfg: FinetuneConfig, check_output: bool = True) -> tuple[FinetuneConfi
             raise UserInputError(
                 f"--continued_pretraining's gate scores single-label classification; this task is {data.task_type}. "
                 "Continue pretraining with scripts/pretrain_mlm.py and fine-tune the result."
+            )
+        if cfg.continued_pretraining_gate == "finetune" and "validation" not in data.splits:
+            raise UserInputError(
+                "--continued_pretraining_gate finetune compares the two fine-tunings on the validation split, "
+                "and this run has none (--validation_split_percentage 0). Give a --validation_file, or use "
+                "--continued_pretraining_gate probe (it decides on the training labels)."
             )
         held_out = {t for split in ("validation", "test") if split in data.splits
                     for t in data.splits[split][data.text_column]}
@@ -259,8 +395,12 @@ def adapt(cfg: FinetuneConfig, check_output: bool = True) -> tuple[FinetuneConfi
         start = dataclasses.replace(start, model_name_or_path=str(folder))
     minutes = (time.perf_counter() - started) / 60
     original = builtin.resolve_model(cfg.model_name_or_path)
-    decision = from_main_process(accelerator, gate(cfg, data, original, str(folder), seq_len)
-                                 if accelerator.is_main_process else None)
+    kept_run = None
+    if cfg.continued_pretraining_gate == "finetune":
+        decision, kept_run = finetune_gate(cfg, accelerator, raw, data, original, str(folder))
+    else:
+        decision = from_main_process(accelerator, probe_gate(cfg, data, original, str(folder), seq_len)
+                                     if accelerator.is_main_process else None)
     record = {
         "objective": cfg.continued_pretraining_objective, "corpus": ", then ".join(p["corpus"] for p in phases),
         "corpus_texts": sum(p["corpus_texts"] for p in phases),
@@ -275,7 +415,7 @@ def adapt(cfg: FinetuneConfig, check_output: bool = True) -> tuple[FinetuneConfi
     if len(phases) > 1:
         record["phases"] = phases
     chosen = str(folder) if decision["kept"] == "adapted" else cfg.model_name_or_path
-    return dataclasses.replace(cfg, model_name_or_path=chosen), record
+    return dataclasses.replace(cfg, model_name_or_path=chosen), record, kept_run
 
 
 def corpus_chain(value: str) -> list[str]:

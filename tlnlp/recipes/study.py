@@ -22,8 +22,7 @@ from tlnlp.core.errors import UserInputError
 from tlnlp.core.files import RESULTS_FILE
 from tlnlp.core.outputs import write_run_files
 from tlnlp.core.run import check_output_dir, finish, start_run
-from tlnlp.recipes.continued_pretraining import adapt
-from tlnlp.stage2.phases import finetune_as_configured
+from tlnlp.recipes.continued_pretraining import adapt, finetune_kept
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +117,10 @@ def finetune_into(cfg: FinetuneConfig, accelerator, folder: Path) -> None:
         raise UserInputError("A study's runs are plain fine-tunings: drop --search_trials and the self-training "
                              "options from its fine-tuning options.")
     check_output_dir(cfg)
-    adaptation = None
+    adaptation, kept_run = None, None
     if cfg.continued_pretraining:  # cached by its inputs: the arm's first run trains it, the others reuse it
-        cfg, adaptation = adapt(cfg, check_output=False)
-    results = finetune_as_configured(cfg, accelerator)
+        cfg, adaptation, kept_run = adapt(cfg, check_output=False)
+    results = finetune_kept(cfg, accelerator, kept_run)
     if adaptation:
         results["continued_pretraining"] = adaptation
     write_run_files(accelerator, cfg, results, "finetune")

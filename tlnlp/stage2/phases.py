@@ -64,6 +64,7 @@ from tlnlp.stage2.transfer import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEQ_LEN = 128
+VALIDATION_PREDICTIONS = "validation_predictions.jsonl"  # written with `predict_validation`
 
 
 def predict(accelerator, model, dataloader) -> tuple[np.ndarray, np.ndarray | None]:
@@ -140,9 +141,12 @@ class Classifier:
 def finetune(cfg: Stage2Config, accelerator, raw: DatasetDict, output_dir: Path, *,
              max_train_samples: int | None = None, pseudo_labeled_file: str | None = None,
              restore_best: bool = True, report_copies: bool = True, keep_model: bool = True,
-             preprocessed_dataset_dir: str | None = None, preprocess_only: bool = False) -> dict[str, Any]:
+             preprocessed_dataset_dir: str | None = None, preprocess_only: bool = False,
+             predict_validation: bool = False) -> dict[str, Any]:
     """One fine-tuning of the recipe `cfg` on the labeled splits `raw`, written to `output_dir`: the
-    phases in order. `keep_model` False (a search fold) saves only the evaluation history."""
+    phases in order. `keep_model` False (a search fold) saves only the evaluation history;
+    `predict_validation` also writes the final model's predictions on the validation split (a gate compares
+    two runs on them)."""
     fit_accelerator_to(accelerator, cfg)
     if cfg.auxiliary_mlm:  # before the classifier is built: its architecture's own checks come later
         from transformers import AutoConfig
@@ -160,13 +164,16 @@ def finetune(cfg: Stage2Config, accelerator, raw: DatasetDict, output_dir: Path,
         return preprocessing_done(accelerator, tokenized)
     results, trained = fit(cfg, accelerator, classifier, data, tokenized, output_dir, restore_best=restore_best,
                            keep_model=keep_model)
+    # The prepared model (FSDP gathers its shards in forward); the cached-feature wrapper reads features,
+    # so the test split, which has none cached, goes through the plain classifier inside it.
+    # (The auxiliary-MLM wrapper is the classifier alone when no unlabeled batch is given.)
+    final_model = engines.unwrap(accelerator, trained).model if cfg.cache_frozen_features else trained
     if "test" in tokenized:
-        # The prepared model (FSDP gathers its shards in forward); the cached-feature wrapper reads features,
-        # so the test split, which has none cached, goes through the plain classifier inside it.
-        # (The auxiliary-MLM wrapper is the classifier alone when no unlabeled batch is given.)
-        test_model = engines.unwrap(accelerator, trained).model if cfg.cache_frozen_features else trained
-        results.update(test(accelerator, test_model, classifier.tokenizer, tokenized["test"], data, output_dir,
+        results.update(test(accelerator, final_model, classifier.tokenizer, tokenized["test"], data, output_dir,
                             cfg.per_device_eval_batch_size))
+    if predict_validation and "validation" in tokenized:
+        test(accelerator, final_model, classifier.tokenizer, tokenized["validation"], data, output_dir,
+             cfg.per_device_eval_batch_size, split="validation")
     if keep_model and data.task_type == "single_label":  # a search fold only scores a recipe
         baseline = sanity_check(cfg, data, results)  # on validation, or on test when there is no validation
         if baseline:
@@ -528,8 +535,9 @@ def check_cached_outputs(model, cached: CachedFeatureClassifier, eval_data, cach
 
 
 def test(accelerator, model, tokenizer, tokenized_test, data: LabeledData, output_dir: Path,
-         batch_size: int) -> dict[str, Any]:
-    """Phase 5: evaluate the final (best) model on the test split and write one prediction per line.
+         batch_size: int, split: str = "test") -> dict[str, Any]:
+    """Phase 5: evaluate the final (best) model on the test split (or `split`) and write one prediction per
+    line, to test_predictions.jsonl (`{split}_predictions.jsonl`).
 
     In fp32 even when training used autocast: the reported numbers and predictions are then exactly what the
     saved model gives when loaded with the stock Auto classes or `pipeline`. (DeepSpeed and FSDP hold their
@@ -540,10 +548,11 @@ def test(accelerator, model, tokenizer, tokenized_test, data: LabeledData, outpu
         # Removes Accelerate's autocast wrapper from the forward; training is over, nothing else runs it.
         model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     logits, labels = predict(accelerator, model, dataloader)
-    task_type, names, raw_test = data.task_type, data.label_names, data.splits["test"]
+    task_type, names, raw_test = data.task_type, data.label_names, data.splits[split]
     metrics = compute_metrics(logits, labels, task_type) if labels is not None else {}
     if accelerator.is_main_process:
-        with (output_dir / PREDICTIONS_FILE).open("w", encoding="utf-8") as f:
+        predictions_file = {"test": PREDICTIONS_FILE, "validation": VALIDATION_PREDICTIONS}[split]
+        with (output_dir / predictions_file).open("w", encoding="utf-8") as f:
             # The column the run resolved (given or auto-detected), which may not be called "text".
             texts = raw_test[data.text_column] if data.text_column in raw_test.column_names else None
             truth = raw_test[data.label_column] if data.label_column in raw_test.column_names else None
@@ -552,8 +561,8 @@ def test(accelerator, model, tokenizer, tokenized_test, data: LabeledData, outpu
                 if truth is not None:
                     extra["true_label"] = truth[i]
                 f.write(json.dumps({**extra, **row}) + "\n")
-    logger.info("test: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    return {f"test_{k}": v for k, v in metrics.items()}
+    logger.info("%s: %s", split, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return {f"{split}_{k}": v for k, v in metrics.items()}
 
 
 def _prediction_rows(logits: np.ndarray, task_type: str, names: list[str]):
