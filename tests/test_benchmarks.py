@@ -262,6 +262,52 @@ def test_a_tlnlp_runs_record_keeps_what_stage_1_cost_and_the_gates_decision():
     assert bench.run_record(results) == {"accuracy": 0.81, "stage1": {
         "minutes": 13.4, "kept": "original", "probe_difference": 0.012, "probe_difference_standard_error": 0.006,
         "reused_from_cache": True}}
+    gated = {"gate": "finetune", "difference": -0.06, "difference_standard_error": 0.025, "validation_original": 0.82,
+             "validation_adapted": 0.76, "test_original": 0.77, "test_adapted": 0.74}
+    results["continued_pretraining"] = {**results["continued_pretraining"], **gated, "gate_examples": 250}
+    assert bench.run_record(results)["stage1"] == {"minutes": 13.4, "kept": "original", "reused_from_cache": True,
+                                                   **gated}
+
+
+def gated_part(folder, name, seeds, rows):
+    """A bench_accuracy.py output with one set's runs gated by fine-tuning: rows of (test accuracy of the
+    original's fine-tuning, of the adapted's, validation difference, its standard error)."""
+    stage1, per_seed = [], []
+    for original, adapted, difference, spread in rows:
+        kept = "adapted" if difference >= -spread else "original"
+        per_seed.append(adapted if kept == "adapted" else original)
+        stage1.append({"minutes": 1.0, "kept": kept, "reused_from_cache": True, "gate": "finetune",
+                       "difference": difference, "difference_standard_error": spread, "test_original": original,
+                       "test_adapted": adapted})
+    part = {"seeds": seeds, "sets": {name: {"tlnlp-tapt": {"per_seed": per_seed, "wall_time_s_per_seed": 100.0,
+                                                           "stage1": stage1}}}}
+    path = folder / f"{name}_{seeds[0]}.json"
+    path.write_text(json.dumps(part))
+    return path
+
+
+def test_the_gate_report_sets_the_gated_runs_beside_the_defaults_and_the_adapted_encoder(tmp_path):
+    report = load_benchmark("gate_report")
+    a = gated_part(tmp_path, "a", [43, 44], [(0.80, 0.82, 0.01, 0.02), (0.80, 0.70, -0.08, 0.02)])
+    b = gated_part(tmp_path, "a", [42], [(0.70, 0.74, 0.03, 0.02)])
+    probe = tmp_path / "probe.json"  # a probe-gated part has nothing to report
+    probe.write_text(json.dumps({"seeds": [42], "sets": {"c": {"tlnlp-tapt": {
+        "per_seed": [0.9], "wall_time_s_per_seed": 1.0, "stage1": [{"kept": "adapted", "probe_difference": 0.0}]}}}}))
+    output = tmp_path / "gate.json"
+    groups = report.main(["--runs", "TAPT", str(a), str(b), str(probe), "--output", str(output)])
+    runs = groups["TAPT"]["sets"]["a"]
+    assert [r["seed"] for r in runs["runs"]] == [42, 43, 44] and list(groups["TAPT"]["sets"]) == ["a"]
+    assert runs["kept_adapted"] == 2
+    assert runs["mean"]["gated"] == pytest.approx((0.74 + 0.82 + 0.80) / 3)
+    assert runs["gain_always"] == pytest.approx(100 * ((0.74 + 0.82 + 0.70) - (0.70 + 0.80 + 0.80)) / 3)
+    assert runs["gain_gated"] == pytest.approx(100 * (0.06 / 3))
+    assert json.loads(output.read_text())["command"].startswith("python benchmarks/gate_report.py --runs TAPT")
+    assert "| TAPT | `a` | 3 |" in output.with_suffix(".md").read_text()
+    c = gated_part(tmp_path, "c", [42], [(0.70, 0.74, 0.03, 0.02)])
+    ordered = report.main(["--runs", "TAPT", str(a), str(c), "--sets", "c,a", "--output", str(output)])
+    assert list(ordered["TAPT"]["sets"]) == ["c", "a"]
+    with pytest.raises(SystemExit):
+        report.main(["--runs", "probe only", str(probe), "--output", str(output)])
 
 
 def tiny_set(folder, seed: int):

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_bert_config
+from conftest import run_script, tiny_bert_config
 from safetensors.torch import load_file
 from transformers import BertModel, GPT2Config, GPT2Model
 
@@ -97,7 +97,8 @@ def test_a_single_process_warmup_skips_the_encoders_backward_and_updates_as_drop
 
 def test_tapt_reads_only_training_texts_caches_and_records_the_gate(tmp_path, labeled_files, headless_dir, cache_dir):
     results = main(parse_config(FinetuneConfig, finetune_args(labeled_files, headless_dir, tmp_path / "a", cache_dir,
-                                                              "--continued_pretraining", "task")))
+                                                              "--continued_pretraining", "task",
+                                                              "--continued_pretraining_gate", "probe")))
     record = results["continued_pretraining"]
     folder = cp.Path(record["adapted_encoder"])
     corpus = [json.loads(line)["text"] for line in (folder / cp.CORPUS_FILE).read_text().splitlines()]
@@ -118,7 +119,8 @@ def test_tapt_reads_only_training_texts_caches_and_records_the_gate(tmp_path, la
     weights = folder / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
     again = main(parse_config(FinetuneConfig, finetune_args(labeled_files, headless_dir, tmp_path / "b", cache_dir,
-                                                            "--continued_pretraining", "task", "--seed", "7")))
+                                                            "--continued_pretraining", "task", "--seed", "7",
+                                                            "--continued_pretraining_gate", "probe")))
     assert again["continued_pretraining"]["reused_from_cache"]
     assert again["continued_pretraining"]["adapted_encoder"] == str(folder)
     # Stage 1's own time travels with the cached encoder (what a benchmark plots as its cost).
@@ -172,7 +174,8 @@ def test_the_gate_keeps_the_original_when_the_adapted_encoder_scores_lower(tmp_p
 
     monkeypatch.setattr(cp, "probe_scores", adapted_worse)
     results = main(parse_config(FinetuneConfig, finetune_args(labeled_files, headless_dir, tmp_path / "o", cache_dir,
-                                                              "--continued_pretraining", "task")))
+                                                              "--continued_pretraining", "task",
+                                                              "--continued_pretraining_gate", "probe")))
     record = results["continued_pretraining"]
     assert record["kept"] == "original"
     assert record["probe_accuracy_adapted"] == pytest.approx(record["probe_accuracy_original"] - 0.2)
@@ -187,8 +190,7 @@ def test_the_finetune_gate_fine_tunes_both_alike_and_the_kept_one_is_the_run(tmp
                                                                              cache_dir, monkeypatch, adapted_kept):
     monkeypatch.setattr(cp, "keeps_adapted", lambda rule, difference, spread: adapted_kept)  # the rule: below
     out = tmp_path / "gated"
-    args = finetune_args(labeled_files, headless_dir, out, cache_dir, "--continued_pretraining", "task",
-                         "--continued_pretraining_gate", "finetune")
+    args = finetune_args(labeled_files, headless_dir, out, cache_dir, "--continued_pretraining", "task")  # the default gate
     results = main(parse_config(FinetuneConfig, args))
     record = results["continued_pretraining"]
     kept = "adapted" if adapted_kept else "original"
@@ -216,6 +218,22 @@ def test_the_finetune_gate_fine_tunes_both_alike_and_the_kept_one_is_the_run(tmp
     again = main(parse_config(FinetuneConfig, args))
     assert model.stat().st_mtime_ns == mtime
     assert again["continued_pretraining"]["difference"] == record["difference"]
+
+
+@pytest.mark.slow
+def test_the_finetune_gate_under_two_processes(tmp_path, labeled_files, headless_dir, cache_dir):
+    """As users launch it: stage 1, both fine-tunings and the decision on two data-parallel processes."""
+    out = tmp_path / "ddp"
+    done = run_script("finetune_cls.py", finetune_args(labeled_files, headless_dir, out, cache_dir,
+                                                       "--continued_pretraining", "task",
+                                                       "--continued_pretraining_gate", "finetune"), processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    record = results["continued_pretraining"]
+    assert results["num_processes"] == 2 and record["gate"] == "finetune" and record["gate_examples"] == 60
+    assert (out / "model.safetensors").read_bytes() == (out / cp.GATE_FOLDER / record["kept"] / "model.safetensors").read_bytes()
+    rows = (out / cp.GATE_FOLDER / "adapted" / "validation_predictions.jsonl").read_text().splitlines()
+    assert len(rows) == 60  # gathered from both processes, no example twice
 
 
 def write_predictions(folder, truth, predicted):
@@ -309,7 +327,15 @@ def test_bad_input_is_refused_before_any_training(tmp_path, labeled_files, headl
                                            "--continued_pretraining", "task", "--continued_pretraining_gate",
                                            "finetune"]))
     assert not (tmp_path / "x").exists()
-
+    # Another run's folder is refused before stage 1, also when a recipe (which may be resuming) follows.
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "model.safetensors").write_text("someone else's")
+    for recipe in ([], ["--self_training_rounds", "1", "--unlabeled_file", str(labeled_files["train"])]):
+        with pytest.raises(UserInputError, match="already holds files"):
+            main(parse_config(FinetuneConfig, finetune_args(labeled_files, headless_dir, taken, cache_dir,
+                                                            "--continued_pretraining", "task", *recipe)))
+    assert [p.name for p in taken.iterdir()] == ["model.safetensors"]
 
 
 def test_it_composes_with_self_training(tmp_path, labeled_files, headless_dir, corpus_file, cache_dir):

@@ -28,7 +28,7 @@ def test_tiny_study_report_plots_and_rerun(tiny_mlm_dir, tmp_path, caplog):
     # The dapt arm's encoder is pretrained once on the set's training texts, and gated for each label count.
     gates = [json.loads((tmp_path / "runs" / "dapt-task@tiny_mlm0" / f"labels{n}_seed1" / "all_results.json").read_text())
              ["continued_pretraining"] for n in (40, 80)]
-    assert [g["reused_from_cache"] for g in gates] == [False, True] and [g["gate_labels"] for g in gates] == [40, 80]
+    assert [g["reused_from_cache"] for g in gates] == [False, True] and [g["gate_examples"] for g in gates] == [250, 250]
     assert all(0 <= r["test_accuracy"] <= 1 for r in rows)
     results = write_report(tmp_path, rows, None, "tiny", "pytest")
     assert (tmp_path / "accuracy.png").stat().st_size > 1000

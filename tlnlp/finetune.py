@@ -8,7 +8,7 @@ from typing import Any
 
 from tlnlp.core.config import FinetuneConfig
 from tlnlp.core.errors import UserInputError
-from tlnlp.core.run import end_run, start_run
+from tlnlp.core.run import check_output_dir, end_run, start_run
 from tlnlp.data import builtin
 from tlnlp.recipes import continued_pretraining, search, self_training
 
@@ -24,11 +24,15 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         )
     adaptation, kept_run = None, None
     if cfg.continued_pretraining:
-        # A recipe checks its own output folder (it may be resuming); the plain run is checked here, first.
-        cfg, adaptation, kept_run = continued_pretraining.adapt(cfg, check_output=not (cfg.search_trials or
-                                                                                      cfg.self_training_rounds))
+        # Checked here, once, before stage 1 writes anything; the recipes and the gate then continue their own
+        # work in the folder when the same command is run again.
+        if not continuing(cfg):
+            check_output_dir(cfg)
+        cfg, adaptation, kept_run = continued_pretraining.adapt(cfg, check_output=False)
     if cfg.search_trials or cfg.self_training_rounds:
-        results = search.run_search(cfg) if cfg.search_trials else self_training.run_self_training(cfg)
+        check_output = adaptation is None  # else checked above
+        results = (search.run_search(cfg, check_output) if cfg.search_trials
+                   else self_training.run_self_training(cfg, check_output))
         if adaptation:
             results["continued_pretraining"] = adaptation
             continued_pretraining.record_in_run(Path(cfg.output_dir), adaptation, cfg.hub_model_id)
@@ -41,6 +45,15 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         results["continued_pretraining"] = adaptation
     end_run(cfg, accelerator, results, "finetune", hub_repo)
     return results
+
+
+def continuing(cfg: FinetuneConfig) -> bool:
+    """Whether --output_dir holds this command's own unfinished work, which the same command continues: the
+    finetune gate's fine-tunings, a search's journal or self-training's rounds."""
+    output_dir = Path(cfg.output_dir)
+    return ((output_dir / continued_pretraining.GATE_FOLDER).exists()
+            or bool(cfg.search_trials) and (output_dir / search.SEARCH_DIR / search.JOURNAL).exists()
+            or bool(cfg.self_training_rounds) and (output_dir / self_training.FOLDER).exists())
 
 
 if __name__ == "__main__":

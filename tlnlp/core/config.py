@@ -607,7 +607,7 @@ class ContinuedPretrainingOptions:
         "paired bootstrap; the kept encoder's fine-tuning is the run's model, so this costs one fine-tuning "
         "more. probe: frozen mean-pooled features + logistic regression, --continued_pretraining_folds-fold "
         "cross-validation on the training labels; cheap, but blind to damage that shows only after "
-        "fine-tuning (docs/stage1.md).", "probe"
+        "fine-tuning (docs/stage1.md).", "finetune"
     )
     continued_pretraining_folds: int = _help(
         "Folds of the probe gate's cross-validation (--continued_pretraining_gate probe).", 5

@@ -354,9 +354,7 @@ def adapt(cfg: FinetuneConfig, check_output: bool = True) -> tuple[FinetuneConfi
             "Continue pretraining with scripts/pretrain_mlm.py and fine-tune the result."
         )
     check_model_has_mlm_class(cfg)
-    # The finetune gate's fine-tunings in --output_dir are reused when the command is run again.
-    resuming = (Path(cfg.output_dir) / GATE_FOLDER).exists()
-    accelerator, _ = start_run(cfg, check_output=check_output and not resuming)
+    accelerator, _ = start_run(cfg, check_output=check_output)
     with first_on_each_node(accelerator):
         raw = read_labeled_splits(train_file=cfg.train_file, validation_file=cfg.validation_file,
                                   test_file=cfg.test_file, dataset_name=cfg.dataset_name,

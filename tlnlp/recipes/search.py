@@ -215,9 +215,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def run_search(cfg: FinetuneConfig) -> dict[str, Any]:
+def run_search(cfg: FinetuneConfig, check_output: bool = True) -> dict[str, Any]:
     """Search, write the report, then train the final model: every run is a call of the stage-2 phases on
-    this process's one Accelerator, with its own data and output folder."""
+    this process's one Accelerator, with its own data and output folder. `check_output` False: the caller
+    checked --output_dir (continued pretraining ran in it first)."""
     import optuna
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -230,7 +231,7 @@ def run_search(cfg: FinetuneConfig) -> dict[str, Any]:
     folder = output_dir / SEARCH_DIR
     resuming = (folder / JOURNAL).exists()
     # A search resumed (the same command again) or joined by a parallel process writes into its own folder.
-    accelerator, hub_repo = start_run(cfg, check_output=not resuming)
+    accelerator, hub_repo = start_run(cfg, check_output=check_output and not resuming)
     space = load_space(cfg.search_space)
     folds, everything, test, task_type, train_size = write_folds(cfg, folder / "data")
     metric, greater_is_better = selection_metric(cfg.metric_for_best_model, task_type)

@@ -74,14 +74,15 @@ class Data:
     classes: int
 
 
-def run_self_training(cfg: FinetuneConfig) -> dict[str, Any]:
-    """The teacher and each student are calls of the stage-2 phases on this process's one Accelerator."""
+def run_self_training(cfg: FinetuneConfig, check_output: bool = True) -> dict[str, Any]:
+    """The teacher and each student are calls of the stage-2 phases on this process's one Accelerator.
+    `check_output` False: the caller checked --output_dir (continued pretraining ran in it first)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserInputError("Self-training runs its rounds one after another in one process: launch it with "
                              "`python -m tlnlp.finetune` (or `accelerate launch --num_processes 1`).")
     folder = Path(cfg.output_dir) / FOLDER
     # The same command again after a stop continues its rounds; a first run must not write over another.
-    accelerator, hub_repo = start_run(cfg, check_output=not folder.exists())
+    accelerator, hub_repo = start_run(cfg, check_output=check_output and not folder.exists())
     data = prepare(cfg, folder / "data")
     per_class = cfg.pseudo_labels_per_class or max(1, round(count_lines(data.labels) / data.classes))
     metric = selection_metric(cfg.metric_for_best_model, "single_label")[0]
