@@ -349,3 +349,21 @@ def test_it_composes_with_self_training(tmp_path, labeled_files, headless_dir, c
     assert saved["continued_pretraining"]["adapted_encoder"] == record["adapted_encoder"]
     assert len(saved["self_training"]["rounds"]) == 1  # a round with no confident pseudo-label still completes
     assert "Continued pretraining" in (out / "README.md").read_text()
+
+
+def test_it_composes_with_a_search(tmp_path, labeled_files, headless_dir, cache_dir):
+    pytest.importorskip("optuna")
+    import yaml
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"learning_rate": {"low": 1e-3, "high": 5e-3, "log": True},
+                                     "num_train_epochs": [1], "max_seq_length": 32}))
+    out = tmp_path / "searched"
+    results = main(parse_config(FinetuneConfig, finetune_args(
+        labeled_files, headless_dir, out, cache_dir, "--continued_pretraining", "task", "--search_trials", "1",
+        "--search_folds", "2", "--search_space", str(space))))
+    record = results["continued_pretraining"]
+    assert record["gate"] == "finetune" and (out / cp.GATE_FOLDER / "adapted" / "model.safetensors").exists()
+    assert results["search_trials"] == 1 and (out / "search" / "trials.csv").exists()
+    saved = json.loads((out / "all_results.json").read_text())
+    assert saved["continued_pretraining"]["kept"] == record["kept"] and "test_accuracy" in saved

@@ -232,7 +232,7 @@ GATE_FOLDER = "continued_pretraining"  # under --output_dir: the finetune gate's
 BOOTSTRAP_RESAMPLES = 1000
 
 
-def finetune_gate(cfg: FinetuneConfig, accelerator, raw, data, original: str, adapted: str) -> tuple[dict, Path]:
+def finetune_gate(cfg: FinetuneConfig, accelerator, raw, original: str, adapted: str) -> tuple[dict, Path]:
     """Fine-tune both encoders alike and compare their final models on the validation split. Returns the
     record and the kept encoder's fine-tuning folder."""
     folder = Path(cfg.output_dir) / GATE_FOLDER
@@ -249,9 +249,11 @@ def finetune_gate(cfg: FinetuneConfig, accelerator, raw, data, original: str, ad
             if accelerator.is_main_process:
                 shutil.rmtree(run_dir, ignore_errors=True)  # a fine-tuning killed part way starts again
             accelerator.wait_for_everyone()
+            # As the plain run would fine-tune (its labels, pseudo-labels and epoch choice), plus the
+            # validation predictions the comparison reads.
             results = finetune(run_cfg, accelerator, raw, run_dir, max_train_samples=cfg.max_train_samples,
-                               restore_best=cfg.restores_best_epoch, report_copies=name == "original",
-                               predict_validation=True)
+                               pseudo_labeled_file=cfg.pseudo_labeled_file, restore_best=cfg.restores_best_epoch,
+                               report_copies=name == "original", predict_validation=True)
             write_run_files(accelerator, run_cfg, results, "finetune", output_dir=run_dir)
             accelerator.free_memory()
         runs[name] = json.loads((run_dir / RESULTS_FILE).read_text())
@@ -395,7 +397,7 @@ def adapt(cfg: FinetuneConfig, check_output: bool = True) -> tuple[FinetuneConfi
     original = builtin.resolve_model(cfg.model_name_or_path)
     kept_run = None
     if cfg.continued_pretraining_gate == "finetune":
-        decision, kept_run = finetune_gate(cfg, accelerator, raw, data, original, str(folder))
+        decision, kept_run = finetune_gate(cfg, accelerator, raw, original, str(folder))
     else:
         decision = from_main_process(accelerator, probe_gate(cfg, data, original, str(folder), seq_len)
                                      if accelerator.is_main_process else None)
