@@ -149,3 +149,25 @@ def test_a_search_into_a_used_folder_is_refused_with_the_runs_own_message(tiny_m
     with pytest.raises(UserInputError, match="--resume_from_checkpoint latest to continue it"):
         run_main(search_args(tiny_mlm_dir, labeled_files, out, tmp_path / "cache", small_space, "--search_trials", "1"))
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_a_trial_killed_before_it_named_its_worker_is_run_again_unless_another_searcher_may_own_it(tmp_path):
+    """Optuna creates the trial (RUNNING) before its first line names the worker: a kill in between left it
+    RUNNING for ever."""
+    import socket
+
+    import optuna
+
+    from tlnlp.recipes import search
+
+    study = optuna.create_study()
+    study.ask()  # a trial with no worker, as a kill between its creation and its first line leaves it
+    workers = tmp_path / "workers"
+    workers.mkdir()
+    (workers / f"{socket.gethostname()}:{os.getppid()}").touch()  # another searcher, alive
+    search._forget_stale_trials(study, workers)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.RUNNING,))) == 1
+    (workers / f"{socket.gethostname()}:{os.getppid()}").unlink()
+    (workers / f"{socket.gethostname()}:{os.getpid()}").touch()  # this process only
+    search._forget_stale_trials(study, workers)
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.FAIL]

@@ -175,18 +175,32 @@ def write_folds(cfg: FinetuneConfig, folder: Path) -> tuple[list[tuple[Path, Pat
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _forget_stale_trials(study) -> None:
+def _forget_stale_trials(study, workers: Path) -> None:
     """A killed search leaves its trial RUNNING forever: mark those of dead processes on this machine failed,
-    so the trial is run again (finished trials are never redone)."""
+    so the trial is run again (finished trials are never redone). A trial killed before it named its worker
+    (between Optuna creating it and its first line) is stale when no other process of the search may own it."""
     import optuna
 
     host = socket.gethostname()
     for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
         owner = trial.user_attrs.get("worker", "")
         owner_host, _, pid = owner.rpartition(":")
-        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+        dead = owner_host == host and pid.isdigit() and not _alive(int(pid))
+        if dead or not owner and not _other_workers(workers):
             study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
             logger.info("Trial %d was interrupted (its process is gone); it will be run again.", trial.number)
+
+
+def _other_workers(workers: Path) -> list[str]:
+    """The other processes searching in this folder that may be alive: on this machine those still
+    running, on another (a shared folder) every one."""
+    me, host = f"{socket.gethostname()}:{os.getpid()}", socket.gethostname()
+    others = []
+    for file in workers.iterdir() if workers.exists() else []:
+        owner_host, _, pid = file.name.rpartition(":")
+        if file.name != me and (owner_host != host or pid.isdigit() and _alive(int(pid))):
+            others.append(file.name)
+    return others
 
 
 def _claim(lock: Path) -> bool:
@@ -247,7 +261,10 @@ def run_search(cfg: FinetuneConfig, check_output: bool = True) -> dict[str, Any]
         sampler=optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=min(5, cfg.search_trials)),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
     )
-    _forget_stale_trials(study)
+    workers = folder / "workers"  # one file per searching process, named host:pid
+    workers.mkdir(parents=True, exist_ok=True)
+    (workers / f"{socket.gethostname()}:{os.getpid()}").touch()
+    _forget_stale_trials(study, workers)
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(states=counted))
     logger.info("Recipe search: %d of %d trials done%s; %s by %d-fold cross-validation of %s.", done,
