@@ -322,6 +322,8 @@ def test_bad_input_is_refused_before_any_training(tmp_path, labeled_files, headl
         run(no_mlm, "--continued_pretraining", "task")
     no_validation = [a for a in finetune_args(labeled_files, headless_dir, tmp_path / "x", cache_dir)
                      if a not in ("--validation_file", str(labeled_files["validation"]))]
+    with pytest.raises(UserInputError, match="here 'loss'; it takes one of accuracy, macro_f1, mcc"):
+        run(headless_dir, "--continued_pretraining", "task", "--metric_for_best_model", "loss")
     with pytest.raises(UserInputError, match="validation split.*has none"):
         main(parse_config(FinetuneConfig, [*no_validation, "--validation_split_percentage", "0",
                                            "--continued_pretraining", "task", "--continued_pretraining_gate",

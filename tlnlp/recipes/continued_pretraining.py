@@ -60,7 +60,7 @@ from tlnlp.models.modeling import (
     require_masked_lm_class,
 )
 from tlnlp.stage1.pretrain import run_pretraining
-from tlnlp.stage2.metrics import decided_on, selection_metric
+from tlnlp.stage2.metrics import SINGLE_LABEL_SCORES, decided_on, selection_metric
 from tlnlp.stage2.phases import (
     DEFAULT_SEQ_LEN,
     VALIDATION_PREDICTIONS,
@@ -279,7 +279,9 @@ def compare_on_validation(cfg: FinetuneConfig, folder: Path, metric: str, runs: 
         encoding="utf-8").splitlines()] for name in runs}
     truth = np.array([str(row["true_label"]) for row in predictions["original"]])
     predicted = {name: np.array([row["label"] for row in rows]) for name, rows in predictions.items()}
-    score = SCORES[metric]
+    def score(references, predictions) -> float:
+        return float(SINGLE_LABEL_SCORES[metric](references, predictions))
+
     difference = score(truth, predicted["adapted"]) - score(truth, predicted["original"])
     rng = np.random.default_rng(cfg.seed)
     resampled = [score(truth[i], predicted["adapted"][i]) - score(truth[i], predicted["original"][i])
@@ -310,23 +312,6 @@ def compare_on_validation(cfg: FinetuneConfig, folder: Path, metric: str, runs: 
     return record
 
 
-def accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
-    return float((truth == predicted).mean())
-
-
-def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(truth, predicted, average="macro", zero_division=0))
-
-
-def mcc(truth: np.ndarray, predicted: np.ndarray) -> float:
-    from sklearn.metrics import matthews_corrcoef
-
-    return float(matthews_corrcoef(truth, predicted))
-
-
-SCORES = {"accuracy": accuracy, "macro_f1": macro_f1, "mcc": mcc}  # the single-label selection metrics
 
 
 def finetune_kept(cfg: FinetuneConfig, accelerator, kept_run: Path | None) -> dict[str, Any]:
@@ -366,6 +351,13 @@ def adapt(cfg: FinetuneConfig, check_output: bool = True) -> tuple[FinetuneConfi
             raise UserInputError(
                 f"--continued_pretraining's gate scores single-label classification; this task is {data.task_type}. "
                 "Continue pretraining with scripts/pretrain_mlm.py and fine-tune the result."
+            )
+        metric = selection_metric(cfg.metric_for_best_model, "single_label")[0]
+        if cfg.continued_pretraining_gate == "finetune" and metric not in SINGLE_LABEL_SCORES:
+            raise UserInputError(
+                f"--continued_pretraining_gate finetune compares the fine-tunings by --metric_for_best_model, "
+                f"here {metric!r}; it takes one of {', '.join(SINGLE_LABEL_SCORES)}. Choose one of those, or use "
+                "--continued_pretraining_gate probe."
             )
         if cfg.continued_pretraining_gate == "finetune" and "validation" not in data.splits:
             raise UserInputError(

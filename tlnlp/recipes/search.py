@@ -181,40 +181,40 @@ def _forget_stale_trials(study, workers: Path) -> None:
     (between Optuna creating it and its first line) is stale when no other process of the search may own it."""
     import optuna
 
-    host = socket.gethostname()
     for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
         owner = trial.user_attrs.get("worker", "")
-        owner_host, _, pid = owner.rpartition(":")
-        dead = owner_host == host and pid.isdigit() and not _alive(int(pid))
-        if dead or not owner and not _other_workers(workers):
+        if _gone(owner) if owner else not _another_searcher(workers):
             study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
             logger.info("Trial %d was interrupted (its process is gone); it will be run again.", trial.number)
 
 
-def _other_workers(workers: Path) -> list[str]:
-    """The other processes searching in this folder that may be alive: on this machine those still
-    running, on another (a shared folder) every one."""
-    me, host = f"{socket.gethostname()}:{os.getpid()}", socket.gethostname()
-    others = []
-    for file in workers.iterdir() if workers.exists() else []:
-        owner_host, _, pid = file.name.rpartition(":")
-        if file.name != me and (owner_host != host or pid.isdigit() and _alive(int(pid))):
-            others.append(file.name)
-    return others
+def _worker() -> str:
+    """This process, as trials, locks and the workers folder name it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _gone(worker: str) -> bool:
+    """Whether `worker` (host:pid) was a process of this machine that no longer runs (one of another machine
+    sharing the folder may be alive)."""
+    host, _, pid = worker.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+
+
+def _another_searcher(workers: Path) -> bool:
+    """Whether another process searching in this folder may be alive."""
+    return any(file.name != _worker() and not _gone(file.name) for file in workers.iterdir())
 
 
 def _claim(lock: Path) -> bool:
     """Create `lock` naming this process; True if it is ours (a lock left by a dead process is taken over)."""
-    me = f"{socket.gethostname()}:{os.getpid()}"
     try:
         descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        host, _, pid = lock.read_text().rpartition(":")
-        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+        if _gone(lock.read_text()):
             lock.unlink(missing_ok=True)
             return _claim(lock)
         return False
-    os.write(descriptor, me.encode())
+    os.write(descriptor, _worker().encode())
     os.close(descriptor)
     return True
 
@@ -263,7 +263,7 @@ def run_search(cfg: FinetuneConfig, check_output: bool = True) -> dict[str, Any]
     )
     workers = folder / "workers"  # one file per searching process, named host:pid
     workers.mkdir(parents=True, exist_ok=True)
-    (workers / f"{socket.gethostname()}:{os.getpid()}").touch()
+    (workers / _worker()).touch()
     _forget_stale_trials(study, workers)
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(states=counted))
@@ -276,7 +276,7 @@ def run_search(cfg: FinetuneConfig, check_output: bool = True) -> dict[str, Any]
                    "(--search_folds).")
 
     def objective(trial) -> float:
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("worker", _worker())
         params = sample(trial, space)
         trial_cfg = recipe(cfg, params, train_size)
         scores = []

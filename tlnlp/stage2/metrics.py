@@ -27,11 +27,15 @@ class SingleLabelMetrics(evaluate.Metric):
         return evaluate.MetricInfo(description=self.__doc__, features=features, **_EMPTY)
 
     def _compute(self, predictions, references) -> dict[str, float]:
-        return {
-            "accuracy": float(accuracy_score(references, predictions)),
-            "macro_f1": float(f1_score(references, predictions, average="macro", zero_division=0)),
-            "mcc": float(matthews_corrcoef(references, predictions)),
-        }
+        return {name: float(score(references, predictions)) for name, score in SINGLE_LABEL_SCORES.items()}
+
+
+# Each as a plain function of (references, predictions), also for callers that score many resamples.
+SINGLE_LABEL_SCORES = {
+    "accuracy": accuracy_score,
+    "macro_f1": lambda references, predictions: f1_score(references, predictions, average="macro", zero_division=0),
+    "mcc": matthews_corrcoef,
+}
 
 
 class MultiLabelMetrics(evaluate.Metric):

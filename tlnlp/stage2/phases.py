@@ -534,7 +534,7 @@ def check_cached_outputs(model, cached: CachedFeatureClassifier, eval_data, cach
         )
 
 
-def test(accelerator, model, tokenizer, tokenized_test, data: LabeledData, output_dir: Path,
+def test(accelerator, model, tokenizer, tokenized_split, data: LabeledData, output_dir: Path,
          batch_size: int, split: str = "test") -> dict[str, Any]:
     """Phase 5: evaluate the final (best) model on the test split (or `split`) and write one prediction per
     line, to test_predictions.jsonl (`{split}_predictions.jsonl`).
@@ -542,20 +542,20 @@ def test(accelerator, model, tokenizer, tokenized_test, data: LabeledData, outpu
     In fp32 even when training used autocast: the reported numbers and predictions are then exactly what the
     saved model gives when loaded with the stock Auto classes or `pipeline`. (DeepSpeed and FSDP hold their
     own low-precision weights and keep them.)"""
-    dataloader = accelerator.prepare(DataLoader(tokenized_test, batch_size=batch_size,
+    dataloader = accelerator.prepare(DataLoader(tokenized_split, batch_size=batch_size,
                                                 collate_fn=DataCollatorWithPadding(tokenizer)))
     if accelerator.mixed_precision != "no" and not (engines.uses_fsdp(accelerator) or engines.uses_deepspeed(accelerator)):
         # Removes Accelerate's autocast wrapper from the forward; training is over, nothing else runs it.
         model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     logits, labels = predict(accelerator, model, dataloader)
-    task_type, names, raw_test = data.task_type, data.label_names, data.splits[split]
+    task_type, names, raw = data.task_type, data.label_names, data.splits[split]
     metrics = compute_metrics(logits, labels, task_type) if labels is not None else {}
     if accelerator.is_main_process:
         predictions_file = {"test": PREDICTIONS_FILE, "validation": VALIDATION_PREDICTIONS}[split]
         with (output_dir / predictions_file).open("w", encoding="utf-8") as f:
             # The column the run resolved (given or auto-detected), which may not be called "text".
-            texts = raw_test[data.text_column] if data.text_column in raw_test.column_names else None
-            truth = raw_test[data.label_column] if data.label_column in raw_test.column_names else None
+            texts = raw[data.text_column] if data.text_column in raw.column_names else None
+            truth = raw[data.label_column] if data.label_column in raw.column_names else None
             for i, row in enumerate(_prediction_rows(logits, task_type, names)):
                 extra = {"text": texts[i]} if texts else {}
                 if truth is not None:
