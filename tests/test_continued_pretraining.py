@@ -340,17 +340,34 @@ def test_bad_input_is_refused_before_any_training(tmp_path, labeled_files, headl
     assert [p.name for p in taken.iterdir()] == ["model.safetensors"]
 
 
-def test_it_composes_with_self_training(tmp_path, labeled_files, headless_dir, corpus_file, cache_dir):
+def test_it_composes_with_self_training_whose_teacher_is_the_gates_fine_tuning(tmp_path, labeled_files, headless_dir,
+                                                                               corpus_file, cache_dir, caplog):
     out = tmp_path / "st"
-    results = main(parse_config(FinetuneConfig, finetune_args(
-        labeled_files, headless_dir, out, cache_dir, "--continued_pretraining", "task", "--keep_adapted_encoder",
-        "always", "--unlabeled_file", str(corpus_file), "--self_training_rounds", "1")))
+    self_training = ["--unlabeled_file", str(corpus_file), "--self_training_rounds", "1"]
+    with caplog.at_level("INFO"):
+        results = main(parse_config(FinetuneConfig, finetune_args(
+            labeled_files, headless_dir, out, cache_dir, "--continued_pretraining", "task", "--keep_adapted_encoder",
+            "always", *self_training)))
+    log = caplog.text
     record = results["continued_pretraining"]
-    assert record["kept"] == "adapted"
+    assert record["kept"] == "adapted" and record["gate"] == "finetune"
     saved = json.loads((out / "all_results.json").read_text())
     assert saved["continued_pretraining"]["adapted_encoder"] == record["adapted_encoder"]
     assert len(saved["self_training"]["rounds"]) == 1  # a round with no confident pseudo-label still completes
     assert "Continued pretraining" in (out / "README.md").read_text()
+    # The gate's fine-tuning of the kept encoder is the teacher: copied, not trained a third time.
+    gate_run = out / cp.GATE_FOLDER / "adapted"
+    assert saved["self_training"]["teacher_from"] == str(gate_run)
+    assert "round0: the teacher" not in log and "copied, not trained again" in log
+    teacher = (out / "self_training" / "round0" / "model.safetensors").read_bytes()
+    assert teacher == (gate_run / "model.safetensors").read_bytes()
+    # ... and that is the teacher self-training trains from the adapted encoder, byte for byte.
+    alone = tmp_path / "alone"
+    main(parse_config(FinetuneConfig, finetune_args(labeled_files, record["adapted_encoder"], alone, cache_dir,
+                                                    *self_training)))
+    assert (alone / "self_training" / "round0" / "model.safetensors").read_bytes() == teacher
+    assert saved["self_training"]["teacher_eval_accuracy"] == json.loads(
+        (alone / "all_results.json").read_text())["self_training"]["teacher_eval_accuracy"]
 
 
 def test_it_composes_with_a_search(tmp_path, labeled_files, headless_dir, cache_dir):

@@ -31,8 +31,11 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
         cfg, adaptation, kept_run = continued_pretraining.adapt(cfg, check_output=False)
     if cfg.search_trials or cfg.self_training_rounds:
         check_output = adaptation is None  # else checked above
+        # The finetune gate's kept fine-tuning is self-training's teacher as it would train it: on the labels
+        # alone (self-training's round 0 never reads --pseudo_labeled_file, the gate's runs do).
+        teacher = kept_run if not cfg.pseudo_labeled_file else None
         results = (search.run_search(cfg, check_output) if cfg.search_trials
-                   else self_training.run_self_training(cfg, check_output))
+                   else self_training.run_self_training(cfg, check_output, teacher))
         if adaptation:
             results["continued_pretraining"] = adaptation
             continued_pretraining.record_in_run(Path(cfg.output_dir), adaptation, cfg.hub_model_id)

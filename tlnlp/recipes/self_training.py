@@ -14,6 +14,8 @@ class-balanced predictions join the labels to train a student, which teaches the
   similar those most like the labeled texts (nearest in the encoder's sentence embedding; `most_similar`),
   for a broad corpus of which only part is of the task's kind. Unlabeled texts that are exactly a
   validation or test text are never pseudo-labeled.
+- The teacher is a plain fine-tuning on the labels. After --continued_pretraining's finetune gate it is the
+  gate's fine-tuning of the kept encoder, which is that already: copied, not trained again.
 - Each student starts from the same encoder as the teacher (not from the teacher's weights) and trains
   on labels + pseudo-labels. The run's model, copied to --output_dir, is the round that scores best on the
   validation split: normally the last student, but the teacher when the pseudo-labels hurt (unlabeled text
@@ -74,9 +76,11 @@ class Data:
     classes: int
 
 
-def run_self_training(cfg: FinetuneConfig, check_output: bool = True) -> dict[str, Any]:
+def run_self_training(cfg: FinetuneConfig, check_output: bool = True, teacher: Path | None = None) -> dict[str, Any]:
     """The teacher and each student are calls of the stage-2 phases on this process's one Accelerator.
-    `check_output` False: the caller checked --output_dir (continued pretraining ran in it first)."""
+    `check_output` False: the caller checked --output_dir (continued pretraining ran in it first). `teacher`:
+    a finished fine-tuning of cfg's encoder on the same labels with the same options (the finetune gate's),
+    used as round 0 instead of training it again."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserInputError("Self-training runs its rounds one after another in one process: launch it with "
                              "`python -m tlnlp.finetune` (or `accelerate launch --num_processes 1`).")
@@ -86,11 +90,11 @@ def run_self_training(cfg: FinetuneConfig, check_output: bool = True) -> dict[st
     data = prepare(cfg, folder / "data")
     per_class = cfg.pseudo_labels_per_class or max(1, round(count_lines(data.labels) / data.classes))
     metric = selection_metric(cfg.metric_for_best_model, "single_label")[0]
-    round_results = [train_round(cfg, accelerator, data, folder / "round0", pseudo=None)]
+    round_results = [train_round(cfg, accelerator, data, folder / "round0", pseudo=None, trained=teacher)]
     rounds: list[dict[str, Any]] = []
     for number in range(1, cfg.self_training_rounds + 1):
-        teacher = folder / f"round{number - 1}"
-        pseudo_file, report = pseudo_label(cfg, data, teacher, per_class, folder / f"pseudo_labels_round{number}.jsonl")
+        pseudo_file, report = pseudo_label(cfg, data, folder / f"round{number - 1}", per_class,
+                                           folder / f"pseudo_labels_round{number}.jsonl")
         # No confident pseudo-label: the student trains on the labels alone, as the warning says.
         results = train_round(cfg, accelerator, data, folder / f"round{number}",
                               pseudo=pseudo_file if report["pseudo_labels"] else None)
@@ -123,6 +127,7 @@ def run_self_training(cfg: FinetuneConfig, check_output: bool = True) -> dict[st
         **({"small_validation_warning": small} if small else {}),
         f"teacher_eval_{metric}": round_results[0].get(f"eval_{metric}"),
         f"teacher_test_{metric}": round_results[0].get(f"test_{metric}"), "student_below_teacher": below,
+        **({"teacher_from": str(teacher)} if teacher else {}),
     }}
     (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     write_card(output_dir, cfg.hub_model_id)
@@ -259,13 +264,28 @@ def cached_unit_embeddings(cfg: FinetuneConfig, texts: list[str]) -> np.ndarray:
     return rows
 
 
-def train_round(cfg: FinetuneConfig, accelerator, data: Data, output_dir: Path, pseudo: Path | None) -> dict[str, Any]:
+def train_round(cfg: FinetuneConfig, accelerator, data: Data, output_dir: Path, pseudo: Path | None,
+                trained: Path | None = None) -> dict[str, Any]:
     """One fine-tuning on the prepared files, with its own results, configuration and card in `output_dir`
-    (skipped when an earlier command finished it); returns its results."""
+    (skipped when an earlier command finished it; copied from `trained` when that fine-tuning was made
+    elsewhere); returns its results."""
     if (output_dir / RESULTS_FILE).exists():
         logger.info("Self-training: %s was finished by an earlier run; reusing it.", output_dir)
         return json.loads((output_dir / RESULTS_FILE).read_text())
-    logger.info("=== Self-training: %s ===", "student on labels + pseudo-labels" if pseudo else "teacher on the labels")
+    if trained is not None:
+        logger.info("Self-training: the teacher is %s, the same fine-tuning on the labels; copied, not trained "
+                    "again.", trained)
+        work = output_dir.with_name(output_dir.name + ".partial")
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        for file in trained.iterdir():  # the model, tokenizer, predictions, results and card
+            if file.is_file():
+                shutil.copy2(file, work / file.name)
+        work.rename(output_dir)  # whole or not at all: a half-copied teacher is never reused
+        return json.loads((output_dir / RESULTS_FILE).read_text())
+    logger.info("=== Self-training %s: %s ===", output_dir.name,
+                "a student, on labels + pseudo-labels" if pseudo else "the teacher, on the labels"
+                if output_dir.name == "round0" else "a student, on the labels alone (no confident pseudo-label)")
     shutil.rmtree(output_dir, ignore_errors=True)  # a round killed part way starts again
     raw = read_labeled_splits(train_file=str(data.labels), validation_file=str(data.validation),
                               test_file=str(data.test) if data.test else None)
