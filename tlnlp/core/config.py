@@ -233,19 +233,22 @@ class PretrainConfig(TrainingConfig):
     line_by_line: bool = _help(
         "One sequence per line/document, padded per batch, instead of packing texts into full blocks.", False
     )
-    objective: Literal["mlm", "electra", "tsdae"] = _help(  # the names in tlnlp.models.objectives.OBJECTIVES
+    objective: Literal["mlm", "electra", "tsdae", "simcse"] = _help(  # the names in tlnlp.models.objectives.OBJECTIVES
         "mlm: masked-language modelling (BERT). electra: replaced-token detection (ELECTRA, Clark et al. 2020): a "
         "small generator fills the masked positions with its samples and the encoder learns to tell, at every "
         "token, original from replaced; the encoder is saved, the generator in generator/. From scratch only. "
         "tsdae: a denoising auto-encoder over sentences (TSDAE, Wang et al. 2021): the encoder reads each text with "
         "--mlm_probability of its tokens deleted, and a decoder sharing its weights must rebuild the whole text "
-        "from the encoder's mean-pooled sentence vector alone; the encoder is saved. For sentence-embedding "
-        "checkpoints (minilm-l6).",
+        "from the encoder's mean-pooled sentence vector alone; the encoder is saved. simcse: unsupervised SimCSE "
+        "(Gao et al. 2021): each text is embedded twice (mean-pooled), the passes differing by dropout, and the "
+        "encoder learns to find a text's second embedding among the batch's; the encoder alone trains and is "
+        "saved; a checkpoint is needed. tsdae and simcse are for sentence-embedding checkpoints (minilm-l6).",
         "mlm",
     )
     mlm_probability: float | None = _help(
         "Fraction of tokens chosen: masked for the MLM loss (with --objective electra: the generator's), deleted "
-        "from the encoder's input with --objective tsdae (default 0.15; 0.6 with tsdae, the paper's).", None
+        "from the encoder's input with --objective tsdae, masked in validation's second view of each text with "
+        "--objective simcse (default 0.15; 0.6 with tsdae, the paper's).", None
     )
     whole_word_mask: bool = _help("Mask every sub-word of a chosen word together.", False)
     generator_size_fraction: float | None = _help(
@@ -585,10 +588,11 @@ class ContinuedPretrainingOptions:
         "against the original (--continued_pretraining_gate) to decide which is kept (--keep_adapted_encoder); "
         "all_results.json and the model card record both scores."
     )
-    continued_pretraining_objective: Literal["mlm", "tsdae"] = _help(
+    continued_pretraining_objective: Literal["mlm", "tsdae", "simcse"] = _help(
         "The continued pretraining's objective (stage 1's --objective): mlm, masked-language modelling; tsdae, "
         "a denoising auto-encoder over sentences that trains the mean-pooled sentence vector directly (Wang et al. "
-        "2021), for sentence-embedding checkpoints such as minilm-l6 (docs/stage1.md compares them).", "mlm"
+        "2021); simcse, contrastive learning between two dropout passes over each text (Gao et al. 2021). tsdae "
+        "and simcse are for sentence-embedding checkpoints such as minilm-l6 (docs/stage1.md compares them).", "mlm"
     )
     continued_pretraining_steps: int = _help(
         "Optimizer steps of the continued pretraining (of each corpus, when several are joined by '+').", 300

@@ -3,7 +3,7 @@
 An objective owns what differs between pretraining methods: the checks of its options, how the masks are
 drawn, the model whose forward returns its loss, its evaluation, what it saves and what the model card says.
 `pretrain.main` asks the objective and never tests which one it has. A third objective is one more class
-here and one more entry in `OBJECTIVES` (TSDAE was the third).
+here and one more entry in `OBJECTIVES` (TSDAE was the third, SimCSE the fourth).
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ class Objective:
     default_probability = 0.15  # --mlm_probability when not given
     chosen_tokens = "masking"  # what happens to the tokens --mlm_probability chooses, for summaries and cards
     options: tuple[str, ...] = ()  # PretrainConfig fields that only this objective reads (None when unset)
+    # Whether the loss reads the MLM head: when not, a checkpoint without one gets no head-only warm-up (it
+    # would freeze the encoder while nothing learns) and its missing head is not reported.
+    reads_mlm_head = True
     # The model card: the task the Hub lists it under, and the sentence that says how it was trained.
     card_task: tuple[str, str, str]  # (task type, task name, pipeline tag)
     card_description: str
@@ -239,8 +242,53 @@ class DenoisingAutoEncoderObjective(MaskedLanguageModelling):
         return f"validation reconstruction perplexity {results['eval_perplexity']:.1f}"
 
 
+class ContrastiveSentenceObjective(Objective):
+    """Unsupervised SimCSE (Gao et al. 2021): two dropout passes over each text must find each other among the
+    batch's (`tlnlp.models.simcse`). For continuing a sentence-embedding checkpoint on in-domain text; it
+    trains the encoder alone, so the chosen tokens only make validation's second view of each text."""
+
+    name = "simcse"
+    chosen_tokens = "masked in validation's second view"
+    reads_mlm_head = False
+    card_task = ("feature-extraction", "Sentence embedding (SimCSE)", "feature-extraction")
+    card_description = ("unsupervised SimCSE (Gao et al. 2021: this encoder embedded each text twice, the passes "
+                        "differing by dropout, and learned to find a text's second embedding among the batch's by "
+                        "the mean-pooled sentence vector)")
+
+    def check(self, cfg) -> None:
+        if not cfg.model_name_or_path:
+            raise UserInputError(
+                "--objective simcse continues a checkpoint's sentence embeddings: from random weights every text "
+                "is alike to it and it has nothing to sharpen. Give --model_name_or_path (minilm-l6, say), or "
+                "use --objective mlm from scratch."
+            )
+
+    def build(self, model, cfg, tokenizer) -> Built:
+        from tlnlp.models.simcse import TEMPERATURE, ContrastiveSentenceLoss, evaluate_contrastive
+
+        loss = ContrastiveSentenceLoss(model)
+
+        def save(unwrapped: ContrastiveSentenceLoss, folder: Path, state_dict: dict) -> None:
+            unwrapped.encoder.save_pretrained(folder, state_dict=sub_state_dict(state_dict, "encoder."),
+                                              safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+
+        summary = f"simcse (two dropout views, in-batch negatives, temperature {TEMPERATURE:g}, mean pooling)"
+        return Built(loss, evaluate_contrastive, save, summary)
+
+    def card_metrics(self, results) -> dict[str, float]:
+        return {"retrieval accuracy": results["eval_retrieval_accuracy"], "loss": results["eval_loss"]}
+
+    def card_usage(self, name: str) -> str:
+        return feature_extraction_usage(name)
+
+    def quality(self, results) -> str:
+        return f"validation retrieval accuracy {results['eval_retrieval_accuracy']:.3f}"
+
+
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (MaskedLanguageModelling(), ReplacedTokenDetectionObjective(),
-                                                        DenoisingAutoEncoderObjective())}
+                                                        DenoisingAutoEncoderObjective(),
+                                                        ContrastiveSentenceObjective())}
 
 
 def get_objective(name: str) -> Objective:

@@ -185,8 +185,8 @@ def run_pretraining(cfg: PretrainConfig, accelerator) -> dict[str, Any]:
     new_head: list[str] = []
     if model_source:
         model, report = load_mlm_model(model_source, cfg.trust_remote_code)
-        new_head = list(report.new)
-        if report.new:
+        new_head = list(report.new) if objective.reads_mlm_head else []
+        if new_head:
             logger.warning(
                 "%s has no MLM head weights (%s): the head is initialised randomly and learned in this run; "
                 "the encoder weights all come from the checkpoint.", cfg.model_name_or_path, ", ".join(report.new)
