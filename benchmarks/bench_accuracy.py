@@ -17,6 +17,8 @@ tlnlp-tapt     tlnlp with --continued_pretraining task: MiniLM continued on the 
                fine-tuned unless the gate finds it damaged (tlnlp.recipes.continued_pretraining).
 tlnlp-tapt-tsdae  the same with --continued_pretraining_objective tsdae (a denoising auto-encoder over
                sentences instead of MLM); opt-in.
+tlnlp-tapt-simcse  the same with --continued_pretraining_objective simcse (contrastive learning between two
+               dropout passes over each text); opt-in.
 tlnlp-tapt-self  both: continued pretraining, then self-training.
 tlnlp-aux-mlm  tlnlp with --auxiliary_mlm task: an MLM loss on the set's training texts added to every
                fine-tuning step (no separate stage 1); opt-in.
@@ -58,7 +60,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 RECIPES = ("stock", "setfit", "tlnlp", "tlnlp-tapt", "tlnlp-self", "tlnlp-tapt-self", "tlnlp-search")
-OPT_IN_RECIPES = ("tlnlp-self-similar", "tlnlp-tapt-tsdae", "tlnlp-dapt", "tlnlp-dapt-tapt", "tlnlp-aux-mlm")
+OPT_IN_RECIPES = ("tlnlp-self-similar", "tlnlp-tapt-tsdae", "tlnlp-tapt-simcse", "tlnlp-dapt", "tlnlp-dapt-tapt", "tlnlp-aux-mlm")
 # Unlabeled text for self-training: the same kind of text as each labeled set, never its test split.
 # The sentence sets pseudo-label sentences, the paragraph set paragraphs.
 UNLABELED = {"wiki-topics": "wiki-leads", "wiki-uncertainty": "wiki-lead-sentences",
@@ -146,6 +148,7 @@ def run(recipe: str, dataset: str, labels: int, seed: int, length: int, trials: 
     tapt = ["--continued_pretraining", "task"]
     extra = {"tlnlp": [], "tlnlp-self": self_training, "tlnlp-tapt": tapt, "tlnlp-tapt-self": tapt + self_training,
              "tlnlp-tapt-tsdae": tapt + ["--continued_pretraining_objective", "tsdae"],
+             "tlnlp-tapt-simcse": tapt + ["--continued_pretraining_objective", "simcse"],
              "tlnlp-dapt": ["--continued_pretraining", unlabeled],
              "tlnlp-dapt-tapt": ["--continued_pretraining", f"{unlabeled}+task"], "tlnlp-aux-mlm": ["--auxiliary_mlm", "task"],
              "tlnlp-self-similar": self_training + ["--unlabeled_selection", "similar"],
