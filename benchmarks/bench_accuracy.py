@@ -316,8 +316,9 @@ def plot_stage1(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(9.0, 4.4))
-    markers = dict(zip(sorted({r for t in report["sets"].values() for r, x in t.items() if "stage1" in x}), "osD^v"))
+    markers = dict(zip(sorted({r for t in report["sets"].values() for r, x in t.items() if "stage1" in x}), "osD^vPX*h"))
+    entries = sum("stage1" in x for t in report["sets"].values() for x in t.values())
+    figure, axes = plt.subplots(figsize=(9.0, max(4.4, 0.8 + 0.16 * entries)))  # tall enough for the legend
     for colour, (dataset, table) in enumerate(report["sets"].items()):
         if "tlnlp" not in table:
             continue
