@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import run_script, tiny_bert_config
 from safetensors.torch import load_file
 from test_continued_pretraining import finetune_args
+from test_tsdae import masked_batch
 from transformers import AutoModel, BertForMaskedLM
 
 from tlnlp.core.config import FinetuneConfig, PretrainConfig, parse_config
@@ -18,25 +19,13 @@ from tlnlp.models.simcse import TEMPERATURE, ContrastiveSentenceLoss
 from tlnlp.pretrain import main as pretrain_main
 
 
-def batch_of(tokenizer, rows=6, length=10, masked_share=0.3):
-    torch.manual_seed(3)
-    input_ids = torch.randint(5, len(tokenizer), (rows, length))
-    input_ids[:, 0], input_ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
-    labels = torch.full_like(input_ids, -100)
-    chosen = torch.rand(rows, length) < masked_share
-    chosen[:, 0] = chosen[:, -1] = False
-    labels[chosen] = input_ids[chosen]
-    input_ids[chosen] = tokenizer.mask_token_id
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
-
-
 def test_the_loss_finds_each_texts_second_view_among_the_batchs(tiny_tokenizer):
     torch.manual_seed(0)
     mlm = BertForMaskedLM(tiny_bert_config(len(tiny_tokenizer)))
     loss = ContrastiveSentenceLoss(mlm)
     # Only the encoder: the MLM head is not part of the loss (it would get no gradient).
     assert {id(p) for p in loss.parameters()} == {id(p) for p in mlm.bert.parameters()}
-    batch = batch_of(tiny_tokenizer)
+    batch = masked_batch(tiny_tokenizer, rows=6, length=10, deleted_share=0.3)
     original = torch.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
     mask = batch["attention_mask"]
 

@@ -281,11 +281,13 @@ def train_round(cfg: FinetuneConfig, accelerator, data: Data, output_dir: Path, 
         for file in trained.iterdir():  # the model, tokenizer, predictions, results and card
             if file.is_file():
                 shutil.copy2(file, work / file.name)
+        shutil.rmtree(output_dir, ignore_errors=True)  # a teacher an earlier command began to train here
         work.rename(output_dir)  # whole or not at all: a half-copied teacher is never reused
         return json.loads((output_dir / RESULTS_FILE).read_text())
-    logger.info("=== Self-training %s: %s ===", output_dir.name,
-                "a student, on labels + pseudo-labels" if pseudo else "the teacher, on the labels"
-                if output_dir.name == "round0" else "a student, on the labels alone (no confident pseudo-label)")
+    what = ("a student, on labels + pseudo-labels" if pseudo else
+            "the teacher, on the labels" if output_dir.name == "round0" else
+            "a student, on the labels alone (no confident pseudo-label)")
+    logger.info("=== Self-training %s: %s ===", output_dir.name, what)
     shutil.rmtree(output_dir, ignore_errors=True)  # a round killed part way starts again
     raw = read_labeled_splits(train_file=str(data.labels), validation_file=str(data.validation),
                               test_file=str(data.test) if data.test else None)
