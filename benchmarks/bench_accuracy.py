@@ -228,6 +228,10 @@ def summary(scores: list[float], wall_times: list[float], stage1: list[dict] | N
 def merge(parts: list[Path]) -> dict:
     """One report from runs made in parts. A part records a mean wall time per recipe and one score per seed, in
     the order of its `seeds`; for each set, recipe and seed the last part that has it wins."""
+    given_twice = sorted({str(part) for part in parts if [p.resolve() for p in parts].count(part.resolve()) > 1})
+    if given_twice:  # it would supersede itself, and the report's command and parts would list it twice
+        raise SystemExit(f"--merge: {', '.join(given_twice)} given more than once; give each part once, in the "
+                         "order later parts supersede earlier ones.")
     runs: dict = {}  # (set, recipe) -> {seed: (accuracy, wall time, part, stage-1 record or None)}
     merged: dict = {"parts": [], "superseded": [], "sets": {}}
     for part in parts:

@@ -252,6 +252,13 @@ def test_accuracy_parts_merge_into_one_report_where_a_rerun_supersedes(tmp_path)
     with pytest.raises(SystemExit, match="--sets c: no part ran it"):
         bench.main(["--merge", str(first), "--sets", "a,c", "--output", str(output)])
 
+    # A part given twice is refused before anything is written: it would only supersede itself.
+    output.unlink()
+    with pytest.raises(SystemExit, match=r"first.json given more than once"):
+        bench.main(["--merge", str(first), str(more), str(tmp_path / ".." / tmp_path.name / "first.json"),
+                    "--output", str(output)])
+    assert not output.exists()
+
 
 def test_a_tlnlp_runs_record_keeps_what_stage_1_cost_and_the_gates_decision():
     bench = load_benchmark("bench_accuracy")

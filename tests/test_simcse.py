@@ -34,17 +34,17 @@ def test_the_loss_finds_each_texts_second_view_among_the_batchs(tiny_tokenizer):
     loss.eval()
     out = loss(**batch)
     again = loss(**batch)
-    assert torch.equal(out.example_loss_sum, again.example_loss_sum)
+    assert torch.equal(out.example_loss, again.example_loss)
     first = F.normalize(loss.sentence_vectors(original, mask), dim=-1)
     second = F.normalize(loss.sentence_vectors(batch["input_ids"], mask), dim=-1)
     expected = F.cross_entropy(first @ second.T / TEMPERATURE, torch.arange(6), reduction="none")
-    assert torch.allclose(out.example_loss_sum, expected, atol=1e-5)
+    assert torch.allclose(out.example_loss, expected, atol=1e-5)
     assert torch.isclose(out.loss, expected.mean(), atol=1e-6)
     hits = ((first @ second.T).argmax(dim=1) == torch.arange(6)).float()
-    assert torch.equal(out.example_masked, hits)
+    assert torch.equal(out.example_found, hits)
     # Unmasked, the two views are the same text: each finds itself.
     unmasked = {**batch, "input_ids": original, "labels": torch.full_like(original, -100)}
-    assert loss(**unmasked).example_masked.tolist() == [1.0] * 6
+    assert loss(**unmasked).example_found.tolist() == [1.0] * 6
 
     # Training: two dropout passes over the original text (the masks are undone), so the views differ, and
     # the loss reaches the encoder's lowest layer.
@@ -52,7 +52,7 @@ def test_the_loss_finds_each_texts_second_view_among_the_batchs(tiny_tokenizer):
     torch.manual_seed(1)
     trained = loss(**batch)
     torch.manual_seed(1)
-    assert torch.equal(loss(**unmasked).example_loss_sum, trained.example_loss_sum)  # what was masked is not read
+    assert torch.equal(loss(**unmasked).example_loss, trained.example_loss)  # what was masked is not read
     assert trained.loss > 0
     trained.loss.backward()
     assert mlm.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0

@@ -13,14 +13,25 @@ stage 1's fixed validation masks replaced (the same draw every run), so the loss
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-
-from tlnlp.models.modeling import MaskedLMLossOutput
+from transformers.utils import ModelOutput
 
 TEMPERATURE = 0.05  # the paper's
+
+
+@dataclass
+class ContrastiveLossOutput(ModelOutput):
+    """The batch's loss, and per example its loss and whether its second view was the nearest (typed, as
+    torch.compile rebuilds outputs by their class)."""
+
+    loss: torch.Tensor | None = None
+    example_loss: torch.Tensor | None = None
+    example_found: torch.Tensor | None = None
 
 
 class ContrastiveSentenceLoss(nn.Module):
@@ -36,7 +47,7 @@ class ContrastiveSentenceLoss(nn.Module):
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
-    def forward(self, input_ids, labels, attention_mask=None, **_unused) -> MaskedLMLossOutput:
+    def forward(self, input_ids, labels, attention_mask=None, **_unused) -> ContrastiveLossOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         original = torch.where(labels != -100, labels, input_ids)
@@ -49,8 +60,7 @@ class ContrastiveSentenceLoss(nn.Module):
         targets = torch.arange(len(similarities), device=similarities.device)
         example_loss = F.cross_entropy(similarities, targets, reduction="none")
         found = (similarities.argmax(dim=1) == targets).float()
-        # example_masked carries the retrieval hits, so evaluation gathers both per example.
-        return MaskedLMLossOutput(loss=example_loss.mean(), example_loss_sum=example_loss, example_masked=found)
+        return ContrastiveLossOutput(loss=example_loss.mean(), example_loss=example_loss, example_found=found)
 
 
 def evaluate_contrastive(accelerator, model, dataloader) -> dict[str, float]:
@@ -63,7 +73,7 @@ def evaluate_contrastive(accelerator, model, dataloader) -> dict[str, float]:
     with torch.no_grad():
         for batch in dataloader:
             out = model(**batch)
-            losses, found = accelerator.gather_for_metrics((out.example_loss_sum, out.example_masked))
+            losses, found = accelerator.gather_for_metrics((out.example_loss, out.example_found))
             loss_sum += losses.double().sum()
             hits += found.double().sum()
             count += len(losses)
