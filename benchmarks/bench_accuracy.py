@@ -46,6 +46,7 @@ before it, and the report lists what it superseded); every score keeps the part 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shlex
 import statistics
@@ -174,6 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "self_training/ pseudo-labels, logs) under DIR/<set>/<recipe>/seed<N>; default: discard.")
     parser.add_argument("--tlnlp_args", default="", help="Options added to every tlnlp recipe's command, recorded "
                         "in the report; e.g. --tlnlp_args='--min_train_steps 0' for a quick check on a few labels.")
+    parser.add_argument("--variant", metavar="NAME", help="Record each recipe as RECIPE:NAME (e.g. --tlnlp_args="
+                        "'--continued_pretraining_steps 1200' --variant 1200steps), so that runs of one recipe with "
+                        "other options merge beside its plain runs instead of superseding them.")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "accuracy_cpu.json"))
     parser.add_argument("--merge", nargs="+", metavar="PART", help="Run nothing: make one report (--output, its "
                         "plot and table) from the JSONs of earlier runs, later parts superseding earlier ones.")
@@ -192,6 +196,9 @@ def main(argv: list[str] | None = None) -> dict:
     if missing:
         parser.error(f"{', '.join(missing)}: these recipes read an unlabeled corpus of the set's kind, and the set has "
                      f"none built in (sets with one: {', '.join(UNLABELED)}). Drop those recipes or sets.")
+    if args.variant is not None and not args.variant.replace("-", "").replace("_", "").isalnum():
+        parser.error(f"--variant {args.variant!r}: use letters, digits, '-' and '_' (it becomes RECIPE:NAME in "
+                     "the report and in --recipes when merging), e.g. --variant 1200steps.")
     seeds = [int(s) for s in args.seeds.split(",")]
     report: dict = {"command": command, "labels": args.labels, "seeds": seeds, "encoder": "minilm-l6", "sets": {}}
     tlnlp_args = tuple(shlex.split(args.tlnlp_args))
@@ -200,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     for dataset in args.sets.split(","):
         table = report["sets"].setdefault(dataset, {})
         for recipe in args.recipes.split(","):
+            name = f"{recipe}:{args.variant}" if args.variant else recipe
             records, started = [], time.time()
             for seed in seeds:
                 record = run(recipe, dataset, args.labels, seed, args.max_seq_length, args.search_trials,
@@ -207,8 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if record is None:
                     break
                 records.append(record)
-                print(f"{dataset:17} {recipe:13} seed {seed}: {record['accuracy']:.4f}", flush=True)
-            table[recipe] = {"skipped": "not installed"} if not records else summary(
+                print(f"{dataset:17} {name:13} seed {seed}: {record['accuracy']:.4f}", flush=True)
+            table[name] = {"skipped": "not installed"} if not records else summary(
                 [r["accuracy"] for r in records], [(time.time() - started) / len(records)],
                 [r["stage1"] for r in records if "stage1" in r])
             write(report, Path(args.output), with_plot=False)  # after every recipe: a stop loses little
@@ -269,8 +277,14 @@ def select(sets: dict, wanted_sets: str | None, wanted_recipes: str | None) -> d
 
 
 def ordered_recipes(report: dict) -> list[str]:
+    """Known recipes in their listed order, each followed by its variants (RECIPE:NAME); others last."""
+    known = (*RECIPES, *OPT_IN_RECIPES)
     found = {recipe for table in report["sets"].values() for recipe in table}
-    return [r for r in (*RECIPES, *OPT_IN_RECIPES) if r in found] + sorted(found - {*RECIPES, *OPT_IN_RECIPES})
+
+    def place(name: str) -> tuple:
+        base, _, variant = name.partition(":")
+        return (known.index(base), variant) if base in known else (len(known), name)
+    return sorted(found, key=place)
 
 
 def write(report: dict, output: Path, with_plot: bool = True) -> None:
@@ -320,7 +334,8 @@ def plot_stage1(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = dict(zip(sorted({r for t in report["sets"].values() for r, x in t.items() if "stage1" in x}), "osD^vPX*h"))
+    with_stage1 = sorted({r for t in report["sets"].values() for r, x in t.items() if "stage1" in x})
+    markers = dict(zip(with_stage1, itertools.cycle("osD^vPX*h")))
     entries = sum("stage1" in x for t in report["sets"].values() for x in t.values())
     figure, axes = plt.subplots(figsize=(9.0, max(4.4, 0.8 + 0.16 * entries)))  # tall enough for the legend
     for colour, (dataset, table) in enumerate(report["sets"].items()):

@@ -260,6 +260,38 @@ def test_accuracy_parts_merge_into_one_report_where_a_rerun_supersedes(tmp_path)
     assert not output.exists()
 
 
+def test_a_variant_names_the_recipe_so_its_runs_merge_beside_the_plain_ones(tmp_path, monkeypatch):
+    bench = load_benchmark("bench_accuracy")
+    calls = []
+
+    # The report's naming is tested here, not training: the run itself is replaced.
+    def run(recipe, dataset, labels, seed, length, trials, folds, keep_runs=None, tlnlp_args=()):
+        calls.append((recipe, seed, tlnlp_args))
+        return {"accuracy": 0.5 + len(tlnlp_args) / 100 + seed / 1000,
+                "stage1": {"minutes": 2.0 + len(tlnlp_args), "kept": "adapted", "reused_from_cache": False}}
+
+    monkeypatch.setattr(bench, "run", run)
+    plain = bench.main(["--sets", "speech-eras", "--recipes", "tlnlp,tlnlp-tapt", "--seeds", "42",
+                        "--output", str(tmp_path / "plain.json")])
+    longer = bench.main(["--sets", "speech-eras", "--recipes", "tlnlp-tapt", "--seeds", "42", "--variant", "1200steps",
+                         "--tlnlp_args=--continued_pretraining_steps 1200", "--output", str(tmp_path / "longer.json")])
+    assert list(longer["sets"]["speech-eras"]) == ["tlnlp-tapt:1200steps"]
+    assert calls[-1] == ("tlnlp-tapt", 42, ("--continued_pretraining_steps", "1200"))  # the recipe itself ran
+
+    merged = bench.main(["--merge", str(tmp_path / "plain.json"), str(tmp_path / "longer.json"),
+                         "--output", str(tmp_path / "merged.json")])
+    table = merged["sets"]["speech-eras"]
+    assert table["tlnlp-tapt"]["per_seed"] == plain["sets"]["speech-eras"]["tlnlp-tapt"]["per_seed"] == [0.542]
+    assert table["tlnlp-tapt:1200steps"]["per_seed"] == [0.562] and merged["superseded"] == []
+    assert bench.ordered_recipes(merged) == ["tlnlp", "tlnlp-tapt", "tlnlp-tapt:1200steps"]
+    assert (tmp_path / "merged_stage1.png").stat().st_size > 0
+
+    with pytest.raises(SystemExit):
+        bench.main(["--sets", "speech-eras", "--recipes", "tlnlp", "--variant", "a,b", "--output",
+                    str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists() and len(calls) == 3
+
+
 def test_a_tlnlp_runs_record_keeps_what_stage_1_cost_and_the_gates_decision():
     bench = load_benchmark("bench_accuracy")
     assert bench.run_record({"test_accuracy": 0.8}) == {"accuracy": 0.8}
