@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     command = "python benchmarks/bench_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.merge:
+        if args.variant:
+            parser.error("--variant names the recipes of a run; a merge keeps the names its parts were run with.")
         report = {"command": command, **merge([Path(part) for part in args.merge])}
         report["sets"] = select(report["sets"], args.sets, args.recipes)
         write(report, Path(args.output))

@@ -290,6 +290,9 @@ def test_a_variant_names_the_recipe_so_its_runs_merge_beside_the_plain_ones(tmp_
         bench.main(["--sets", "speech-eras", "--recipes", "tlnlp", "--variant", "a,b", "--output",
                     str(tmp_path / "bad.json")])
     assert not (tmp_path / "bad.json").exists() and len(calls) == 3
+    with pytest.raises(SystemExit):  # a merge keeps its parts' names
+        bench.main(["--merge", str(tmp_path / "plain.json"), "--variant", "x", "--output", str(tmp_path / "bad.json")])
+    assert not (tmp_path / "bad.json").exists()
 
 
 def test_a_tlnlp_runs_record_keeps_what_stage_1_cost_and_the_gates_decision():
