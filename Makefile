@@ -50,8 +50,8 @@ test: data
 
 # Everything, as CI runs it: adds two "nodes" on one machine, FSDP2 and DeepSpeed ZeRO-2 on 2 CPU processes,
 # a rank killed mid-run, torch.compile, the dry GPU check from the offline bundle, and the GPU node's library
-# versions in an environment of their own (a clean-clone rehearsal on 2 cores: 299 passed in 20.2 minutes,
-# 21.8 with the install; 22.6 the session before). The slowest tests are listed at the end, to keep the whole under 30 minutes.
+# versions in an environment of their own (a clean-clone rehearsal on 2 cores: 300 passed in 18.0 minutes,
+# 19.5 with the install; 21.8 the session before). The slowest tests are listed at the end, to keep the whole under 30 minutes.
 test-all: data deepspeed gpu-bundle-local
 	$(PYTEST) --durations=15
 
