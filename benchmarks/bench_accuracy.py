@@ -46,6 +46,7 @@ before it, and the report lists what it superseded); every score keeps the part 
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import shlex
@@ -238,7 +239,8 @@ def summary(scores: list[float], wall_times: list[float], stage1: list[dict] | N
 def merge(parts: list[Path]) -> dict:
     """One report from runs made in parts. A part records a mean wall time per recipe and one score per seed, in
     the order of its `seeds`; for each set, recipe and seed the last part that has it wins."""
-    given_twice = sorted({str(part) for part in parts if [p.resolve() for p in parts].count(part.resolve()) > 1})
+    times_given = collections.Counter(part.resolve() for part in parts)
+    given_twice = sorted({str(part) for part in parts if times_given[part.resolve()] > 1})
     if given_twice:  # it would supersede itself, and the report's command and parts would list it twice
         raise SystemExit(f"--merge: {', '.join(given_twice)} given more than once; give each part once, in the "
                          "order later parts supersede earlier ones.")
